@@ -1,0 +1,225 @@
+"""Payload schemas of each stream, as msgspec Structs, with decoders and encoders built once.
+
+One base Struct, :class:`Schema`, holds the policy every schema shares: payloads are
+immutable values, unknown fields are errors, absent optional fields are left out when
+encoding (small envelopes), and fields keep the order the contract writes them in.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import datetime
+from typing import Annotated, Final, Literal, TypeAlias
+
+import msgspec
+
+from energybus.errors import PayloadError
+from energybus.metrics import MetricClass
+from energybus.topics import Stream
+
+__all__ = [
+    "QUALITIES",
+    "Availability",
+    "Envelope",
+    "HistorianMeta",
+    "HistorianMode",
+    "LastEnvelope",
+    "Meta",
+    "Quality",
+    "Scalar",
+    "Schema",
+    "decode_availability",
+    "decode_last",
+    "decode_meta",
+    "decode_payload",
+    "decode_value",
+    "encode",
+    "encode_scalar",
+    "validate_payload",
+]
+
+Scalar: TypeAlias = bool | int | float
+Quality = Literal["good", "degraded", "stale", "bad"]
+QUALITIES: Final[tuple[Quality, ...]] = ("good", "degraded", "stale", "bad")
+HistorianMode = Literal["sample", "state", "event"]
+Availability = Literal["online", "offline"]
+AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
+
+
+class Schema(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of every payload schema on the bus; holds the shared schema policy."""
+
+
+class Envelope(Schema, frozen=True, gc=False):
+    """Profile B: a value with the observation time and quality travelling alongside."""
+
+    value: Scalar
+    unit: str | None = None
+    observed_at: AwareDatetime | None = None
+    quality: Quality | None = None
+
+
+class LastEnvelope(Schema, frozen=True, gc=False, kw_only=True):
+    """The retained ``last``: Profile B with ``observed_at`` required, for freshness checks."""
+
+    value: Scalar
+    unit: str | None = None
+    observed_at: AwareDatetime
+    quality: Quality | None = None
+
+
+class HistorianMeta(Schema, frozen=True):
+    """How a historian should read a value stream (the contract's ``meta.historian.mode``)."""
+
+    mode: HistorianMode = "sample"
+
+
+class Meta(Schema, frozen=True):
+    """Retained metadata of one series. ``docs/contract.md`` explains each field."""
+
+    unit: str | None = None
+    description: str | None = None
+    source: str | None = None
+    precision: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    historian: HistorianMeta | None = None
+    metric_class: MetricClass | None = msgspec.field(default=None, name="class")
+    max_interval_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    deadband: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    attributes: dict[str, str | int | float | bool] | None = None
+
+
+_value_decoder: Final[msgspec.json.Decoder[Scalar | Envelope]] = msgspec.json.Decoder(
+    Scalar | Envelope
+)
+_last_decoder: Final = msgspec.json.Decoder(LastEnvelope)
+_meta_decoder: Final = msgspec.json.Decoder(Meta)
+_encoder: Final = msgspec.json.Encoder()
+_AVAILABILITY: Final[dict[bytes, Availability]] = {b"online": "online", b"offline": "offline"}
+
+encode: Final = _encoder.encode
+"""Encode a schema object (or scalar) to canonical JSON bytes."""
+
+
+def encode_scalar(value: Scalar) -> bytes:
+    """Profile A bytes for ``value``; refuses what JSON or the contract cannot carry."""
+    if type(value) is float:
+        if not math.isfinite(value):
+            raise PayloadError("non_finite", f"value {value!r} is not a finite number")
+    elif type(value) is not int and type(value) is not bool:
+        raise PayloadError(
+            "wrong_type", f"value must be a number or boolean, not {type(value).__name__}"
+        )
+    return _encoder.encode(value)
+
+
+def decode_value(payload: bytes | str) -> Scalar | Envelope:
+    """Decode a ``value`` or ``set`` payload: Profile A scalar or Profile B envelope."""
+    try:
+        decoded = _value_decoder.decode(payload)
+    except msgspec.MsgspecError as exc:
+        raise _payload_error(exc, "a JSON number, boolean, or Profile B object") from None
+    value = decoded.value if isinstance(decoded, Envelope) else decoded
+    if type(value) is float and not math.isfinite(value):
+        path = "$.value" if isinstance(decoded, Envelope) else "$"
+        raise PayloadError("non_finite", "value is out of the range of a finite number", path=path)
+    return decoded
+
+
+def decode_last(payload: bytes | str) -> LastEnvelope:
+    """Decode a retained ``last`` payload: Profile B with ``observed_at``."""
+    try:
+        decoded = _last_decoder.decode(payload)
+    except msgspec.MsgspecError as exc:
+        raise _payload_error(exc, "a Profile B object with observed_at") from None
+    if type(decoded.value) is float and not math.isfinite(decoded.value):
+        raise PayloadError(
+            "non_finite", "value is out of the range of a finite number", path="$.value"
+        )
+    return decoded
+
+
+def decode_meta(payload: bytes | str) -> Meta:
+    """Decode a retained ``meta`` payload."""
+    try:
+        return _meta_decoder.decode(payload)
+    except msgspec.MsgspecError as exc:
+        raise _payload_error(exc, "a JSON object of metadata") from None
+
+
+def decode_availability(payload: bytes | str) -> Availability:
+    """Decode an ``availability`` payload: the bare text ``online`` or ``offline``."""
+    key = payload.encode("utf-8", "replace") if isinstance(payload, str) else payload
+    state = _AVAILABILITY.get(key)
+    if state is None:
+        shown = key[:40].decode("utf-8", "replace")
+        raise PayloadError(
+            "invalid_value", f"availability must be 'online' or 'offline', not {shown!r}"
+        )
+    return state
+
+
+_DECODERS: Final = {
+    "value": decode_value,
+    "set": decode_value,
+    "last": decode_last,
+    "meta": decode_meta,
+    "availability": decode_availability,
+}
+
+
+def decode_payload(stream: Stream, payload: bytes | str) -> object:
+    """Decode ``payload`` by the rules of ``stream``; raises :class:`PayloadError`."""
+    return _DECODERS[stream](payload)
+
+
+def validate_payload(stream: Stream, payload: bytes | str) -> PayloadError | None:
+    """The first rule ``payload`` breaks for ``stream``, or ``None``. Never raises on bad input."""
+    try:
+        _DECODERS[stream](payload)
+    except PayloadError as exc:
+        return exc
+    return None
+
+
+_PATH_RE: Final = re.compile(r" - at `(\$[^`]*)`$")
+_FIELD_RE: Final = re.compile(r"field `([^`]*)`")
+_CHOICES: Final = {
+    "$.quality": QUALITIES,
+    "$.historian.mode": ("sample", "state", "event"),
+    "$.class": ("measurement", "counter"),
+}
+
+
+def _payload_error(exc: msgspec.MsgspecError, expected: str) -> PayloadError:
+    """Turn msgspec's message into a stable code, keeping its path and wording."""
+    text = str(exc)
+    if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
+        return PayloadError("malformed_json", f"{text}; expected {expected}")
+    match = _PATH_RE.search(text)
+    path = match.group(1) if match else "$"
+    detail = text[: match.start()] if match else text
+    field = _FIELD_RE.search(detail)
+    if field and detail.startswith("Object contains unknown field"):
+        code = "unknown_field"
+        path = f"{path}.{field.group(1)}"
+    elif field and detail.startswith("Object missing required field"):
+        code = "missing_field"
+        path = f"{path}.{field.group(1)}"
+    elif detail.startswith("Number out of range"):
+        code = "non_finite"
+        detail = "number is out of the range of a finite double"
+    elif "timezone" in detail:
+        code = "naive_datetime"
+        detail = "time must carry a zone (RFC 3339, e.g. '2026-03-08T10:15:12Z')"
+    elif detail.startswith("Expected") and re.search(r"` [<>]=? ", detail):
+        code = "out_of_range"
+    elif detail.startswith("Expected"):
+        code = "wrong_type"
+        if path == "$":
+            detail = f"{detail}; expected {expected}"
+    else:
+        code = "invalid_value"
+        if path in _CHOICES:
+            detail = f"{detail}; expected one of {', '.join(_CHOICES[path])}"
+    return PayloadError(code, f"{detail} (at {path})", path=path)

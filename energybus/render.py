@@ -1,0 +1,233 @@
+"""Turning samples into wire messages: ``value``, retained ``last``, retained ``meta``.
+
+The :class:`Renderer` keeps one small record per series with its topics built once, the
+last value it emitted and its meta bytes, so the per-sample work is a dict lookup, a
+comparison and at most two encodes.
+
+Dedupe with heartbeat: a ``value`` equal to the last one emitted (within ``deadband``)
+is suppressed, but never for longer than ``max_interval_s`` of observation time; that
+interval is announced in ``meta``, so a consumer that sees nothing for longer knows the
+source is dead rather than unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC
+from typing import Final, Literal
+
+import msgspec
+
+from energybus.errors import PayloadError
+from energybus.messages import DELIVERY, Message
+from energybus.metrics import metric_class
+from energybus.payloads import (
+    Envelope,
+    HistorianMeta,
+    HistorianMode,
+    LastEnvelope,
+    Meta,
+    Scalar,
+    encode,
+    encode_scalar,
+)
+from energybus.samples import Sample, SeriesKey, utc
+from energybus.topics import build_topic
+
+__all__ = ["DEFAULT_SPEC", "Renderer", "SeriesSpec"]
+
+
+class SeriesSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How one series is published; adapters compile one per mapping row.
+
+    ``max_interval_s=None`` turns the heartbeat off (an unchanged value is then never
+    repeated); ``dedupe=False`` publishes every sample. ``last_min_interval_s`` thins
+    the retained ``last`` (0: every sample, as the contract says).
+    """
+
+    profile: Literal["A", "B"] = "A"
+    dedupe: bool = True
+    deadband: float = msgspec.field(default=0.0)
+    max_interval_s: float | None = 60.0
+    last_min_interval_s: float = 0.0
+    description: str | None = None
+    precision: float | None = None
+    historian_mode: HistorianMode = "sample"
+    attributes: dict[str, str | int | float | bool] | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.deadband >= 0 and math.isfinite(self.deadband)):
+            raise ValueError(f"deadband must be a finite number >= 0, not {self.deadband!r}")
+        if self.max_interval_s is not None and not self.max_interval_s > 0:
+            raise ValueError(f"max_interval_s must be > 0, not {self.max_interval_s!r}")
+        if not self.last_min_interval_s >= 0:
+            raise ValueError(f"last_min_interval_s must be >= 0, not {self.last_min_interval_s!r}")
+
+
+DEFAULT_SPEC: Final = SeriesSpec()
+
+_VALUE_QOS, _VALUE_RETAIN = DELIVERY["value"]
+_LAST_QOS, _LAST_RETAIN = DELIVERY["last"]
+_META_QOS, _META_RETAIN = DELIVERY["meta"]
+_NEVER: Final = -math.inf
+
+
+class _Series:
+    """Per-series state; plain slots because it is touched on every sample."""
+
+    __slots__ = (
+        "emitted_at",
+        "emitted_quality",
+        "emitted_value",
+        "last_at",
+        "last_topic",
+        "meta",
+        "spec",
+        "unit",
+        "value_topic",
+    )
+
+    def __init__(self, key: SeriesKey) -> None:
+        site, entity_type, entity_id, metric = key
+        self.value_topic = build_topic(site, entity_type, entity_id, metric, "value")
+        self.last_topic = build_topic(site, entity_type, entity_id, metric, "last")
+        self.spec: SeriesSpec | None = None
+        self.unit: str | None = None
+        self.meta: bytes = b""
+        self.emitted_value: Scalar | None = None
+        self.emitted_quality: str = ""
+        self.emitted_at = _NEVER
+        self.last_at = _NEVER
+
+
+class Renderer:
+    """Renders samples to messages, remembering per series what it already said.
+
+    One renderer serves one publisher (one worker, one CLI stream): dedupe state is
+    local to it by design. ``specs`` gives per-metric settings; a spec passed to
+    :meth:`render` wins over both it and ``default``.
+    """
+
+    def __init__(
+        self,
+        *,
+        source: str | None = None,
+        default: SeriesSpec = DEFAULT_SPEC,
+        specs: dict[str, SeriesSpec] | None = None,
+    ) -> None:
+        self.source = source
+        self.default = default
+        self.specs = dict(specs or {})
+        self.suppressed = 0
+        """How many ``value`` messages dedupe has held back; the worker exports it."""
+        self._series: dict[SeriesKey, _Series] = {}
+
+    def render(self, sample: Sample, spec: SeriesSpec | None = None) -> list[Message]:
+        """The messages ``sample`` calls for, in publish order (meta first)."""
+        out: list[Message] = []
+        self.render_into(sample, out, spec)
+        return out
+
+    def render_into(
+        self, sample: Sample, out: list[Message], spec: SeriesSpec | None = None
+    ) -> None:
+        """Append the messages for ``sample`` to ``out``; the batch form of :meth:`render`."""
+        value = sample.value
+        kind = type(value)
+        if kind is float:
+            if not math.isfinite(value):
+                raise PayloadError("non_finite", f"value {value!r} is not a finite number")
+        elif kind is not int and kind is not bool:
+            raise PayloadError(
+                "wrong_type", f"value must be a number or boolean, not {kind.__name__}"
+            )
+        key = (sample.site, sample.entity_type, sample.entity_id, sample.metric)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series(key)
+        if spec is None:
+            spec = self.specs.get(sample.metric, self.default)
+        if series.spec is not spec or series.unit != sample.unit:
+            self._update_meta(series, sample, spec, out)
+
+        observed = sample.observed_at
+        if observed.tzinfo is not UTC:
+            observed = utc(observed)
+        at = observed.timestamp()
+
+        emit = True
+        if spec.dedupe and series.emitted_quality == sample.quality:
+            previous = series.emitted_value
+            if type(previous) is kind and (
+                value == previous
+                if kind is bool or not spec.deadband
+                else abs(value - previous) <= spec.deadband
+            ):
+                interval = spec.max_interval_s
+                emit = interval is not None and at - series.emitted_at >= interval
+        if emit:
+            series.emitted_value = value
+            series.emitted_quality = sample.quality
+            series.emitted_at = at
+            if spec.profile == "A":
+                payload = encode_scalar(value)
+            else:
+                payload = encode(
+                    Envelope(
+                        value=value,
+                        unit=sample.unit,
+                        observed_at=observed,
+                        quality=sample.quality,
+                    )
+                )
+            out.append(Message(series.value_topic, payload, _VALUE_QOS, _VALUE_RETAIN))
+        else:
+            self.suppressed += 1
+
+        # ``last`` only moves forward in observation time: it is the latest known sample.
+        if at >= series.last_at and (emit or at - series.last_at >= spec.last_min_interval_s):
+            series.last_at = at
+            payload = encode(
+                LastEnvelope(
+                    value=value, unit=sample.unit, observed_at=observed, quality=sample.quality
+                )
+            )
+            out.append(Message(series.last_topic, payload, _LAST_QOS, _LAST_RETAIN))
+
+    def meta(self, sample: Sample, spec: SeriesSpec | None = None) -> Meta:
+        """The ``meta`` document for the sample's series under ``spec``."""
+        if spec is None:
+            spec = self.specs.get(sample.metric, self.default)
+        return Meta(
+            unit=sample.unit,
+            description=spec.description,
+            source=self.source,
+            precision=spec.precision,
+            historian=HistorianMeta(mode=spec.historian_mode),
+            metric_class=metric_class(sample.metric),
+            max_interval_s=spec.max_interval_s if spec.dedupe else None,
+            deadband=spec.deadband if spec.dedupe and spec.deadband else None,
+            attributes=spec.attributes,
+        )
+
+    def forget(self, key: SeriesKey | None = None) -> None:
+        """Drop what was said for one series (or all), so the next sample repeats everything.
+
+        The worker calls this after a reconnect with a clean session, when retained
+        ``meta`` may be all a new subscriber lacks.
+        """
+        if key is None:
+            self._series.clear()
+        else:
+            self._series.pop(key, None)
+
+    def _update_meta(
+        self, series: _Series, sample: Sample, spec: SeriesSpec, out: list[Message]
+    ) -> None:
+        series.spec = spec
+        series.unit = sample.unit
+        payload = encode(self.meta(sample, spec))
+        if payload != series.meta:
+            series.meta = payload
+            topic = series.value_topic[: -len("value")] + "meta"
+            out.append(Message(topic, payload, _META_QOS, _META_RETAIN))

@@ -1,0 +1,65 @@
+"""The historian mapping: which samples become which rows.
+
+The rules are the contract's "Historian Relationship": ``value`` streams of measurement
+metrics go to the measurement historian as ``(metric_name, device_id, value,
+observed_at)`` with ``device_id = <entity_type>.<entity_id>``; ``*_total`` counters go to
+the counter historian instead; ``last`` is never ingested (it repeats ``value``), nor
+are ``meta``, ``availability`` or ``set``. Booleans are stored as 0 and 1, since the
+historians hold numbers.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+
+from energybus.samples import Sample, decode_sample
+from energybus.topics import parse_topic
+
+__all__ = ["CounterRow", "MeasurementRow", "Row", "historian_row", "to_row"]
+
+
+class _RowBase(msgspec.Struct, frozen=True, gc=False):
+    site: str
+    device_id: str
+    metric_name: str
+    value: float
+    observed_at: datetime
+    quality: str
+
+
+class MeasurementRow(_RowBase, frozen=True, gc=False):
+    """A row of the measurement historian."""
+
+
+class CounterRow(_RowBase, frozen=True, gc=False):
+    """A raw cumulative reading for the counter historian, which derives energy from deltas."""
+
+
+Row = MeasurementRow | CounterRow
+
+
+def to_row(sample: Sample) -> Row:
+    """The historian row for ``sample``: a counter row for ``*_total``, else a measurement row."""
+    cls = CounterRow if sample.metric.endswith("_total") else MeasurementRow
+    return cls(
+        sample.site,
+        f"{sample.entity_type}.{sample.entity_id}",
+        sample.metric,
+        float(sample.value),
+        sample.observed_at,
+        sample.quality,
+    )
+
+
+def historian_row(topic: str | bytes, payload: bytes, *, received_at: datetime) -> Row | None:
+    """The row a bus message becomes, or ``None`` for streams that are not ingested.
+
+    Raises :class:`TopicError` or :class:`PayloadError` for a message that breaks the
+    contract, so the caller can dead-letter it.
+    """
+    parsed = parse_topic(topic)
+    if parsed.stream != "value":
+        return None
+    return to_row(decode_sample(parsed, payload, received_at=received_at))

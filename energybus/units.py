@@ -1,0 +1,149 @@
+"""Canonical SI units and the conversions into them.
+
+A conversion is compiled once (when a mapping loads) into a :class:`Conversion`; the
+per-message work is then one call. Scaling by a power of ten goes through the decimal
+text of the value, so ``1.1 kW`` becomes ``1100.0 W`` and not ``1100.0000000000002 W``,
+which plain float multiplication gives for about one value in seventy.
+"""
+
+from __future__ import annotations
+
+import math
+from types import MappingProxyType
+from typing import Final
+
+from energybus.errors import UnitError
+
+__all__ = [
+    "CANONICAL_UNITS",
+    "SOURCE_UNITS",
+    "Conversion",
+    "canonical_unit",
+    "conversion",
+    "convert",
+]
+
+CANONICAL_UNITS: Final = frozenset({"W", "Wh", "V", "A", "Hz", "%", "VA", "var", "°C"})
+"""The units values carry on the bus. Energy is always Wh, never kWh, so sums add up."""
+
+# source unit -> (canonical unit, power of ten to multiply by)
+SOURCE_UNITS: Final = MappingProxyType(
+    {
+        "W": ("W", 0),
+        "mW": ("W", -3),
+        "kW": ("W", 3),
+        "MW": ("W", 6),
+        "Wh": ("Wh", 0),
+        "kWh": ("Wh", 3),
+        "MWh": ("Wh", 6),
+        "V": ("V", 0),
+        "mV": ("V", -3),
+        "kV": ("V", 3),
+        "A": ("A", 0),
+        "mA": ("A", -3),
+        "kA": ("A", 3),
+        "Hz": ("Hz", 0),
+        "mHz": ("Hz", -3),
+        "%": ("%", 0),
+        "VA": ("VA", 0),
+        "kVA": ("VA", 3),
+        "MVA": ("VA", 6),
+        "var": ("var", 0),
+        "VAr": ("var", 0),
+        "kvar": ("var", 3),
+        "kVAr": ("var", 3),
+        "Mvar": ("var", 6),
+        "°C": ("°C", 0),
+        "degC": ("°C", 0),
+    }
+)
+
+
+class Conversion:
+    """Scale a source value and state its canonical unit; built once, applied per message.
+
+    ``scale`` is the source's own factor (a register holding tenths of a volt has
+    ``scale=0.1``); it combines with the unit's power of ten.
+    """
+
+    __slots__ = ("_exponent", "_factor", "_power", "unit")
+
+    def __init__(self, source_unit: str | None, scale: float = 1.0) -> None:
+        if not math.isfinite(scale) or scale == 0:
+            raise UnitError(
+                "bad_scale",
+                f"scale must be a finite, non-zero number, not {scale!r}",
+                unit=str(source_unit),
+            )
+        if source_unit is None or source_unit == "":
+            self.unit: str | None = None
+            exponent = 0
+        else:
+            self.unit, exponent = _lookup(source_unit)
+        # A scale like 0.1 or 1000 folds into the exponent and stays exact.
+        scale_exponent = _power_of_ten(scale)
+        if scale_exponent is not None:
+            self._exponent: int | None = exponent + scale_exponent
+            self._power: int = 10 ** abs(self._exponent)
+            self._factor = 1.0
+        else:
+            self._exponent = None
+            self._power = 1
+            self._factor = scale * 10.0**exponent
+
+    def __call__(self, value: float) -> float:
+        if type(value) is bool:
+            return value
+        exponent = self._exponent
+        if exponent is None:
+            return value * self._factor
+        if exponent == 0:
+            return value
+        if exponent < 0:
+            return value / self._power
+        if type(value) is int:
+            return value * self._power
+        text = repr(value)
+        if "e" in text or "n" in text:  # already in exponent form, or inf / nan
+            return value * self._power
+        return float(f"{text}e{exponent}")
+
+    def __repr__(self) -> str:
+        return f"Conversion(unit={self.unit!r}, exponent={self._exponent}, factor={self._factor})"
+
+
+def _power_of_ten(scale: float) -> int | None:
+    if scale <= 0:
+        return None
+    exponent = round(math.log10(scale))
+    return exponent if 10.0**exponent == scale else None
+
+
+def _lookup(unit: str) -> tuple[str, int]:
+    try:
+        return SOURCE_UNITS[unit]
+    except KeyError:
+        known = ", ".join(sorted(SOURCE_UNITS))
+        raise UnitError(
+            "unknown_unit", f"unknown unit {unit!r}; known: {known}", unit=unit
+        ) from None
+
+
+def canonical_unit(unit: str) -> str:
+    """The canonical unit a source unit converts to: ``kW`` -> ``W``."""
+    return _lookup(unit)[0]
+
+
+def conversion(source_unit: str | None, scale: float = 1.0) -> Conversion:
+    """Compile a conversion from ``source_unit`` (times ``scale``) to its canonical unit."""
+    return Conversion(source_unit, scale)
+
+
+def convert(value: float, source_unit: str, scale: float = 1.0) -> tuple[float, str]:
+    """Convert one value: ``convert(1.5, "kW")`` is ``(1500.0, "W")``.
+
+    For repeated use, compile once with :func:`conversion`.
+    """
+    conv = Conversion(source_unit, scale)
+    assert conv.unit is not None
+    return conv(value), conv.unit

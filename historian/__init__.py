@@ -1,0 +1,1 @@
+"""PostgreSQL sinks: the measurement and counter historians and command records."""

@@ -1,0 +1,1 @@
+"""Mapping files (TOML) that describe each source platform's fields as data."""
