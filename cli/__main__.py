@@ -1,0 +1,3 @@
+from energybus.cli.app import main
+
+main()
