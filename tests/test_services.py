@@ -1,0 +1,78 @@
+"""The service helper against a real Mosquitto, and the contract's messages through it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from energybus import CANONICAL_FILTERS, Renderer, decode_last, decode_meta, make_sample, matches
+from tools import services
+
+
+def test_start_records_pid_and_stop_kills_it(run_dir: Path) -> None:
+    where = run_dir / "lifecycle"
+    service = services.start("mosquitto", run_dir=where)
+    try:
+        assert services.running("mosquitto", where) == service
+        # Starting again reuses the running instance.
+        assert services.start("mosquitto", run_dir=where).pid == service.pid
+        assert (
+            (where / "mosquitto" / "mosquitto.conf")
+            .read_text()
+            .startswith(f"listener {service.port} 127.0.0.1\n")
+        )
+    finally:
+        assert services.stop("mosquitto", run_dir=where)
+    with pytest.raises(ProcessLookupError):
+        os.kill(service.pid, 0)
+    assert services.running("mosquitto", where) is None
+    assert not services.stop("mosquitto", run_dir=where)
+
+
+def test_unknown_service_is_an_error(run_dir: Path) -> None:
+    with pytest.raises(services.ServiceError, match="unknown service"):
+        services.start("redis", run_dir=run_dir)
+
+
+def test_rendered_messages_reach_a_subscriber_with_their_flags(
+    mosquitto: services.Service,
+) -> None:
+    asyncio.run(_round_trip(mosquitto.port))
+
+
+async def _round_trip(port: int) -> None:
+    sample = make_sample(
+        "vad",
+        "storage",
+        "battery-main",
+        "soc",
+        85.5,
+        observed_at=datetime(2026, 3, 8, 10, 15, 12, tzinfo=UTC),
+        unit="%",
+    )
+    messages = Renderer(source="test").render(sample)
+    async with aiomqtt.Client("127.0.0.1", port, identifier="eb-pub") as publisher:
+        for m in messages:
+            await publisher.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
+    # A subscriber that arrives later gets the retained meta and last, not the value.
+    received: dict[str, tuple[bytes, bool]] = {}
+    async with aiomqtt.Client("127.0.0.1", port, identifier="eb-sub") as subscriber:
+        for stream in ("value", "last", "meta"):
+            await subscriber.subscribe(CANONICAL_FILTERS[stream], qos=1)
+        async with asyncio.timeout(5):
+            async for incoming in subscriber.messages:
+                topic = str(incoming.topic)
+                assert matches("+/energy/+/+/+/+", topic)
+                assert isinstance(incoming.payload, bytes)
+                received[topic.rsplit("/", 1)[1]] = (incoming.payload, incoming.retain)
+                if {"meta", "last"} <= received.keys():
+                    break
+    assert "value" not in received
+    assert decode_meta(received["meta"][0]).unit == "%"
+    assert decode_last(received["last"][0]).value == 85.5
+    assert received["last"][1] and received["meta"][1]

@@ -1,0 +1,394 @@
+"""Start and stop the real services energybus talks to, for tests and the local demo.
+
+Mosquitto, PostgreSQL and RabbitMQ come from Debian's packages (installed with apt-get
+when missing), run as plain child processes on loopback ports, keep their data under a
+project-local run directory, and are stopped by the PID this module recorded. Nothing
+touches the system's own service instances or their configuration.
+
+Standard library only, so it runs before the project's virtualenv exists::
+
+    python3 tools/services.py up mosquitto postgres --run-dir .run
+    python3 tools/services.py status
+    python3 tools/services.py down
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["SERVICES", "Service", "free_port", "running", "start", "stop"]
+
+DEFAULT_RUN_DIR = Path(__file__).resolve().parent.parent / ".run"
+DEFAULT_PORTS = {"mosquitto": 18830, "postgres": 15432, "rabbitmq": 15672}
+HOST = "127.0.0.1"
+
+
+class ServiceError(RuntimeError):
+    """A service could not be installed, started or stopped; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Service:
+    """A running service: enough to connect to it and to stop it."""
+
+    name: str
+    host: str
+    port: int
+    pid: int
+    run_dir: str
+    url: str
+
+    def state_file(self) -> Path:
+        return _state_file(Path(self.run_dir), self.name)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _state_file(run_dir: Path, name: str) -> Path:
+    return run_dir / name / "service.json"
+
+
+def _apt_install(*packages: str) -> None:
+    """Install Debian packages, as root or through sudo, without prompts."""
+    prefix: list[str] = []
+    if os.geteuid() != 0:
+        if shutil.which("sudo") is None:
+            raise ServiceError(f"{' '.join(packages)} missing; install them (not root, no sudo)")
+        prefix = ["sudo", "-n"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = [*prefix, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages]
+    if subprocess.run(install, env=env, capture_output=True).returncode == 0:
+        return
+    subprocess.run([*prefix, "apt-get", "update", "-qq"], env=env, check=False)
+    result = subprocess.run(install, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ServiceError(f"apt-get install {' '.join(packages)} failed:\n{result.stderr}")
+
+
+def _require(binary: str, *packages: str) -> str:
+    found = shutil.which(binary) or next(
+        (str(p) for p in (Path("/usr/sbin") / binary, Path("/usr/bin") / binary) if p.exists()),
+        None,
+    )
+    if found is None:
+        _apt_install(*packages)
+        found = shutil.which(binary) or str(Path("/usr/sbin") / binary)
+    if not Path(found).exists():
+        raise ServiceError(f"{binary} not found after installing {' '.join(packages)}")
+    return found
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServiceError(
+                f"exited with status {process.returncode} while starting; log {log}:\n{_tail(log)}"
+            )
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise ServiceError(f"did not listen on {HOST}:{port} within {timeout:.0f}s; log {log}")
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _as_service_user(user: str) -> list[str]:
+    """Servers that refuse to run as root run as their Debian system user."""
+    return ["runuser", "-u", user, "--"] if os.geteuid() == 0 else []
+
+
+def _chown_for(user: str, *paths: Path) -> None:
+    if os.geteuid() == 0:
+        for path in paths:
+            shutil.chown(path, user, user)
+
+
+def _start_mosquitto(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
+    binary = _require("mosquitto", "mosquitto", "mosquitto-clients")
+    data = run_dir / "mosquitto"
+    data.mkdir(parents=True, exist_ok=True)
+    _chown_for("mosquitto", data)
+    log = data / "mosquitto.log"
+    conf = data / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} {HOST}\n"
+        "allow_anonymous true\n"
+        "persistence true\n"
+        f"persistence_location {data}/\n"
+        "autosave_interval 1\n"
+        f"log_dest file {log}\n"
+        "log_type error\nlog_type warning\nlog_type notice\n"
+        "max_queued_messages 1000000\n"
+        "max_inflight_messages 0\n"
+    )
+    process = subprocess.Popen(
+        [binary, "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    _wait_for_port(port, process, 15, log)
+    return process, f"mqtt://{HOST}:{port}"
+
+
+def _postgres_bin() -> Path:
+    roots = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
+    if not roots:
+        _apt_install("postgresql")
+        roots = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
+    if not roots:
+        raise ServiceError("PostgreSQL binaries not found under /usr/lib/postgresql")
+    return roots[0].parent
+
+
+def _start_postgres(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
+    bindir = _postgres_bin()
+    base = run_dir / "postgres"
+    data = base / "data"
+    base.mkdir(parents=True, exist_ok=True)
+    _chown_for("postgres", base)
+    as_pg = _as_service_user("postgres")
+    log = base / "postgres.log"
+    if not (data / "PG_VERSION").exists():
+        # Trust on loopback only: a throwaway cluster for tests and the demo.
+        result = subprocess.run(
+            [
+                *as_pg,
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "energybus",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise ServiceError(f"initdb failed:\n{result.stderr}")
+    process = subprocess.Popen(
+        [
+            *as_pg,
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-c",
+            f"listen_addresses={HOST}",
+            "-c",
+            f"unix_socket_directories={base}",
+            "-c",
+            "fsync=on",
+            "-c",
+            f"log_directory={base}",
+            "-c",
+            "logging_collector=off",
+        ],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    _wait_for_port(port, process, 30, log)
+    for _ in range(100):
+        result = subprocess.run(
+            [
+                str(bindir / "psql"),
+                "-h",
+                HOST,
+                "-p",
+                str(port),
+                "-U",
+                "energybus",
+                "-d",
+                "postgres",
+                "-tAc",
+                "SELECT 1 FROM pg_database WHERE datname='energybus'",
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode == 0:
+            break
+        time.sleep(0.1)
+    if result.stdout.strip() != "1":
+        subprocess.run(
+            [str(bindir / "createdb"), "-h", HOST, "-p", str(port), "-U", "energybus", "energybus"],
+            check=True,
+            capture_output=True,
+        )
+    return process, f"postgresql://energybus@{HOST}:{port}/energybus"
+
+
+def _start_rabbitmq(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
+    binary = _require("rabbitmq-server", "rabbitmq-server")
+    base = run_dir / "rabbitmq"
+    base.mkdir(parents=True, exist_ok=True)
+    _chown_for("rabbitmq", base)
+    log = base / "rabbitmq.log"
+    dist_port = free_port()
+    env = {
+        **os.environ,
+        "RABBITMQ_NODENAME": f"energybus-{port}@localhost",
+        "RABBITMQ_NODE_IP_ADDRESS": HOST,
+        "RABBITMQ_NODE_PORT": str(port),
+        "RABBITMQ_DIST_PORT": str(dist_port),
+        "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(base / "log"),
+        "RABBITMQ_PID_FILE": str(base / "rabbitmq.pid"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+        "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
+        "ERL_EPMD_ADDRESS": HOST,
+        "HOME": str(base),
+    }
+    (base / "enabled_plugins").write_text("[].\n")
+    (base / "rabbitmq.conf").write_text("loopback_users = none\n")
+    _chown_for("rabbitmq", base / "enabled_plugins", base / "rabbitmq.conf")
+    process = subprocess.Popen(
+        [
+            *_as_service_user("rabbitmq"),
+            "env",
+            *(f"{k}={v}" for k, v in env.items() if k.startswith(("RABBITMQ", "ERL", "HOME"))),
+            binary,
+        ],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
+    _wait_for_port(port, process, 90, log)
+    return process, f"amqp://guest:guest@{HOST}:{port}/"
+
+
+SERVICES: dict[str, Callable[[Path, int], tuple[subprocess.Popen[bytes], str]]] = {
+    "mosquitto": _start_mosquitto,
+    "postgres": _start_postgres,
+    "rabbitmq": _start_rabbitmq,
+}
+
+
+def running(name: str, run_dir: Path = DEFAULT_RUN_DIR) -> Service | None:
+    """The service recorded under ``run_dir`` if its process is still alive."""
+    try:
+        state = json.loads(_state_file(run_dir, name).read_text())
+    except (OSError, ValueError):
+        return None
+    service = Service(**state)
+    try:
+        os.kill(service.pid, 0)
+    except OSError:
+        return None
+    return service
+
+
+def start(name: str, *, run_dir: Path = DEFAULT_RUN_DIR, port: int | None = None) -> Service:
+    """Start ``name`` (or return it if it already runs there) and record its PID."""
+    if name not in SERVICES:
+        raise ServiceError(f"unknown service {name!r}; known: {', '.join(SERVICES)}")
+    run_dir = run_dir.resolve()
+    existing = running(name, run_dir)
+    if existing is not None:
+        return existing
+    chosen = port if port is not None else free_port()
+    try:
+        process, url = SERVICES[name](run_dir, chosen)
+    except ServiceError as exc:
+        raise ServiceError(f"{name}: {exc}") from None
+    service = Service(name, HOST, chosen, process.pid, str(run_dir), url)
+    service.state_file().write_text(json.dumps(asdict(service)))
+    return service
+
+
+def stop(name: str, *, run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 20) -> bool:
+    """Stop the service recorded under ``run_dir``; True if one was running."""
+    service = running(name, run_dir.resolve())
+    if service is None:
+        return False
+    # Each service leads its own session, so the group takes its children along.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(service.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(service.pid, 0)
+        except OSError:
+            break
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(service.pid, os.WNOHANG)
+        time.sleep(0.05)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(service.pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(service.pid, os.WNOHANG)
+    service.state_file().unlink(missing_ok=True)
+    return True
+
+
+@contextlib.contextmanager
+def started(name: str, *, run_dir: Path, port: int | None = None) -> Iterator[Service]:
+    """Run ``name`` for the duration of a ``with`` block."""
+    service = start(name, run_dir=run_dir, port=port)
+    try:
+        yield service
+    finally:
+        stop(name, run_dir=run_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("names", nargs="*", default=[], help=f"any of {', '.join(SERVICES)}")
+    parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    parser.add_argument(
+        "--default-ports",
+        action="store_true",
+        help=f"use the fixed demo ports {DEFAULT_PORTS} instead of free ones",
+    )
+    args = parser.parse_args(argv)
+    names = args.names or list(SERVICES)
+    try:
+        for name in names:
+            if args.action == "up":
+                port = DEFAULT_PORTS[name] if args.default_ports else None
+                service = start(name, run_dir=args.run_dir, port=port)
+                print(json.dumps(asdict(service)))
+            elif args.action == "down":
+                print(f"{name}: {'stopped' if stop(name, run_dir=args.run_dir) else 'not running'}")
+            else:
+                found = running(name, args.run_dir.resolve())
+                print(json.dumps(asdict(found)) if found else f"{name}: not running")
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
