@@ -1,0 +1,1 @@
+"""Benchmarks: measured figures, never asserted by tests. Run with ``./dev bench``."""

@@ -1,0 +1,166 @@
+"""The contract's own speed: topic validation, rendering, and CLI start-up.
+
+Each figure is per core: the loops run in one process on one core. Output is one JSON
+object per figure, so runs can be compared over time.
+
+    ./dev bench                      # all figures
+    ./dev bench --only render        # one of: validate, render, startup
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from energybus import Message, Renderer, Sample, make_sample, validate_topic
+
+
+def _rate(loop: Callable[[], int], seconds: float) -> float:
+    """Best-of-five throughput of ``loop`` (which returns how many items it did)."""
+    rates = []
+    for _ in range(5):
+        done = 0
+        start = time.perf_counter()
+        deadline = start + seconds / 5
+        while time.perf_counter() < deadline:
+            done += loop()
+        rates.append(done / (time.perf_counter() - start))
+    return max(rates)
+
+
+def bench_validate(seconds: float) -> dict[str, object]:
+    topics = [
+        f"site-{i % 7}/energy/{et}/device-{i}/metric_{i % 13}/value"
+        for i, et in zip(
+            range(1000), ["source", "storage", "grid", "load", "transfer"] * 200, strict=True
+        )
+    ]
+
+    def loop() -> int:
+        for topic in topics:
+            if validate_topic(topic) is not None:
+                raise AssertionError(topic)
+        return len(topics)
+
+    return {
+        "figure": "topics validated per second per core",
+        "value": round(_rate(loop, seconds)),
+        "goal": 500_000,
+    }
+
+
+def _samples(count: int, series: int) -> list[Sample]:
+    """Samples over ``series`` series whose values change every time (dedupe never hides work)."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    return [
+        make_sample(
+            "vad",
+            "load",
+            f"circuit-{i % series}",
+            "active_power",
+            1000.0 + i * 0.5,
+            observed_at=t0 + timedelta(seconds=i // series),
+            unit="W",
+        )
+        for i in range(count)
+    ]
+
+
+def bench_render(seconds: float) -> dict[str, object]:
+    samples = _samples(10_000, 100)
+    renderer = Renderer(source="bench")
+    out: list[Message] = []
+    for sample in samples:  # warm: meta and topics built, as in a running worker
+        renderer.render_into(sample, out)
+    render_into = renderer.render_into
+
+    def loop() -> int:
+        out.clear()
+        renderer.forget()
+        for sample in samples:
+            render_into(sample, out)
+        return len(samples)
+
+    # ``forget`` rebuilds each series' topics once per 100 samples of a series; keep the
+    # state instead and the rate is that of a warm worker.
+    def warm_loop() -> int:
+        out.clear()
+        for sample in samples:
+            render_into(sample, out)
+        return len(samples)
+
+    warm = _rate(warm_loop, seconds)
+    per_sample = len(out) / len(samples)
+    return {
+        "figure": "samples rendered to wire messages per second per core (value + last)",
+        "value": round(warm),
+        "messages_per_sample": round(per_sample, 2),
+        "cold_value": round(_rate(loop, seconds / 2)),
+        "goal": 1_000_000,
+    }
+
+
+def _median_seconds(command: list[str], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(command, stdout=subprocess.DEVNULL, check=False)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_startup(runs: int) -> dict[str, object]:
+    exe = Path(sys.executable).with_name("energybus")
+    command = str(exe) if exe.exists() else shutil.which("energybus")
+    if command is None:
+        raise SystemExit("the energybus console script is not installed")
+    topic = "vad/energy/source/pv-roof-1/active_power/value"
+    baseline_cmd = [sys.executable, "-c", "import msgspec"]
+    validate_cmd = [command, "validate", topic]
+    # Interleave so that both see the same machine state.
+    baseline = _median_seconds(baseline_cmd, 3)
+    validate = _median_seconds(validate_cmd, 3)
+    base_times, validate_times = [], []
+    for _ in range(runs):
+        base_times.append(_median_seconds(baseline_cmd, 1))
+        validate_times.append(_median_seconds(validate_cmd, 1))
+    baseline = statistics.median(base_times)
+    validate = statistics.median(validate_times)
+    return {
+        "figure": "median start-up of `energybus validate <topic>` / `python -c 'import msgspec'`",
+        "value": round(validate / baseline, 3),
+        "validate_ms": round(validate * 1000, 1),
+        "import_msgspec_ms": round(baseline * 1000, 1),
+        "runs": runs,
+        "goal": 1.5,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", choices=["validate", "render", "startup"])
+    parser.add_argument("--seconds", type=float, default=5.0, help="time per throughput figure")
+    parser.add_argument("--runs", type=int, default=41, help="process starts per start-up figure")
+    args = parser.parse_args()
+    cores = os.cpu_count()
+    figures: dict[str, Callable[[], dict[str, object]]] = {
+        "validate": lambda: bench_validate(args.seconds),
+        "render": lambda: bench_render(args.seconds),
+        "startup": lambda: bench_startup(args.runs),
+    }
+    for name, run in figures.items():
+        if args.only in (None, name):
+            print(json.dumps({"benchmark": name, "cores": cores, **run()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
