@@ -44,8 +44,6 @@ MAX_TOPIC_BYTES: Final = 65535
 
 _KEBAB = r"[a-z0-9]+(?:-[a-z0-9]+)*"
 _SNAKE = r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*"
-_KEBAB_RE = re.compile(_KEBAB)
-_SNAKE_RE = re.compile(_SNAKE)
 _TOPIC_RE = re.compile(
     rf"({_KEBAB})/energy/({'|'.join(ENTITY_TYPES)})/({_KEBAB})/({_SNAKE})/({'|'.join(STREAMS)})"
 )
@@ -178,15 +176,17 @@ def to_snake(text: str) -> str:
     return name
 
 
-_CAMEL_RE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
-_WORD_RE = re.compile(r"[A-Za-z0-9]+")
+# Patterns used only off the hot path go through re's own cache, compiled on first use,
+# so that a process that only validates valid topics never pays for them.
+_CAMEL = r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])"
+_WORD = r"[A-Za-z0-9]+"
 
 
 def _words(text: str) -> list[str]:
-    import unicodedata  # only identifier conversion needs it, and that runs off the hot path
+    import unicodedata
 
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    return [w.lower() for w in _WORD_RE.findall(_CAMEL_RE.sub(" ", ascii_text))]
+    return [w.lower() for w in re.findall(_WORD, re.sub(_CAMEL, " ", ascii_text))]
 
 
 def _suggest(fix: Callable[[str], str], text: str) -> str:
@@ -274,7 +274,7 @@ def _diagnose(topic: str) -> TopicError:
                 segment=SEGMENTS[index],
                 span=spans[index],
             )
-    if _KEBAB_RE.fullmatch(site) is None:
+    if re.fullmatch(_KEBAB, site) is None:
         return TopicError(
             "not_kebab_case",
             f"site {site!r} must be kebab-case (a-z, 0-9, single '-'){_suggest(to_kebab, site)}",
@@ -300,7 +300,7 @@ def _diagnose(topic: str) -> TopicError:
             segment="entity_type",
             span=spans[2],
         )
-    if _KEBAB_RE.fullmatch(entity_id) is None:
+    if re.fullmatch(_KEBAB, entity_id) is None:
         return TopicError(
             "not_kebab_case",
             f"entity_id {entity_id!r} must be kebab-case (a-z, 0-9, single '-')"
@@ -309,7 +309,7 @@ def _diagnose(topic: str) -> TopicError:
             segment="entity_id",
             span=spans[3],
         )
-    if _SNAKE_RE.fullmatch(metric) is None:
+    if re.fullmatch(_SNAKE, metric) is None:
         return TopicError(
             "not_snake_case",
             f"metric {metric!r} must be snake_case (a-z, 0-9, single '_', starting with a letter)"

@@ -38,3 +38,34 @@ def test_public_api_is_exported() -> None:
     assert len(energybus.__all__) == len(set(energybus.__all__))
     for name in energybus.__all__:
         assert hasattr(energybus, name), name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = energybus.nope
+
+
+def test_type_checkers_see_every_lazy_name() -> None:
+    """The TYPE_CHECKING imports must list exactly the lazily exported names."""
+    import ast
+
+    tree = ast.parse((ROOT / "energybus" / "__init__.py").read_text())
+    seen: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for statement in node.body:
+                assert isinstance(statement, ast.ImportFrom)
+                for alias in statement.names:
+                    seen[alias.name] = str(statement.module)
+    assert seen == energybus._EXPORTS
+
+
+def test_import_energybus_loads_no_submodule_until_used() -> None:
+    code = (
+        "import sys, energybus\n"
+        "print(sorted(m for m in sys.modules if m.startswith('energybus.')))\n"
+        "energybus.Renderer\n"
+        "print('energybus.render' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["['energybus._version']", "True"]

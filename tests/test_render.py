@@ -4,10 +4,15 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import msgspec
 import pytest
+from hypothesis import given, strategies as st
 
 from energybus import (
+    QUALITIES,
+    Envelope,
+    LastEnvelope,
     Message,
     PayloadError,
+    Quality,
     Renderer,
     Sample,
     SeriesSpec,
@@ -17,6 +22,7 @@ from energybus import (
     make_sample,
     validate_topic,
 )
+from energybus.payloads import encode
 
 T0 = datetime(2024, 10, 23, 16, 13, 20, tzinfo=UTC)
 SOC = "ven-042/energy/storage/ven-042-battery/soc"
@@ -215,3 +221,33 @@ def test_spec_checks_its_settings() -> None:
     for bad in ({"deadband": -1.0}, {"max_interval_s": 0.0}, {"last_min_interval_s": -1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SeriesSpec(**bad)  # type: ignore[arg-type]
+
+
+@given(
+    value=st.one_of(
+        st.booleans(),
+        st.integers(-(2**63), 2**63 - 1),
+        st.floats(allow_nan=False, allow_infinity=False),
+    ),
+    unit=st.one_of(st.none(), st.sampled_from(["W", "°C", "%", 'odd"unit\\'])),
+    quality=st.sampled_from(QUALITIES),
+    observed=st.datetimes(timezones=st.just(UTC)),
+)
+def test_assembled_envelopes_equal_msgspec_encoding(
+    value: bool | int | float, unit: str | None, quality: Quality, observed: datetime
+) -> None:
+    sample = Sample("vad", "load", "x", "active_power", value, observed, quality, unit)
+    out = Renderer(specs={"active_power": SeriesSpec(profile="B")}).render(sample)
+    streams = by_stream(out)
+    expected = encode(LastEnvelope(value=value, unit=unit, observed_at=observed, quality=quality))
+    assert streams["last"].payload == expected
+    assert streams["value"].payload == encode(
+        Envelope(value=value, unit=unit, observed_at=observed, quality=quality)
+    )
+
+
+def test_an_unknown_quality_is_refused() -> None:
+    sample = Sample("vad", "load", "x", "active_power", 1.0, T0, "fine")  # type: ignore[arg-type]
+    with pytest.raises(PayloadError) as info:
+        Renderer().render(sample)
+    assert info.value.code == "invalid_value"
