@@ -198,8 +198,16 @@ def _suggest(fix: Callable[[str], str], text: str) -> str:
     return f", e.g. {suggestion!r}"
 
 
+def _closest(text: str, choices: tuple[str, ...]) -> str:
+    """``, e.g. 'value'`` for a near miss such as ``Value`` or ``values``, else nothing."""
+    import difflib
+
+    found = difflib.get_close_matches(text.lower(), choices, n=1, cutoff=0.75)
+    return f", e.g. {found[0]!r}" if found else ""
+
+
 def _stream_error(stream: str, topic: str, span: tuple[int, int] | None = None) -> TopicError:
-    hint = f", e.g. {stream.lower()!r}" if stream.lower() in STREAMS else ""
+    hint = _closest(stream, STREAMS)
     return TopicError(
         "unknown_stream",
         f"stream {stream!r} must be one of {', '.join(STREAMS)}{hint}",
@@ -283,7 +291,7 @@ def _diagnose(topic: str) -> TopicError:
             span=spans[0],
         )
     if domain != DOMAIN:
-        hint = ", e.g. 'energy'" if domain.lower() == DOMAIN else ""
+        hint = _closest(domain, (DOMAIN,))
         return TopicError(
             "wrong_domain",
             f"level 2 must be the literal 'energy', not {domain!r}{hint}",
@@ -292,7 +300,7 @@ def _diagnose(topic: str) -> TopicError:
             span=spans[1],
         )
     if entity_type not in ENTITY_TYPES:
-        hint = f", e.g. {entity_type.lower()!r}" if entity_type.lower() in ENTITY_TYPES else ""
+        hint = _closest(entity_type, ENTITY_TYPES)
         return TopicError(
             "unknown_entity_type",
             f"entity_type {entity_type!r} must be one of {', '.join(ENTITY_TYPES)}{hint}",

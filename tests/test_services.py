@@ -76,3 +76,36 @@ async def _round_trip(port: int) -> None:
     assert decode_meta(received["meta"][0]).unit == "%"
     assert decode_last(received["last"][0]).value == 85.5
     assert received["last"][1] and received["meta"][1]
+
+
+def test_postgres_starts_with_a_database_to_use(run_dir: Path) -> None:
+    import asyncpg
+
+    async def query(url: str) -> object:
+        connection = await asyncpg.connect(url)
+        try:
+            return await connection.fetchval("SELECT current_database()")
+        finally:
+            await connection.close()
+
+    with services.started("postgres", run_dir=run_dir / "pg") as service:
+        assert asyncio.run(query(service.url)) == "energybus"
+    assert services.running("postgres", run_dir / "pg") is None
+
+
+def test_rabbitmq_starts_and_moves_a_message(run_dir: Path) -> None:
+    import aio_pika
+
+    async def round_trip(url: str) -> bytes:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue("vcp.test.telemetry", auto_delete=True)
+            await channel.default_exchange.publish(aio_pika.Message(b"hello"), queue.name)
+            incoming = await queue.get(timeout=10)
+            await incoming.ack()
+            return incoming.body
+
+    with services.started("rabbitmq", run_dir=run_dir / "amqp") as service:
+        assert asyncio.run(round_trip(service.url)) == b"hello"
+    assert services.running("rabbitmq", run_dir / "amqp") is None

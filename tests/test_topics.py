@@ -112,6 +112,12 @@ def test_messages_say_what_was_expected_and_how_to_fix() -> None:
     assert "source, storage, grid, load, transfer" in error.message
     error = validate_topic("vad/energy/load/x/p")
     assert error is not None and "<site>/energy/<entity_type>" in error.message
+    error = validate_topic("vad/energy/load/x/p/values")
+    assert error is not None and error.message.endswith("e.g. 'value'")
+    error = validate_topic("vad/energy/sorce/x/p/value")
+    assert error is not None and error.message.endswith("e.g. 'source'")
+    error = validate_topic("vad/home/load/x/p/value")
+    assert error is not None and "e.g." not in error.message
 
 
 def test_mqtt_byte_rules() -> None:

@@ -348,7 +348,20 @@ def stop(name: str, *, run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 20) -> 
     with contextlib.suppress(ChildProcessError):
         os.waitpid(service.pid, os.WNOHANG)
     service.state_file().unlink(missing_ok=True)
+    if name == "rabbitmq":
+        _stop_idle_epmd()
     return True
+
+
+def _stop_idle_epmd() -> None:
+    """RabbitMQ starts Erlang's port mapper as a daemon; stop it once no node uses it."""
+    epmd = shutil.which("epmd") or next(iter(Path("/usr/lib/erlang").glob("erts-*/bin/epmd")), None)
+    if epmd is None:
+        return
+    env = {**os.environ, "ERL_EPMD_ADDRESS": HOST}
+    names = subprocess.run([str(epmd), "-names"], capture_output=True, text=True, env=env)
+    if names.returncode == 0 and "name " not in names.stdout:
+        subprocess.run([str(epmd), "-kill"], capture_output=True, env=env, check=False)
 
 
 @contextlib.contextmanager
