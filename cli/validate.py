@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from typing import TextIO
+from typing import BinaryIO
 
 import click
 import msgspec
@@ -15,19 +15,23 @@ from energybus.topics import parse_topic
 _json = msgspec.json.Encoder()
 
 
-def _topics(arguments: tuple[str, ...], stdin: TextIO) -> Iterator[str]:
-    """The topics in argument order; ``-`` stands for stdin's lines, read as they come."""
+def _topics(arguments: tuple[str, ...], stdin: BinaryIO) -> Iterator[bytes]:
+    """The topics in argument order, as the bytes given; ``-`` stands for stdin's lines.
+
+    Topics stay bytes so that invalid UTF-8 is reported as such rather than decoded
+    away; stdin's lines are handled as they arrive, for Node-RED's daemon node.
+    """
     for argument in arguments:
         if argument != "-":
-            yield argument
+            yield argument.encode("utf-8", "surrogateescape")
             continue
         for line in stdin:
-            topic = line.rstrip("\r\n")
+            topic = line.rstrip(b"\r\n")
             if topic:
                 yield topic
 
 
-def check(topic: str, payload: bytes | None) -> EnergyBusError | None:
+def check(topic: bytes, payload: bytes | None) -> EnergyBusError | None:
     """The first error of ``topic`` (then of ``payload`` on the topic's stream), or None."""
     try:
         parsed = parse_topic(topic)
@@ -54,7 +58,10 @@ def error_dict(error: EnergyBusError) -> dict[str, object]:
 
 
 def human(topic: str, error: EnergyBusError | None) -> str:
-    """A report for a person: the topic, a caret under the level at fault, the message."""
+    """A report for a person: the topic, a caret under the level at fault, the message.
+
+    ``topic`` is the form shown to people, with invalid UTF-8 escaped as ``\\xff``.
+    """
     if error is None:
         return f"ok       {topic}"
     lines = [f"invalid  {topic}"]
@@ -83,18 +90,19 @@ def validate(as_json: bool, payload: str | None, topics: tuple[str, ...]) -> Non
     payload_bytes = None if payload is None else payload.encode("utf-8", "surrogateescape")
     out = sys.stdout
     failed = False
-    for topic in _topics(topics, sys.stdin):
+    for topic in _topics(topics, sys.stdin.buffer):
         error = check(topic, payload_bytes)
         failed = failed or error is not None
+        shown = topic.decode("utf-8", "backslashreplace")
         if as_json:
             record = {
-                "topic": topic,
+                "topic": shown,
                 "valid": error is None,
                 "error": None if error is None else error_dict(error),
             }
-            line = _json.encode(record).decode("utf-8", "surrogateescape")
+            line = _json.encode(record).decode("utf-8")
         else:
-            line = human(topic, error)
+            line = human(shown, error)
         out.write(line + "\n")
         out.flush()
     sys.exit(1 if failed else 0)

@@ -81,10 +81,20 @@ def is_valid_topic(topic: str) -> bool:
 
 
 def parse_topic(topic: str | bytes) -> Topic:
-    """Split a topic into its levels, or raise :class:`TopicError` saying what is wrong."""
-    if isinstance(topic, str):
-        m = _TOPIC_RE.fullmatch(topic)
-        if m is not None and len(topic) <= MAX_TOPIC_BYTES:
+    """Split a topic into its levels, or raise :class:`TopicError` saying what is wrong.
+
+    ``bytes`` (a topic as it came off the wire) must be UTF-8.
+    """
+    if isinstance(topic, bytes):
+        try:
+            text = topic.decode("utf-8")
+        except UnicodeDecodeError:
+            text = ""  # validate_topic below says where the bad byte is
+    else:
+        text = topic
+    if isinstance(text, str):
+        m = _TOPIC_RE.fullmatch(text)
+        if m is not None and len(text) <= MAX_TOPIC_BYTES:
             site, entity_type, entity_id, metric, stream = m.groups()
             return Topic(site, entity_type, entity_id, metric, stream)  # type: ignore[arg-type]
     error = validate_topic(topic)

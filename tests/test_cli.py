@@ -118,3 +118,47 @@ def test_validate_imports_no_driver() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_invalid_utf8_is_reported_not_crashed_on() -> None:
+    bad = b"vad/energy/load/\xff/p/value\n"
+    for args in (("validate", "--json", "-"), ("validate", "-")):
+        result = subprocess.run(
+            [energybus_exe(), *args], input=bad, capture_output=True, timeout=30
+        )
+        assert result.returncode == 1, result.stderr
+        assert b"invalid_utf8" in result.stdout
+        assert b"\\xff" in result.stdout
+    record = json.loads(
+        subprocess.run(
+            [energybus_exe(), "validate", "--json", "-"], input=bad, capture_output=True, timeout=30
+        ).stdout
+    )
+    assert record["topic"] == "vad/energy/load/\\xff/p/value"
+    assert record["error"]["message"] == "topic is not valid UTF-8 (byte 16 is 0xff)"
+    # The same through argv, where Python hands the bytes over as surrogates.
+    argv = subprocess.run(
+        [energybus_exe().encode(), b"validate", b"--json", bad.strip()],
+        capture_output=True,
+        timeout=30,
+    )
+    assert argv.returncode == 1
+    assert json.loads(argv.stdout)["error"]["code"] == "invalid_utf8"
+
+
+def test_daemon_mode_answers_each_line_as_it_arrives() -> None:
+    """Node-RED's daemon node keeps one process and writes a topic per line."""
+    with subprocess.Popen(
+        [energybus_exe(), "validate", "--json", "-"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stdin is not None and process.stdout is not None
+        for topic, valid in [(GOOD, True), (BAD, False), (GOOD, True)]:
+            process.stdin.write(topic + "\n")
+            process.stdin.flush()
+            answer = json.loads(process.stdout.readline())  # before stdin is closed
+            assert (answer["topic"], answer["valid"]) == (topic, valid)
+        process.stdin.close()
+        assert process.wait(timeout=30) == 1

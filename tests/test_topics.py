@@ -34,6 +34,7 @@ VALID = [
 def test_valid_topics_parse_and_round_trip(topic: str) -> None:
     parsed = parse_topic(topic)
     assert str(parsed) == topic
+    assert parse_topic(topic.encode()) == parsed
     assert validate_topic(topic) is None
     assert validate_topic(topic.encode()) is None
     assert is_valid_topic(topic)
@@ -130,6 +131,9 @@ def test_mqtt_byte_rules() -> None:
     assert error is not None and error.code == "too_long"
     error = validate_topic(b"vad/energy/load/\xff/p/value")
     assert error is not None and error.code == "invalid_utf8"
+    with pytest.raises(TopicError) as info:
+        parse_topic(b"vad/energy/load/\xff/p/value")
+    assert info.value.message == "topic is not valid UTF-8 (byte 16 is 0xff)"
     error = validate_topic("vad/energy/load/\ud800/p/value")
     assert error is not None and error.code == "invalid_utf8"
     error = validate_topic(42)  # type: ignore[arg-type]
@@ -208,11 +212,15 @@ def test_validator_never_raises_on_text(text: str) -> None:
         assert error.code and error.message
 
 
-@given(st.binary())
-def test_validator_never_raises_on_bytes(data: bytes) -> None:
+@given(st.one_of(st.binary(), st.text().map(str.encode)))
+def test_parse_and_validate_agree_on_bytes(data: bytes) -> None:
     error = validate_topic(data)
-    if error is None:
-        assert is_valid_topic(data.decode())
+    try:
+        parsed = parse_topic(data)
+    except TopicError as raised:
+        assert error is not None and raised.code == error.code
+    else:
+        assert error is None and str(parsed).encode() == data
 
 
 @given(st.text(min_size=1))
