@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
+from math import isfinite
 from typing import Final, Literal
 
 import msgspec
@@ -69,6 +70,7 @@ class _Series:
     """Per-series state; plain slots because it is touched on every sample."""
 
     __slots__ = (
+        "deadband",
         "emitted_at",
         "emitted_quality",
         "emitted_value",
@@ -77,9 +79,10 @@ class _Series:
         "last_topic",
         "max_interval",
         "meta",
+        "middle",
+        "profile_b",
         "spec",
         "unit",
-        "unit_part",
         "value_topic",
     )
 
@@ -89,7 +92,11 @@ class _Series:
         self.last_topic = build_topic(site, entity_type, entity_id, metric, "last")
         self.spec: SeriesSpec | None = None
         self.unit: str | None = None
-        self.unit_part = b""
+        self.profile_b = False
+        self.deadband: float | None = None
+        """``None`` when dedupe is off for the series."""
+        self.middle = b""
+        """The envelope between value and time: ``,"unit":"W","observed_at":``."""
         self.meta: bytes = b""
         self.emitted_value: Scalar | None = None
         self.emitted_quality: str = ""
@@ -136,7 +143,7 @@ class Renderer:
         value = sample.value
         kind = type(value)
         if kind is float:
-            if not math.isfinite(value):
+            if not isfinite(value):
                 raise PayloadError("non_finite", f"value {value!r} is not a finite number")
         elif kind is not int and kind is not bool:
             raise PayloadError(
@@ -157,12 +164,18 @@ class Renderer:
         quality = sample.quality
 
         emit = True
-        if spec.dedupe and series.emitted_quality == quality:
+        deadband = series.deadband
+        if deadband is not None:
+            # Ordered so that a changed value (the common case) fails on the first test.
             previous = series.emitted_value
-            if type(previous) is kind and (
-                value == previous
-                if kind is bool or not spec.deadband
-                else abs(value - previous) <= spec.deadband
+            if (
+                (
+                    value == previous
+                    if not deadband or kind is bool
+                    else type(previous) is kind and abs(value - previous) <= deadband
+                )
+                and type(previous) is kind
+                and series.emitted_quality == quality
             ):
                 interval = series.max_interval
                 emit = interval is not None and observed - series.emitted_at >= interval
@@ -171,29 +184,21 @@ class Renderer:
             emit or observed - series.last_at >= series.last_min_interval
         )
         scalar = _encode(value)
-        if last or (emit and spec.profile == "B"):
+        if last or (emit and series.profile_b):
             # Byte for byte what encoding an Envelope gives (a test holds it to that),
             # assembled from parts fixed per series rather than a Struct built per sample.
-            tail = _QUALITY_TAIL.get(quality)
-            if tail is None:
+            try:
+                tail = _QUALITY_TAIL[quality]
+            except KeyError:
                 raise PayloadError(
                     "invalid_value", f"quality {quality!r} is not one of {QUALITIES}"
-                )
-            envelope = b"".join(
-                (
-                    b'{"value":',
-                    scalar,
-                    series.unit_part,
-                    b',"observed_at":',
-                    _encode(observed),
-                    tail,
-                )
-            )
+                ) from None
+            envelope = b"".join((b'{"value":', scalar, series.middle, _encode(observed), tail))
         if emit:
             series.emitted_value = value
             series.emitted_quality = quality
             series.emitted_at = observed
-            payload = scalar if spec.profile == "A" else envelope
+            payload = envelope if series.profile_b else scalar
             out.append(Message(series.value_topic, payload, _VALUE_QOS, _VALUE_RETAIN))
         else:
             self.suppressed += 1
@@ -233,10 +238,13 @@ class Renderer:
     ) -> None:
         series.spec = spec
         series.unit = sample.unit
+        series.profile_b = spec.profile == "B"
+        series.deadband = spec.deadband if spec.dedupe else None
         interval = spec.max_interval_s
         series.max_interval = None if interval is None else timedelta(seconds=interval)
         series.last_min_interval = timedelta(seconds=spec.last_min_interval_s)
-        series.unit_part = b"" if sample.unit is None else b',"unit":' + _encode(sample.unit)
+        unit = b"" if sample.unit is None else b',"unit":' + _encode(sample.unit)
+        series.middle = unit + b',"observed_at":'
         payload = encode(self.meta(sample, spec))
         if payload != series.meta:
             series.meta = payload

@@ -93,6 +93,16 @@ def test_quality_change_and_type_change_are_changes() -> None:
     assert "value" in by_stream(renderer.render(soc(True, 2, quality="stale")))
 
 
+def test_deadband_leaves_booleans_exact_and_types_distinct() -> None:
+    renderer = Renderer(default=SeriesSpec(deadband=5.0, max_interval_s=None))
+    renderer.render(soc(True, 0))
+    assert "value" not in by_stream(renderer.render(soc(True, 1)))
+    assert by_stream(renderer.render(soc(False, 2)))["value"].payload == b"false"
+    assert by_stream(renderer.render(soc(1, 3)))["value"].payload == b"1"  # bool -> int
+    assert "value" not in by_stream(renderer.render(soc(4, 4)))
+    assert by_stream(renderer.render(soc(4.0, 5)))["value"].payload == b"4.0"  # int -> float
+
+
 def test_dedupe_off_publishes_every_sample() -> None:
     renderer = Renderer(default=SeriesSpec(dedupe=False))
     for second in range(3):
