@@ -39,7 +39,7 @@ class SeriesSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
     profile: Literal["A", "B"] = "A"
     dedupe: bool = True
-    deadband: float = msgspec.field(default=0.0)
+    deadband: float = 0.0
     max_interval_s: float | None = 60.0
     last_min_interval_s: float = 0.0
     description: str | None = None
@@ -79,6 +79,7 @@ class _Series:
         "last_topic",
         "max_interval",
         "meta",
+        "meta_topic",
         "middle",
         "profile_b",
         "spec",
@@ -90,6 +91,7 @@ class _Series:
         site, entity_type, entity_id, metric = key
         self.value_topic = build_topic(site, entity_type, entity_id, metric, "value")
         self.last_topic = build_topic(site, entity_type, entity_id, metric, "last")
+        self.meta_topic = build_topic(site, entity_type, entity_id, metric, "meta")
         self.spec: SeriesSpec | None = None
         self.unit: str | None = None
         self.profile_b = False
@@ -156,7 +158,7 @@ class Renderer:
         if spec is None:
             spec = self.specs.get(sample.metric, self.default) if self.specs else self.default
         if series.spec is not spec or series.unit != sample.unit:
-            self._update_meta(series, sample, spec, out)
+            self._configure(series, sample, spec, out)
 
         observed = sample.observed_at
         if observed.tzinfo is not UTC:
@@ -233,9 +235,10 @@ class Renderer:
         else:
             self._series.pop(key, None)
 
-    def _update_meta(
+    def _configure(
         self, series: _Series, sample: Sample, spec: SeriesSpec, out: list[Message]
     ) -> None:
+        """Fix what the per-sample path reads from ``spec`` and the unit; send meta if new."""
         series.spec = spec
         series.unit = sample.unit
         series.profile_b = spec.profile == "B"
@@ -248,5 +251,4 @@ class Renderer:
         payload = encode(self.meta(sample, spec))
         if payload != series.meta:
             series.meta = payload
-            topic = series.value_topic[: -len("value")] + "meta"
-            out.append(Message(topic, payload, _META_QOS, _META_RETAIN))
+            out.append(Message(series.meta_topic, payload, _META_QOS, _META_RETAIN))
