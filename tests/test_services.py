@@ -109,3 +109,37 @@ def test_rabbitmq_starts_and_moves_a_message(run_dir: Path) -> None:
     with services.started("rabbitmq", run_dir=run_dir / "amqp") as service:
         assert asyncio.run(round_trip(service.url)) == b"hello"
     assert services.running("rabbitmq", run_dir / "amqp") is None
+
+
+def test_a_taken_port_is_an_error_not_a_false_start(run_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(services.ServiceError, match="already in use"):
+            services.start("mosquitto", run_dir=run_dir / "taken", port=port)
+    assert services.running("mosquitto", run_dir / "taken") is None
+
+
+def test_a_server_that_dies_at_start_is_reported_with_its_log(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    where = run_dir / "broken"
+    (where / "mosquitto").mkdir(parents=True, exist_ok=True)
+
+    def broken(run_dir: Path, port: int) -> tuple[object, str]:
+        import subprocess
+        import sys
+
+        log = run_dir / "mosquitto" / "mosquitto.log"
+        log.write_text("Error: unknown configuration variable 'nonsense'.\n")
+        process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+        services._wait_for_port(port, process, 10, log)
+        raise AssertionError("unreachable")
+
+    monkeypatch.setitem(services.SERVICES, "mosquitto", broken)
+    with pytest.raises(services.ServiceError, match="exited with status 3") as info:
+        services.start("mosquitto", run_dir=where)
+    assert "unknown configuration variable" in str(info.value)

@@ -61,6 +61,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
 def _state_file(run_dir: Path, name: str) -> Path:
     return run_dir / name / "service.json"
 
@@ -316,6 +325,9 @@ def start(name: str, *, run_dir: Path = DEFAULT_RUN_DIR, port: int | None = None
     if existing is not None:
         return existing
     chosen = port if port is not None else free_port()
+    if not _port_is_free(chosen):
+        # Waiting for the port would then find the other listener and report success.
+        raise ServiceError(f"{name}: {HOST}:{chosen} is already in use by another process")
     try:
         process, url = SERVICES[name](run_dir, chosen)
     except ServiceError as exc:
