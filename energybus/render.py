@@ -131,6 +131,10 @@ class Renderer:
         self.suppressed = 0
         """How many ``value`` messages dedupe has held back; the worker exports it."""
         self._series: dict[SeriesKey, _Series] = {}
+        # The samples of one source message share one observation time object, so its
+        # encoding is kept for the next sample (an identity test, cheaper than encoding).
+        self._time: datetime | None = None
+        self._time_json = b""
 
     def render(self, sample: Sample, spec: SeriesSpec | None = None) -> list[Message]:
         """The messages ``sample`` calls for, in publish order (meta first)."""
@@ -195,7 +199,10 @@ class Renderer:
                 raise PayloadError(
                     "invalid_value", f"quality {quality!r} is not one of {QUALITIES}"
                 ) from None
-            envelope = b"".join((b'{"value":', scalar, series.middle, _encode(observed), tail))
+            if observed is not self._time:
+                self._time = observed
+                self._time_json = _encode(observed)
+            envelope = b"".join((b'{"value":', scalar, series.middle, self._time_json, tail))
         if emit:
             series.emitted_value = value
             series.emitted_quality = quality
