@@ -261,3 +261,12 @@ def test_an_unknown_quality_is_refused() -> None:
     with pytest.raises(PayloadError) as info:
         Renderer().render(sample)
     assert info.value.code == "invalid_value"
+
+
+def test_each_envelope_carries_its_own_sample_time() -> None:
+    renderer = Renderer(default=SeriesSpec(dedupe=False))
+    times = [T0, T0 + timedelta(seconds=1), T0 + timedelta(seconds=1), T0 + timedelta(hours=1)]
+    for second, moment in enumerate(times):
+        sample = Sample("vad", "load", "x", "active_power", float(second), moment)
+        last = by_stream(renderer.render(sample))["last"]
+        assert decode_last(last.payload).observed_at == moment
