@@ -72,7 +72,7 @@ class LastEnvelope(Schema, frozen=True, gc=False, kw_only=True):
 class HistorianMeta(Schema, frozen=True):
     """How a historian should read a value stream (the contract's ``meta.historian.mode``)."""
 
-    mode: HistorianMode = "sample"
+    mode: HistorianMode
 
 
 class Meta(Schema, frozen=True):

@@ -191,3 +191,12 @@ def test_validate_payload_never_raises(data: bytes) -> None:
     for stream in ("value", "set", "last", "meta", "availability"):
         error = validate_payload(stream, data)
         assert error is None or (error.code and error.message)
+
+
+def test_historian_mode_is_always_spelled_out() -> None:
+    assert encode(Meta(historian=HistorianMeta(mode="sample"))) == (
+        b'{"historian":{"mode":"sample"}}'
+    )
+    with pytest.raises(PayloadError) as info:
+        decode_meta(b'{"historian":{}}')
+    assert (info.value.code, info.value.path) == ("missing_field", "$.historian.mode")
