@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import energybus
+from tests.helpers import run_python
 
 GOOD = "vad/energy/source/pv-roof-1/active_power/value"
 BAD = "vad/energy/source/PV_Roof/active_power/value"
@@ -113,11 +114,7 @@ def test_validate_imports_no_driver() -> None:
         "heavy = {'asyncpg', 'aiomqtt', 'aio_pika', 'pymodbus', 'pydantic', 'paho', 'aiormq'}\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert run_python(code).strip().splitlines()[-1] == "[]"
 
 
 def test_invalid_utf8_is_reported_not_crashed_on() -> None:

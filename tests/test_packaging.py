@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import energybus
+from tests.helpers import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBPACKAGES = ["adapters", "mappings", "historian", "cli"]
@@ -18,11 +17,7 @@ SUBPACKAGES = ["adapters", "mappings", "historian", "cli"]
 def test_imports_work_from_anywhere(cwd: Path) -> None:
     code = "import energybus, " + ", ".join(f"energybus.{p}" for p in SUBPACKAGES) + "\n"
     code += "print(energybus.__version__)"
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=30
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == energybus.__version__
+    assert run_python(code, cwd=cwd).strip() == energybus.__version__
 
 
 def test_subpackages_come_from_their_folders() -> None:
@@ -64,8 +59,4 @@ def test_import_energybus_loads_no_submodule_until_used() -> None:
         "energybus.Renderer\n"
         "print('energybus.render' in sys.modules)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["['energybus._version']", "True"]
+    assert run_python(code).splitlines() == ["['energybus._version']", "True"]
