@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
-from math import isfinite
 from typing import Final, Literal
 
 import msgspec
@@ -148,13 +147,13 @@ class Renderer:
         """Append the messages for ``sample`` to ``out``; the batch form of :meth:`render`."""
         value = sample.value
         kind = type(value)
-        if kind is float:
-            if not isfinite(value):
-                raise PayloadError("non_finite", f"value {value!r} is not a finite number")
-        elif kind is not int and kind is not bool:
+        if kind is not float and kind is not int and kind is not bool:
             raise PayloadError(
                 "wrong_type", f"value must be a number or boolean, not {kind.__name__}"
             )
+        scalar = _encode(value)
+        if scalar == b"null":  # msgspec writes NaN and infinities as null; JSON has neither
+            raise PayloadError("non_finite", f"value {value!r} is not a finite number")
         key = (sample.site, sample.entity_type, sample.entity_id, sample.metric)
         series = self._series.get(key)
         if series is None:
@@ -189,7 +188,6 @@ class Renderer:
         last = observed >= series.last_at and (
             emit or observed - series.last_at >= series.last_min_interval
         )
-        scalar = _encode(value)
         if last or (emit and series.profile_b):
             # Byte for byte what encoding an Envelope gives (a test holds it to that),
             # assembled from parts fixed per series rather than a Struct built per sample.
