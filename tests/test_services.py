@@ -143,3 +143,15 @@ def test_a_server_that_dies_at_start_is_reported_with_its_log(
     with pytest.raises(services.ServiceError, match="exited with status 3") as info:
         services.start("mosquitto", run_dir=where)
     assert "unknown configuration variable" in str(info.value)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root hands servers to their own users")
+def test_a_run_dir_the_server_user_cannot_reach_moves_its_data(run_dir: Path) -> None:
+    private = run_dir / "private"
+    private.mkdir(mode=0o700, exist_ok=True)
+    private.chmod(0o700)
+    where = private / "run"
+    with services.started("mosquitto", run_dir=where) as service:
+        assert services.running("mosquitto", where) == service
+        assert not (where / "mosquitto" / "mosquitto.conf").exists()
+        asyncio.run(_round_trip(service.port))

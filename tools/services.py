@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -129,6 +131,31 @@ def _as_service_user(user: str) -> list[str]:
     return ["runuser", "-u", user, "--"] if os.geteuid() == 0 else []
 
 
+def _data_dir(run_dir: Path, name: str, user: str) -> Path:
+    """Where a server keeps its data: ``<run_dir>/<name>`` when its system user can reach it.
+
+    As root, servers run as their own users; a checkout under a private home (``/root``)
+    is out of their reach, so their data then goes to a directory of the same name under
+    the system's temporary directory instead.
+    """
+    data = run_dir / name
+    data.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0 and not _can_enter(user, data):
+        digest = hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
+        data = Path(tempfile.gettempdir()) / f"energybus-{digest}" / name
+        data.mkdir(parents=True, exist_ok=True)
+        data.parent.chmod(0o755)
+    _chown_for(user, data)
+    return data
+
+
+def _can_enter(user: str, path: Path) -> bool:
+    probe = subprocess.run(
+        ["runuser", "-u", user, "--", "test", "-x", str(path.parent)], capture_output=True
+    )
+    return probe.returncode == 0
+
+
 def _chown_for(user: str, *paths: Path) -> None:
     if os.geteuid() == 0:
         for path in paths:
@@ -137,9 +164,7 @@ def _chown_for(user: str, *paths: Path) -> None:
 
 def _start_mosquitto(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
     binary = _require("mosquitto", "mosquitto", "mosquitto-clients")
-    data = run_dir / "mosquitto"
-    data.mkdir(parents=True, exist_ok=True)
-    _chown_for("mosquitto", data)
+    data = _data_dir(run_dir, "mosquitto", "mosquitto")
     log = data / "mosquitto.log"
     conf = data / "mosquitto.conf"
     conf.write_text(
@@ -175,10 +200,8 @@ def _postgres_bin() -> Path:
 
 def _start_postgres(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
     bindir = _postgres_bin()
-    base = run_dir / "postgres"
+    base = _data_dir(run_dir, "postgres", "postgres")
     data = base / "data"
-    base.mkdir(parents=True, exist_ok=True)
-    _chown_for("postgres", base)
     as_pg = _as_service_user("postgres")
     log = base / "postgres.log"
     if not (data / "PG_VERSION").exists():
@@ -257,9 +280,7 @@ def _start_postgres(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], 
 
 def _start_rabbitmq(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
     binary = _require("rabbitmq-server", "rabbitmq-server")
-    base = run_dir / "rabbitmq"
-    base.mkdir(parents=True, exist_ok=True)
-    _chown_for("rabbitmq", base)
+    base = _data_dir(run_dir, "rabbitmq", "rabbitmq")
     log = base / "rabbitmq.log"
     dist_port = free_port()
     env = {
