@@ -103,14 +103,13 @@ encode: Final = _encoder.encode
 
 def encode_scalar(value: Scalar) -> bytes:
     """Profile A bytes for ``value``; refuses what JSON or the contract cannot carry."""
-    if type(value) is float:
-        if not math.isfinite(value):
-            raise PayloadError("non_finite", f"value {value!r} is not a finite number")
-    elif type(value) is not int and type(value) is not bool:
-        raise PayloadError(
-            "wrong_type", f"value must be a number or boolean, not {type(value).__name__}"
-        )
-    return _encoder.encode(value)
+    kind = type(value)
+    if kind is not float and kind is not int and kind is not bool:
+        raise PayloadError("wrong_type", f"value must be a number or boolean, not {kind.__name__}")
+    encoded = _encoder.encode(value)
+    if encoded == b"null":  # msgspec writes NaN and infinities as null; JSON has neither
+        raise PayloadError("non_finite", f"value {value!r} is not a finite number")
+    return encoded
 
 
 def decode_value(payload: bytes | str) -> Scalar | Envelope:

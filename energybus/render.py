@@ -21,7 +21,15 @@ import msgspec
 from energybus.errors import PayloadError
 from energybus.messages import DELIVERY, Message
 from energybus.metrics import metric_class
-from energybus.payloads import QUALITIES, HistorianMeta, HistorianMode, Meta, Scalar, encode
+from energybus.payloads import (
+    QUALITIES,
+    HistorianMeta,
+    HistorianMode,
+    Meta,
+    Scalar,
+    encode,
+    encode_scalar,
+)
 from energybus.samples import Sample, SeriesKey, utc
 from energybus.topics import build_topic
 
@@ -145,15 +153,21 @@ class Renderer:
         self, sample: Sample, out: list[Message], spec: SeriesSpec | None = None
     ) -> None:
         """Append the messages for ``sample`` to ``out``; the batch form of :meth:`render`."""
+        # Everything that can refuse the sample comes first, so a refused sample changes
+        # no state and adds nothing to ``out``.
         value = sample.value
         kind = type(value)
-        if kind is not float and kind is not int and kind is not bool:
-            raise PayloadError(
-                "wrong_type", f"value must be a number or boolean, not {kind.__name__}"
-            )
-        scalar = _encode(value)
-        if scalar == b"null":  # msgspec writes NaN and infinities as null; JSON has neither
-            raise PayloadError("non_finite", f"value {value!r} is not a finite number")
+        scalar = _encode(value) if kind is float or kind is int or kind is bool else b"null"
+        if scalar == b"null":
+            encode_scalar(value)  # raises the error that says why
+        quality = sample.quality
+        tail = _QUALITY_TAIL.get(quality)
+        if tail is None:
+            raise PayloadError("invalid_value", f"quality {quality!r} is not one of {QUALITIES}")
+        observed = sample.observed_at
+        if observed.tzinfo is not UTC:
+            observed = utc(observed)
+
         key = (sample.site, sample.entity_type, sample.entity_id, sample.metric)
         series = self._series.get(key)
         if series is None:
@@ -162,11 +176,6 @@ class Renderer:
             spec = self.specs.get(sample.metric, self.default) if self.specs else self.default
         if series.spec is not spec or series.unit != sample.unit:
             self._configure(series, sample, spec, out)
-
-        observed = sample.observed_at
-        if observed.tzinfo is not UTC:
-            observed = utc(observed)
-        quality = sample.quality
 
         emit = True
         deadband = series.deadband
@@ -191,12 +200,6 @@ class Renderer:
         if last or (emit and series.profile_b):
             # Byte for byte what encoding an Envelope gives (a test holds it to that),
             # assembled from parts fixed per series rather than a Struct built per sample.
-            try:
-                tail = _QUALITY_TAIL[quality]
-            except KeyError:
-                raise PayloadError(
-                    "invalid_value", f"quality {quality!r} is not one of {QUALITIES}"
-                ) from None
             if observed is not self._time:
                 self._time = observed
                 self._time_json = _encode(observed)

@@ -263,6 +263,29 @@ def test_an_unknown_quality_is_refused() -> None:
     assert info.value.code == "invalid_value"
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        Sample("vad", "load", "x", "active_power", 2.0, T0, "fine"),  # type: ignore[arg-type]
+        Sample("vad", "load", "x", "active_power", 2.0, datetime(2026, 1, 1)),
+        Sample("vad", "load", "x", "active_power", float("nan"), T0),
+        Sample("vad", "load", "x", "active_power", "2", T0),  # type: ignore[arg-type]
+    ],
+)
+def test_a_refused_sample_leaves_no_trace(bad: Sample) -> None:
+    """Refused whatever the stream state: no message out, dedupe and meta unchanged."""
+    renderer = Renderer(default=SeriesSpec(profile="A"))
+    first = Sample("vad", "load", "x", "active_power", 1.0, T0, unit="W")
+    renderer.render(first)
+    out: list[Message] = []
+    with pytest.raises(PayloadError):
+        renderer.render_into(bad, out)
+    assert out == []
+    # The series still holds 1.0 W: the same value is deduplicated, meta is not resent.
+    again = Sample("vad", "load", "x", "active_power", 1.0, T0 + timedelta(seconds=1), unit="W")
+    assert set(by_stream(renderer.render(again))) == {"last"}
+
+
 def test_each_envelope_carries_its_own_sample_time() -> None:
     renderer = Renderer(default=SeriesSpec(dedupe=False))
     times = [T0, T0 + timedelta(seconds=1), T0 + timedelta(seconds=1), T0 + timedelta(hours=1)]
