@@ -155,3 +155,29 @@ def test_a_run_dir_the_server_user_cannot_reach_moves_its_data(run_dir: Path) ->
         assert services.running("mosquitto", where) == service
         assert not (where / "mosquitto" / "mosquitto.conf").exists()
         asyncio.run(_round_trip(service.port))
+
+
+def test_stop_kills_a_server_that_ignores_sigterm(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    def stubborn(run_dir: Path, port: int) -> tuple[object, str]:
+        code = (
+            "import signal, socket, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            f"s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen()\n"
+            "time.sleep(600)\n"
+        )
+        process = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+        services._wait_for_port(port, process, 10, run_dir / "none.log")
+        return process, f"tcp://127.0.0.1:{port}"
+
+    monkeypatch.setitem(services.SERVICES, "mosquitto", stubborn)
+    where = run_dir / "stubborn"
+    (where / "mosquitto").mkdir(parents=True, exist_ok=True)
+    service = services.start("mosquitto", run_dir=where)
+    assert services.stop("mosquitto", run_dir=where, timeout=1)
+    with pytest.raises(ProcessLookupError):
+        os.kill(service.pid, 0)

@@ -30,7 +30,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["SERVICES", "Service", "free_port", "running", "start", "stop"]
+__all__ = [
+    "SERVICES",
+    "Service",
+    "ServiceError",
+    "free_port",
+    "running",
+    "start",
+    "started",
+    "stop",
+]
 
 DEFAULT_RUN_DIR = Path(__file__).resolve().parent.parent / ".run"
 DEFAULT_PORTS = {"mosquitto": 18830, "postgres": 15432, "rabbitmq": 15672}
@@ -224,29 +233,15 @@ def _start_postgres(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], 
         )
         if result.returncode != 0:
             raise ServiceError(f"initdb failed:\n{result.stderr}")
-    process = subprocess.Popen(
-        [
-            *as_pg,
-            str(bindir / "postgres"),
-            "-D",
-            str(data),
-            "-p",
-            str(port),
-            "-c",
-            f"listen_addresses={HOST}",
-            "-c",
-            f"unix_socket_directories={base}",
-            "-c",
-            "fsync=on",
-            "-c",
-            f"log_directory={base}",
-            "-c",
-            "logging_collector=off",
-        ],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    server = [str(bindir / "postgres"), "-D", str(data), "-p", str(port)]
+    settings = {"listen_addresses": HOST, "unix_socket_directories": str(base)}
+    with log.open("ab") as output:
+        process = subprocess.Popen(
+            [*as_pg, *server, *(f"--{key}={value}" for key, value in settings.items())],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     _wait_for_port(port, process, 30, log)
     for _ in range(100):
         result = subprocess.run(
@@ -295,23 +290,19 @@ def _start_rabbitmq(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], 
         "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
         "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
         "ERL_EPMD_ADDRESS": HOST,
-        "HOME": str(base),
     }
     (base / "enabled_plugins").write_text("[].\n")
     (base / "rabbitmq.conf").write_text("loopback_users = none\n")
     _chown_for("rabbitmq", base / "enabled_plugins", base / "rabbitmq.conf")
-    process = subprocess.Popen(
-        [
-            *_as_service_user("rabbitmq"),
-            "env",
-            *(f"{k}={v}" for k, v in env.items() if k.startswith(("RABBITMQ", "ERL", "HOME"))),
-            binary,
-        ],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env=env,
-    )
+    # runuser resets HOME, where Erlang keeps its cookie: give the node a private one.
+    with log.open("ab") as output:
+        process = subprocess.Popen(
+            [*_as_service_user("rabbitmq"), "env", f"HOME={base}", binary],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
     _wait_for_port(port, process, 90, log)
     return process, f"amqp://guest:guest@{HOST}:{port}/"
 
@@ -364,26 +355,32 @@ def stop(name: str, *, run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 20) -> 
     if service is None:
         return False
     # Each service leads its own session, so the group takes its children along.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(service.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(service.pid, 0)
-        except OSError:
-            break
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(service.pid, os.WNOHANG)
-        time.sleep(0.05)
-    else:
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(service.pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(service.pid, os.WNOHANG)
+            os.killpg(service.pid, sig)
+        if _wait_gone(service.pid, wait):
+            break
+    else:
+        raise ServiceError(f"{name}: process {service.pid} survived SIGKILL")
     service.state_file().unlink(missing_ok=True)
     if name == "rabbitmq":
         _stop_idle_epmd()
     return True
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    """Wait until ``pid`` is gone, reaping it if it is our child (a zombie still answers)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _stop_idle_epmd() -> None:
