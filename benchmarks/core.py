@@ -126,13 +126,10 @@ def bench_render(seconds: float) -> dict[str, object]:
     }
 
 
-def _median_seconds(command: list[str], runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        subprocess.run(command, stdout=subprocess.DEVNULL, check=False)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _seconds(command: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, stdout=subprocess.DEVNULL, check=False)
+    return time.perf_counter() - start
 
 
 def bench_startup(runs: int) -> dict[str, object]:
@@ -143,13 +140,14 @@ def bench_startup(runs: int) -> dict[str, object]:
     topic = "vad/energy/source/pv-roof-1/active_power/value"
     baseline_cmd = [sys.executable, "-c", "import msgspec"]
     validate_cmd = [command, "validate", topic]
-    # Interleave so that both see the same machine state.
-    baseline = _median_seconds(baseline_cmd, 3)
-    validate = _median_seconds(validate_cmd, 3)
+    for _ in range(3):  # warm the page cache for both, untimed
+        _seconds(baseline_cmd)
+        _seconds(validate_cmd)
+    # Interleaved, so that both see the same machine state.
     base_times, validate_times = [], []
     for _ in range(runs):
-        base_times.append(_median_seconds(baseline_cmd, 1))
-        validate_times.append(_median_seconds(validate_cmd, 1))
+        base_times.append(_seconds(baseline_cmd))
+        validate_times.append(_seconds(validate_cmd))
     baseline = statistics.median(base_times)
     validate = statistics.median(validate_times)
     return {
