@@ -11,6 +11,8 @@ from energybus._version import __version__
 
 # name -> "module:attribute"; a new command is one line here and one module.
 COMMANDS: Final = {
+    "mappings": "energybus.cli.mappings:mappings",
+    "normalize": "energybus.cli.normalize:normalize",
     "validate": "energybus.cli.validate:validate",
 }
 

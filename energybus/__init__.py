@@ -18,11 +18,14 @@ from energybus._version import __version__
 
 # public name -> module that defines it; __all__ and lazy loading both come from here.
 _EXPORTS: dict[str, str] = {
+    "CommandError": "energybus.errors",
     "EnergyBusError": "energybus.errors",
     "FilterError": "energybus.errors",
     "IdentifierError": "energybus.errors",
+    "MappingError": "energybus.errors",
     "PayloadError": "energybus.errors",
     "PolicyError": "energybus.errors",
+    "SourceError": "energybus.errors",
     "TopicError": "energybus.errors",
     "UnitError": "energybus.errors",
     "CANONICAL_FILTERS": "energybus.filters",
@@ -47,10 +50,12 @@ _EXPORTS: dict[str, str] = {
     "QUALITIES": "energybus.payloads",
     "Quality": "energybus.payloads",
     "Scalar": "energybus.payloads",
+    "SetEnvelope": "energybus.payloads",
     "decode_availability": "energybus.payloads",
     "decode_last": "energybus.payloads",
     "decode_meta": "energybus.payloads",
     "decode_payload": "energybus.payloads",
+    "decode_set": "energybus.payloads",
     "decode_value": "energybus.payloads",
     "encode_scalar": "energybus.payloads",
     "validate_payload": "energybus.payloads",
@@ -103,11 +108,14 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     # "X as X" marks an explicit re-export for strict type checkers.
     from energybus.errors import (
+        CommandError as CommandError,
         EnergyBusError as EnergyBusError,
         FilterError as FilterError,
         IdentifierError as IdentifierError,
+        MappingError as MappingError,
         PayloadError as PayloadError,
         PolicyError as PolicyError,
+        SourceError as SourceError,
         TopicError as TopicError,
         UnitError as UnitError,
     )
@@ -140,10 +148,12 @@ if TYPE_CHECKING:
         Meta as Meta,
         Quality as Quality,
         Scalar as Scalar,
+        SetEnvelope as SetEnvelope,
         decode_availability as decode_availability,
         decode_last as decode_last,
         decode_meta as decode_meta,
         decode_payload as decode_payload,
+        decode_set as decode_set,
         decode_value as decode_value,
         encode_scalar as encode_scalar,
         validate_payload as validate_payload,

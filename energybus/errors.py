@@ -9,11 +9,14 @@ meaning once released.
 from __future__ import annotations
 
 __all__ = [
+    "CommandError",
     "EnergyBusError",
     "FilterError",
     "IdentifierError",
+    "MappingError",
     "PayloadError",
     "PolicyError",
+    "SourceError",
     "TopicError",
     "UnitError",
 ]
@@ -109,3 +112,67 @@ class IdentifierError(EnergyBusError):
     def __init__(self, code: str, message: str, *, source: str) -> None:
         super().__init__(code, message)
         self.source = source
+
+
+class MappingError(EnergyBusError):
+    """A mapping file or adapter configuration is wrong; found when it loads, never later.
+
+    ``file`` and ``line`` locate the fault for an editor (``line`` is ``None`` when the
+    fault has no single line, such as a missing key); ``path`` names it inside the
+    document in msgspec's notation (``$.entity[2].fields.usedPowerKw.unit``).
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        path: str = "$",
+    ) -> None:
+        super().__init__(code, message)
+        self.file = file
+        self.line = line
+        self.path = path
+
+    def __str__(self) -> str:
+        where = self.file or "<mapping>"
+        if self.line is not None:
+            where = f"{where}:{self.line}"
+        return f"{where}: {self.message} (at {self.path}) [{self.code}]"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "code": self.code,
+            "file": self.file,
+            "line": self.line,
+            "path": self.path,
+            "message": self.message,
+        }
+
+
+class SourceError(EnergyBusError):
+    """A source platform's message cannot be translated (bad JSON, unknown device, bad
+    signature, replay).
+
+    The message never quotes the payload's values or a secret: rejections are logged
+    and dead-lettered, and a value may be confidential where a field name is not.
+    ``path`` locates the fault in the source document when there is one.
+    """
+
+    def __init__(self, code: str, message: str, *, path: str = "$") -> None:
+        super().__init__(code, message)
+        self.path = path
+
+    def to_dict(self) -> dict[str, object]:
+        return {"code": self.code, "path": self.path, "message": self.message}
+
+
+class CommandError(EnergyBusError):
+    """A canonical ``set`` that cannot become a source command (no such target or action,
+    a value the action cannot take)."""
+
+    def __init__(self, code: str, message: str, *, topic: str) -> None:
+        super().__init__(code, message)
+        self.topic = topic

@@ -29,13 +29,16 @@ __all__ = [
     "Quality",
     "Scalar",
     "Schema",
+    "SetEnvelope",
     "decode_availability",
     "decode_last",
     "decode_meta",
     "decode_payload",
+    "decode_set",
     "decode_value",
     "encode",
     "encode_scalar",
+    "explain",
     "validate_payload",
 ]
 
@@ -58,6 +61,21 @@ class Envelope(Schema, frozen=True, gc=False):
     unit: str | None = None
     observed_at: AwareDatetime | None = None
     quality: Quality | None = None
+
+
+class SetEnvelope(Schema, frozen=True, gc=False):
+    """Profile B on ``set``: a requested value, optionally bounded in time and named.
+
+    ``duration_s`` asks for the setting to hold that long (a demand-response event);
+    ``event_id`` names the request so the source platform's records can cite it.
+    """
+
+    value: Scalar
+    unit: str | None = None
+    observed_at: AwareDatetime | None = None
+    quality: Quality | None = None
+    duration_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
 
 
 class LastEnvelope(Schema, frozen=True, gc=False, kw_only=True):
@@ -92,6 +110,9 @@ class Meta(Schema, frozen=True):
 _value_decoder: Final[msgspec.json.Decoder[Scalar | Envelope]] = msgspec.json.Decoder(
     Scalar | Envelope
 )
+_set_decoder: Final[msgspec.json.Decoder[Scalar | SetEnvelope]] = msgspec.json.Decoder(
+    Scalar | SetEnvelope
+)
 _last_decoder: Final = msgspec.json.Decoder(LastEnvelope)
 _meta_decoder: Final = msgspec.json.Decoder(Meta)
 _encoder: Final = msgspec.json.Encoder()
@@ -121,6 +142,19 @@ def decode_value(payload: bytes | str) -> Scalar | Envelope:
     value = decoded.value if isinstance(decoded, Envelope) else decoded
     if type(value) is float and not math.isfinite(value):
         path = "$.value" if isinstance(decoded, Envelope) else "$"
+        raise PayloadError("non_finite", "value is out of the range of a finite number", path=path)
+    return decoded
+
+
+def decode_set(payload: bytes | str) -> Scalar | SetEnvelope:
+    """Decode a ``set`` payload: Profile A scalar or a Profile B :class:`SetEnvelope`."""
+    try:
+        decoded = _set_decoder.decode(payload)
+    except msgspec.MsgspecError as exc:
+        raise _payload_error(exc, "a JSON number, boolean, or Profile B object") from None
+    value = decoded.value if isinstance(decoded, SetEnvelope) else decoded
+    if type(value) is float and not math.isfinite(value):
+        path = "$.value" if isinstance(decoded, SetEnvelope) else "$"
         raise PayloadError("non_finite", "value is out of the range of a finite number", path=path)
     return decoded
 
@@ -160,7 +194,7 @@ def decode_availability(payload: bytes | str) -> Availability:
 
 _DECODERS: Final = {
     "value": decode_value,
-    "set": decode_value,
+    "set": decode_set,
     "last": decode_last,
     "meta": decode_meta,
     "availability": decode_availability,
@@ -190,35 +224,40 @@ _CHOICES: Final = {
 }
 
 
-def _payload_error(exc: msgspec.MsgspecError, expected: str) -> PayloadError:
-    """Turn msgspec's message into a stable code, keeping its path and wording."""
+def explain(exc: msgspec.MsgspecError) -> tuple[str, str, str]:
+    """``(code, detail, path)`` for a msgspec error: its wording kept, a stable code added.
+
+    Shared by every msgspec schema in energybus (payloads, mapping files, adapter
+    options), so one kind of fault has one code wherever it is found.
+    """
     text = str(exc)
     if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
-        return PayloadError("malformed_json", f"{text}; expected {expected}")
+        return "malformed_json", text, "$"
     match = _PATH_RE.search(text)
     path = match.group(1) if match else "$"
     detail = text[: match.start()] if match else text
     field = _FIELD_RE.search(detail)
     if field and detail.startswith("Object contains unknown field"):
-        code = "unknown_field"
-        path = f"{path}.{field.group(1)}"
-    elif field and detail.startswith("Object missing required field"):
-        code = "missing_field"
-        path = f"{path}.{field.group(1)}"
-    elif detail.startswith("Number out of range"):
-        code = "non_finite"
-        detail = "number is out of the range of a finite double"
-    elif "timezone" in detail:
-        code = "naive_datetime"
-        detail = "time must carry a zone (RFC 3339, e.g. '2026-03-08T10:15:12Z')"
-    elif detail.startswith("Expected") and re.search(r"` [<>]=? ", detail):
-        code = "out_of_range"
-    elif detail.startswith("Expected"):
-        code = "wrong_type"
-        if path == "$":
-            detail = f"{detail}; expected {expected}"
-    else:
-        code = "invalid_value"
-        if path in _CHOICES:
-            detail = f"{detail}; expected one of {', '.join(_CHOICES[path])}"
+        return "unknown_field", detail, f"{path}.{field.group(1)}"
+    if field and detail.startswith("Object missing required field"):
+        return "missing_field", detail, f"{path}.{field.group(1)}"
+    if detail.startswith("Number out of range"):
+        return "non_finite", "number is out of the range of a finite double", path
+    if "timezone" in detail:
+        return "naive_datetime", "time must carry a zone (RFC 3339, e.g. '2026-03-08T10:15:12Z')", path
+    if detail.startswith("Expected") and re.search(r"` [<>]=? ", detail):
+        return "out_of_range", detail, path
+    if detail.startswith("Expected"):
+        return "wrong_type", detail, path
+    return "invalid_value", detail, path
+
+
+def _payload_error(exc: msgspec.MsgspecError, expected: str) -> PayloadError:
+    code, detail, path = explain(exc)
+    if code == "malformed_json" or (code == "wrong_type" and path == "$"):
+        detail = f"{detail}; expected {expected}"
+    elif code == "invalid_value" and path in _CHOICES:
+        detail = f"{detail}; expected one of {', '.join(_CHOICES[path])}"
+    if code == "malformed_json":
+        return PayloadError(code, detail)
     return PayloadError(code, f"{detail} (at {path})", path=path)

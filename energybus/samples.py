@@ -13,7 +13,7 @@ from typing import Final
 import msgspec
 
 from energybus.errors import PayloadError
-from energybus.payloads import Envelope, Quality, Scalar, decode_value
+from energybus.payloads import Envelope, Quality, Scalar, SetEnvelope, decode_set, decode_value
 from energybus.topics import EntityType, Topic, build_topic, parse_topic
 
 __all__ = [
@@ -112,8 +112,8 @@ def decode_sample(
             "not_a_sample",
             f"only value and set streams carry samples, not {parsed.stream!r}",
         )
-    decoded = decode_value(payload)
-    if isinstance(decoded, Envelope):
+    decoded = decode_value(payload) if parsed.stream == "value" else decode_set(payload)
+    if isinstance(decoded, Envelope | SetEnvelope):
         return make_sample(
             parsed.site,
             parsed.entity_type,

@@ -9,6 +9,7 @@ which plain float multiplication gives for about one value in seventy.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from types import MappingProxyType
 from typing import Final
 
@@ -66,7 +67,7 @@ class Conversion:
     ``scale=0.1``); it combines with the unit's power of ten.
     """
 
-    __slots__ = ("_exponent", "_factor", "_power", "unit")
+    __slots__ = ("_exponent", "_factor", "_fn", "_power", "unit")
 
     def __init__(self, source_unit: str | None, scale: float = 1.0) -> None:
         if not math.isfinite(scale) or scale == 0:
@@ -90,23 +91,75 @@ class Conversion:
             self._exponent = None
             self._power = 1
             self._factor = scale * 10.0**exponent
+        self._fn = self._build()
 
     def __call__(self, value: float) -> float:
-        if type(value) is bool:
-            return value
+        return value if self._fn is None else self._fn(value)
+
+    def fast(self) -> Callable[[float], float] | None:
+        """The same conversion as a plain function, for hot loops; ``None`` for identity.
+
+        A closure skips the class-call machinery, which costs as much as the arithmetic.
+        """
+        return self._fn
+
+    def _build(self) -> Callable[[float], float] | None:
         exponent = self._exponent
-        if exponent is None:
-            return value * self._factor
         if exponent == 0:
-            return value
+            return None
+        if exponent is None:
+            factor = self._factor
+
+            def multiply(value: float) -> float:
+                return value if type(value) is bool else value * factor
+
+            return multiply
         if exponent < 0:
-            return value / self._power
-        if type(value) is int:
-            return value * self._power
-        text = repr(value)
-        if "e" in text or "n" in text:  # already in exponent form, or inf / nan
-            return value * self._power
-        return float(f"{text}e{exponent}")
+            divisor = self._power
+
+            def scale_down(value: float) -> float:
+                return value if type(value) is bool else value / divisor
+
+            return scale_down
+        power = self._power
+        scale = float(power)
+        suffix = f"e{exponent}"
+
+        def scale_up(value: float) -> float:
+            if type(value) is float:
+                # Most readings scale to a whole number (2.1 kW is 2100 W). Then ``whole``
+                # is the exact answer if it divides back to the same double and is small
+                # enough (< 1e12) that both decimals have at most 15 significant digits,
+                # which doubles keep apart. Otherwise go through the decimal text.
+                scaled = value * scale
+                if -1e12 < scaled < 1e12:
+                    whole = round(scaled)
+                    if whole / scale == value:
+                        return float(whole)
+                text = repr(value)
+                if "e" not in text and "n" not in text:
+                    return float(text + suffix)
+                return value * power
+            if type(value) is bool:
+                return value
+            return value * power
+
+        return scale_up
+
+    def inverse(self) -> Conversion:
+        """The conversion back, from the canonical unit to the source's (for commands)."""
+        back = Conversion.__new__(Conversion)
+        back.unit = None
+        if self._exponent is not None:
+            back._exponent = -self._exponent
+            back._power = 10 ** abs(back._exponent)
+            back._factor = 1.0
+        else:
+            back._exponent = None
+            back._power = 1
+            back._factor = 1.0 / self._factor
+        back._fn = back._build()
+        return back
 
     def __repr__(self) -> str:
         return f"Conversion(unit={self.unit!r}, exponent={self._exponent}, factor={self._factor})"

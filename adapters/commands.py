@@ -1,0 +1,140 @@
+"""The command state machine: every accepted ``set`` becomes a record that moves
+accepted -> sent -> confirmed | rejected | expired.
+
+Records are immutable snapshots; each transition returns a new one, which the caller
+stores (the historian keeps them as the source platform's ``command_logs``). The book
+holds only commands still waiting for an outcome, so it stays as small as the number of
+commands in flight.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any, Final, Literal
+
+import msgspec
+
+from energybus.payloads import Scalar
+
+__all__ = ["FINAL_STATES", "CommandBook", "CommandRecord", "CommandState"]
+
+CommandState = Literal["accepted", "sent", "confirmed", "rejected", "expired"]
+FINAL_STATES: Final = frozenset({"confirmed", "rejected", "expired"})
+
+# An ACK may overtake the broker's PUBACK for the command it answers, so an outcome is
+# allowed straight from ``accepted``.
+_ALLOWED: Final[dict[str, frozenset[str]]] = {
+    "accepted": frozenset({"sent", "confirmed", "rejected", "expired"}),
+    "sent": frozenset({"confirmed", "rejected", "expired"}),
+}
+
+
+class CommandRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One command, from the canonical ``set`` that asked for it to its outcome.
+
+    ``id`` is the correlation id the source platform echoes in its ACK (the VEN's
+    ``correlationId``, the plant's ``cmdId``). ``target`` names the device on the source
+    side; ``action`` and ``payload`` are the source command as sent.
+    """
+
+    id: str
+    adapter: str
+    site: str
+    entity_type: str
+    entity_id: str
+    metric: str
+    value: Scalar
+    target: str
+    action: str
+    payload: dict[str, Any] | None
+    state: CommandState
+    accepted_at: datetime
+    expires_at: datetime
+    sent_at: datetime | None = None
+    acked_at: datetime | None = None
+    response_status: str | None = None
+    """The status text of the source's ACK, as sent (``accepted``, ``ok``, ``error``)."""
+    reason: str | None = None
+    """Why a command ended ``rejected`` or ``expired``, for people."""
+
+
+class CommandBook:
+    """The commands of one adapter that still wait for an outcome."""
+
+    def __init__(self, *, timeout_s: float) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, not {timeout_s!r}")
+        self.timeout = timedelta(seconds=timeout_s)
+        self._pending: dict[str, CommandRecord] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __contains__(self, command_id: object) -> bool:
+        return command_id in self._pending
+
+    def get(self, command_id: str) -> CommandRecord | None:
+        return self._pending.get(command_id)
+
+    def deadline(self, accepted_at: datetime) -> datetime:
+        return accepted_at + self.timeout
+
+    def accept(self, record: CommandRecord) -> CommandRecord:
+        if record.state != "accepted":
+            raise ValueError(f"a new command must be 'accepted', not {record.state!r}")
+        if record.id in self._pending:
+            raise ValueError(f"command id {record.id!r} is already in flight")
+        self._pending[record.id] = record
+        return record
+
+    def sent(self, command_id: str, at: datetime) -> CommandRecord | None:
+        """The broker took the command; ``None`` if it already has an outcome."""
+        record = self._pending.get(command_id)
+        if record is None or record.state != "accepted":
+            return None
+        return self._move(record, "sent", sent_at=at)
+
+    def acked(
+        self, command_id: str, *, ok: bool, status: str, at: datetime
+    ) -> CommandRecord | None:
+        """The source answered; ``None`` when no command with that id is in flight."""
+        record = self._pending.get(command_id)
+        if record is None:
+            return None
+        return self._move(
+            record,
+            "confirmed" if ok else "rejected",
+            acked_at=at,
+            response_status=status,
+            reason=None if ok else f"the source answered {status!r}",
+        )
+
+    def fail(self, command_id: str, reason: str) -> CommandRecord | None:
+        """The command could not be sent at all."""
+        record = self._pending.get(command_id)
+        if record is None:
+            return None
+        return self._move(record, "rejected", reason=reason)
+
+    def expire(self, now: datetime) -> list[CommandRecord]:
+        """Commands past their deadline without an answer, now ``expired``."""
+        expired = []
+        # Deadlines grow with insertion order (one timeout per book), so the scan stops
+        # at the first command still in time.
+        for record in list(self._pending.values()):
+            if record.expires_at > now:
+                break
+            expired.append(
+                self._move(record, "expired", reason=f"no answer within {self.timeout}")
+            )
+        return expired
+
+    def _move(self, record: CommandRecord, state: CommandState, **changes: Any) -> CommandRecord:
+        if state not in _ALLOWED.get(record.state, ()):
+            raise ValueError(f"command {record.id!r} cannot go from {record.state} to {state}")
+        moved = msgspec.structs.replace(record, state=state, **changes)
+        if state in FINAL_STATES:
+            del self._pending[record.id]
+        else:
+            self._pending[record.id] = moved
+        return moved

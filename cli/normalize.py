@@ -1,0 +1,155 @@
+"""``energybus normalize``: translate source messages to canonical ones, for Node-RED and
+scripts. A thin layer over :class:`energybus.adapters.Pipeline`."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from typing import IO, Any
+
+import click
+import msgspec
+
+from energybus.adapters import Output, Pipeline, adapter_class
+from energybus.errors import EnergyBusError, MappingError
+
+_json = msgspec.json.Encoder()
+
+
+class _Input(msgspec.Struct, forbid_unknown_fields=False):
+    """One ``--stream`` line; ``payload`` is the wire text, or JSON to be encoded."""
+
+    payload: Any
+    topic: str | None = None
+    retain: bool = False
+
+
+_input = msgspec.json.Decoder(_Input)
+
+
+def _pipeline(adapter: str, config: str | None, site: str | None, mapping: str | None) -> Pipeline:
+    try:
+        cls = adapter_class(adapter)
+        options = cls.options_from_file(config) if config else cls.options_type()
+        if site is not None:
+            if "site" not in options.__struct_fields__:
+                raise click.UsageError(f"adapter {adapter!r} has no site option")
+            options = msgspec.structs.replace(options, site=site)
+        return Pipeline(cls(options=options, mapping=mapping))
+    except EnergyBusError as error:
+        text = str(error) if isinstance(error, MappingError) else f"{error} [{error.code}]"
+        raise click.UsageError(text) from None
+
+
+def _write(out: IO[str], result: Output) -> None:
+    for message in result.messages:
+        record = {
+            "topic": message.topic,
+            "payload": message.payload.decode("utf-8"),
+            "qos": message.qos,
+            "retain": message.retain,
+        }
+        out.write(_json.encode(record).decode("utf-8") + "\n")
+    out.flush()
+
+
+def _complain(result: Output, where: str = "") -> None:
+    for rejection in result.rejections:
+        path = rejection.path
+        at = f" (at {path})" if path not in (None, "$") and path not in rejection.message else ""
+        sys.stderr.write(f"error: {where}{rejection.code}: {rejection.message}{at}\n")
+    sys.stderr.flush()
+
+
+def _time(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter("not an ISO 8601 time", param_hint="--received-at") from None
+    if moment.tzinfo is None:
+        raise click.BadParameter("needs a time zone (e.g. Z)", param_hint="--received-at")
+    return moment.astimezone(UTC)
+
+
+@click.command()
+@click.option("--adapter", "adapter_name", required=True, metavar="NAME", help="ven, cpi, ...")
+@click.option("--topic", metavar="TOPIC", help="Source topic (or canonical set topic).")
+@click.option("--site", metavar="SITE", help="Site for every device, overriding the config.")
+@click.option("--config", type=click.Path(dir_okay=False), help="Site config (TOML).")
+@click.option("--mapping", type=click.Path(dir_okay=False), help="Another mapping file.")
+@click.option("--retain", is_flag=True, help="The input arrived retained.")
+@click.option("--stream", is_flag=True, help="Read JSON lines from stdin until EOF.")
+@click.option("--received-at", metavar="TIME", help="When the input arrived (default: now).")
+@click.argument("payload", required=False)
+def normalize(
+    adapter_name: str,
+    topic: str | None,
+    site: str | None,
+    config: str | None,
+    mapping: str | None,
+    retain: bool,
+    stream: bool,
+    received_at: str | None,
+    payload: str | None,
+) -> None:
+    """Translate a source message into canonical messages, one JSON line each.
+
+    Each line is {"topic", "payload", "qos", "retain"}, what a Node-RED mqtt-out node
+    takes. Without PAYLOAD the payload is read from stdin. A canonical set topic is
+    turned into the source platform's command instead.
+
+    With --stream, stdin carries JSON lines {"topic", "payload", "retain"?} and each
+    input's messages are written as soon as they are ready; errors go to stderr and the
+    stream goes on. Exit status: 0 done, 1 input refused (one-shot), 2 usage error.
+    """
+    at = _time(received_at)
+    pipeline = _pipeline(adapter_name, config, site, mapping)
+    out = sys.stdout
+    if stream:
+        if payload is not None:
+            raise click.UsageError("--stream reads payloads from stdin, not an argument")
+        _stream(pipeline, topic, at, out)
+        return
+    if topic is None:
+        raise click.UsageError("--topic is required (except with --stream)")
+    data = (
+        sys.stdin.buffer.read()
+        if payload is None
+        else payload.encode("utf-8", "surrogateescape")
+    )
+    result = pipeline.feed(topic, data, received_at=at or datetime.now(UTC), retain=retain)
+    if result.rejections:
+        _complain(result)
+        sys.exit(1)
+    _write(out, result)
+
+
+def _stream(pipeline: Pipeline, topic: str | None, at: datetime | None, out: IO[str]) -> None:
+    for number, line in enumerate(sys.stdin.buffer, start=1):
+        if not line.strip():
+            continue
+        where = f"line {number}: "
+        try:
+            item = _input.decode(line)
+        except msgspec.MsgspecError as exc:
+            sys.stderr.write(f"error: {where}bad_input: {exc}\n")
+            sys.stderr.flush()
+            continue
+        item_topic = item.topic or topic
+        if item_topic is None:
+            sys.stderr.write(f"error: {where}bad_input: no topic in the line or --topic\n")
+            sys.stderr.flush()
+            continue
+        data = (
+            item.payload.encode("utf-8")
+            if isinstance(item.payload, str)
+            else _json.encode(item.payload)
+        )
+        now = at or datetime.now(UTC)
+        result = pipeline.feed(item_topic, data, received_at=now, retain=item.retain)
+        pipeline.expire(now)
+        if result.rejections:
+            _complain(result, where)
+        _write(out, result)
