@@ -124,9 +124,7 @@ class CommandBook:
         for record in list(self._pending.values()):
             if record.expires_at > now:
                 break
-            expired.append(
-                self._move(record, "expired", reason=f"no answer within {self.timeout}")
-            )
+            expired.append(self._move(record, "expired", reason=f"no answer within {self.timeout}"))
         return expired
 
     def _move(self, record: CommandRecord, state: CommandState, **changes: Any) -> CommandRecord:

@@ -39,7 +39,15 @@ from energybus.units import Conversion
 
 from .base import Adapter, Formatted, Normalized, Plan, Rejection
 from .commands import CommandRecord
-from .mapping import CompiledRow, Document, Located, MappingDocument, Positive, SeriesRow
+from .mapping import (
+    CompiledRow,
+    Document,
+    Located,
+    MappingDocument,
+    Positive,
+    SeriesRow,
+    ValueType,
+)
 from .signing import ReplayGuard, Signer
 
 __all__ = [
@@ -212,9 +220,7 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
         self._plants: dict[str, _Plant] = {}
         self._devices: dict[tuple[str, str, str], _Device] = {}
         self._alarm_specs: dict[tuple[str, str | None], SeriesSpec] = {}
-        metrics = sorted(
-            {m for t in self.plan.templates.values() for m in t.actions}
-        )
+        metrics = sorted({m for t in self.plan.templates.values() for m in t.actions})
         self.command_filters = tuple(canonical_filter("set", metric=m) for m in metrics)
         for plant_id, plant in opts.plants.items():
             self._add_plant(plant_id, plant)
@@ -306,7 +312,7 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
                 compiled.bits[signal] = compiled_bits
             for key, action in template.actions.items():
                 at = f"{path}.actions.{key}"
-                kind = "number" if action.param else "boolean"
+                kind: ValueType = "number" if action.param else "boolean"
                 confirm = SeriesRow(
                     metric=action.metric,
                     unit=action.unit,
@@ -320,7 +326,9 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
                     raise where.error(
                         "conflicting_field", f"two actions are sent by {done.metric!r}", at
                     )
-                to_source = Conversion(action.unit, action.scale).inverse() if action.param else None
+                to_source = (
+                    Conversion(action.unit, action.scale).inverse() if action.param else None
+                )
                 compiled.actions[done.metric] = _Action(key, action.param, done, to_source)
             for name_ in template.ignore:
                 if name_ in template.signals or name_ in template.binary:
@@ -415,27 +423,43 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
             if kind is not float and kind is not int:
                 if raw is None:
                     continue
-                raise SourceError("wrong_type", "a signal must be a number", path=f"$.values.{name}")
+                raise SourceError(
+                    "wrong_type", "a signal must be a number", path=f"$.values.{name}"
+                )
             hot = signals.get(name)
             if hot is not None:
                 metric, convert, unit, spec = hot
                 value = raw if convert is None else convert(raw)
-                samples.append(Sample(site, entity_type, entity_id, metric, float(value),
-                                      observed, "good", unit))
+                samples.append(
+                    Sample(
+                        site, entity_type, entity_id, metric, float(value), observed, "good", unit
+                    )
+                )
                 specs.append(spec)
                 continue
             bits = binary.get(name)
             if bits is None:
                 continue  # a signal the template does not know: firmware may add them
-            if kind is float and not raw.is_integer() or raw < 0:
+            if (kind is float and not raw.is_integer()) or raw < 0:
                 raise SourceError(
-                    "wrong_type", "a binary signal must be a whole number >= 0",
+                    "wrong_type",
+                    "a binary signal must be a whole number >= 0",
                     path=f"$.values.{name}",
                 )
             word = int(raw)
             for mask, metric, spec in bits:
-                samples.append(Sample(site, entity_type, entity_id, metric, bool(word & mask),
-                                      observed, "good", None))
+                samples.append(
+                    Sample(
+                        site,
+                        entity_type,
+                        entity_id,
+                        metric,
+                        bool(word & mask),
+                        observed,
+                        "good",
+                        None,
+                    )
+                )
                 specs.append(spec)
         return Normalized(samples=samples, specs=specs)
 
@@ -464,8 +488,16 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
             spec = msgspec.structs.replace(self.plan.alarm_spec, attributes=attributes)
             if len(self._alarm_specs) < 4096:
                 self._alarm_specs[(metric, severity)] = spec
-        sample = Sample(plant.site, device.entity_type, device.entity_id, metric, active,
-                        _ms(document["ts"]), "good", None)
+        sample = Sample(
+            plant.site,
+            device.entity_type,
+            device.entity_id,
+            metric,
+            active,
+            _ms(document["ts"]),
+            "good",
+            None,
+        )
         return Normalized(samples=[sample], specs=[spec])
 
     def _ack(self, plant: _Plant, document: dict[str, Any], received_at: datetime) -> Normalized:
@@ -479,7 +511,8 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
         pending = self.commands.get(command_id)
         if pending is None or pending.target.partition("/")[0] != plant.id:
             raise SourceError(
-                "unknown_command", "no command with this cmdId is waiting for an answer",
+                "unknown_command",
+                "no command with this cmdId is waiting for an answer",
                 path="$.cmdId",
             )
         ok = status.lower() == "ok"
@@ -491,8 +524,16 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
             action = device.template.actions[record.metric]
             row = action.row
             result.samples.append(
-                Sample(record.site, device.entity_type, device.entity_id, record.metric,
-                       record.value, _ms(document["ts"]), "good", row.unit)
+                Sample(
+                    record.site,
+                    device.entity_type,
+                    device.entity_id,
+                    record.metric,
+                    record.value,
+                    _ms(document["ts"]),
+                    "good",
+                    row.unit,
+                )
             )
             result.specs.append(row.spec)
         return result
@@ -504,7 +545,8 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
         device = self._devices.get((parsed.site, parsed.entity_type, parsed.entity_id))
         if parsed.stream != "set" or device is None:
             raise CommandError(
-                "unknown_target", "no plant device is known under this site and entity",
+                "unknown_target",
+                "no plant device is known under this site and entity",
                 topic=topic,
             )
         action = device.template.actions.get(parsed.metric)

@@ -239,7 +239,9 @@ class Located:
         """Check an id template: known placeholders only, kebab-case once filled in."""
         allowed = set(placeholders)
         try:
-            names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+            names = [
+                name for _, name, _, _ in string.Formatter().parse(template) if name is not None
+            ]
         except ValueError as exc:
             raise self.error("bad_template", f"id template {template!r}: {exc}", path) from None
         unknown = sorted(set(names) - allowed)
@@ -288,9 +290,7 @@ def read_toml(source: str | Path) -> tuple[dict[str, Any], Located]:
     return data, Located(str(path), text)
 
 
-def load_document(
-    schema: type[T], data: Mapping[str, Any], where: Located, path: str = "$"
-) -> T:
+def load_document(schema: type[T], data: Mapping[str, Any], where: Located, path: str = "$") -> T:
     """Validate ``data`` against ``schema``; a fault names its file, line and full path."""
     try:
         return msgspec.convert(data, schema, strict=True)
@@ -318,12 +318,11 @@ def load_options(
 
     def expand(value: Any, at: str) -> Any:
         if isinstance(value, str):
+
             def lookup(match: re.Match[str]) -> str:
                 name = match.group(1)
                 if name not in env:
-                    raise where.error(
-                        "missing_env", f"environment variable {name} is not set", at
-                    )
+                    raise where.error("missing_env", f"environment variable {name} is not set", at)
                 return env[name]
 
             return _ENV_RE.sub(lookup, value)
@@ -355,8 +354,10 @@ def _resolve_keys(schema: type[msgspec.Struct], data: dict[str, Any], path: str)
             msgspec.convert(trial, schema, strict=True)
         except msgspec.ValidationError as exc:
             if explain(exc)[2].partition("[...]")[0] == prefix:
-                resolved = f"{prefix}.{key}{rest}" if _IDENT.fullmatch(key) else (
-                    f'{prefix}["{key}"]{rest}'
+                resolved = (
+                    f"{prefix}.{key}{rest}"
+                    if _IDENT.fullmatch(key)
+                    else (f'{prefix}["{key}"]{rest}')
                 )
                 return _resolve_keys(schema, data, resolved) if "[...]" in rest else resolved
     return path
@@ -394,7 +395,9 @@ def _replace(data: Any, parts: list[str | int], value: Any) -> Any:
 # A line scanner for TOML: enough structure to name the line of a key or table. It
 # relies on tomllib having accepted the text already, so it need not be strict.
 _HEADER: Final = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-_KEY: Final = re.compile(r'^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\'))*)\s*=')
+_KEY: Final = re.compile(
+    r'^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\'))*)\s*='
+)
 
 
 def _keys(dotted: str) -> list[str]:
@@ -433,7 +436,7 @@ def _key_lines(text: str) -> dict[tuple[str | int, ...], int]:
         if key:
             path = table + tuple(_keys(key.group(1)))
             lines.setdefault(path, number)
-            rest = line[key.end():]
+            rest = line[key.end() :]
             if rest.count('"""') % 2 == 1:
                 in_string = True
             depth = max(0, _balance(rest))

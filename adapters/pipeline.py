@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import datetime
+from typing import Any
 
 import msgspec
 
@@ -41,7 +42,7 @@ class Pipeline:
     produced.
     """
 
-    def __init__(self, adapter: Adapter[..., ...], *, renderer: Renderer | None = None) -> None:  # type: ignore[type-arg]
+    def __init__(self, adapter: Adapter[Any, Any], *, renderer: Renderer | None = None) -> None:
         self.adapter = adapter
         self.renderer = renderer or Renderer(source=adapter.name)
         self.rejected: Counter[str] = Counter()

@@ -26,7 +26,7 @@ import msgspec
 from energybus.errors import CommandError, EnergyBusError, IdentifierError, SourceError
 from energybus.filters import canonical_filter
 from energybus.messages import Message
-from energybus.payloads import Scalar, SetEnvelope, decode_set, explain
+from energybus.payloads import Quality, Scalar, SetEnvelope, decode_set, explain
 from energybus.render import SeriesSpec
 from energybus.samples import Sample
 from energybus.topics import EntityType, parse_topic, to_kebab
@@ -161,7 +161,7 @@ class VenPlan(Plan):
 class _Ack(msgspec.Struct):
     op: str
     status: str
-    correlationId: str | None = None  # noqa: N815 (the VEN's field name)
+    correlationId: str | None = None
     event_id: str | None = None
     actual_shed_kw: float | None = None
     ts: float | None = None
@@ -292,7 +292,9 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
                 )
         where.template(document.command.id, ("ven",), "$.command.id")
         command_row = where.row(
-            _command_row(document.command), document.defaults, "$.command",
+            _command_row(document.command),
+            document.defaults,
+            "$.command",
             entity_type=document.command.type,
         )
 
@@ -317,11 +319,11 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
         metering = _struct("VenMetering", metering_fields, required=("venId",))
         # The confirmation shares its series with metering's row for the same metric
         # (shedPowerKw): one series, one spec, or its meta would flip back and forth.
-        for group in root:
-            for row in group.rows:
-                same = (group.type, group.template, row.metric)
+        for built_group in root:
+            for mapped in built_group.rows:
+                same = (built_group.type, built_group.template, mapped.metric)
                 if same == (document.command.type, document.command.id, command_row.metric):
-                    command_row.spec = row.spec
+                    command_row.spec = mapped.spec
         return VenPlan(
             root=root,
             arrays=[
@@ -367,6 +369,7 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
         ven = self._ven(source_id)
         timestamp = message.timestamp
         seen_key = None
+        quality: Quality
         if timestamp is None:
             observed, quality = received_at, "degraded"  # the contract's time rule
         else:
@@ -387,7 +390,7 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
             hot = group.rows_hot
             if group.attributes:
                 hot = group.cache.get(values[group.nfields :]) or self._specs(group, values)
-            for value, (metric, convert, unit, spec) in zip(values, hot):
+            for value, (metric, convert, unit, spec) in zip(values, hot, strict=False):
                 if value is None:
                     continue
                 if convert is not None:
@@ -401,22 +404,23 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
             ids = ven.item_ids[ai]
             for index, item in enumerate(items):
                 key = getattr(item, key_attr)
-                entity_id = ids.get(key) or _item_id(
-                    ven, groups[0].template, key, each, index, ids
-                )
+                entity_id = ids.get(key) or _item_id(ven, groups[0].template, key, each, index, ids)
                 for group in groups:
                     values = group.get(item)
                     entity_type = group.type
                     hot = group.rows_hot
                     if group.attributes:
                         hot = group.cache.get(values[group.nfields :]) or self._specs(group, values)
-                    for value, (metric, convert, unit, spec) in zip(values, hot):
+                    for value, (metric, convert, unit, spec) in zip(values, hot, strict=False):
                         if value is None:
                             continue
                         if convert is not None:
                             value = convert(value)
-                        add(Sample(site, entity_type, entity_id, metric, value, observed,
-                                   quality, unit))
+                        add(
+                            Sample(
+                                site, entity_type, entity_id, metric, value, observed, quality, unit
+                            )
+                        )
                         add_spec(spec)
         if seen_key is not None:
             ven.remember(seen_key)  # only now: a refused message may come again, fixed
@@ -447,6 +451,7 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
     def _ack(self, source_id: str, payload: bytes, received_at: datetime) -> Normalized:
         ack = _decode(_ack_decoder, payload)
         ven = self._ven(source_id)
+        quality: Quality
         if ack.ts is None:
             observed, quality = received_at, "degraded"
         else:
@@ -468,9 +473,16 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
             row = self.plan.command_row
             entity_id = self.plan.command.id.format(ven=ven.ven)
             result.samples.append(
-                Sample(ven.site, self.plan.command.type, entity_id, row.metric,
-                       value if row.convert is None else row.convert(value),
-                       observed, quality, row.unit)
+                Sample(
+                    ven.site,
+                    self.plan.command.type,
+                    entity_id,
+                    row.metric,
+                    value if row.convert is None else row.convert(value),
+                    observed,
+                    quality,
+                    row.unit,
+                )
             )
             result.specs.append(row.spec)
         return result
@@ -482,8 +494,9 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
         opts = self.options
         entry = opts.vens.get(source_id)
         if entry is None and not opts.accept_unlisted:
-            raise SourceError("unknown_ven", "this VEN is not listed in the configuration",
-                              path="$.venId")
+            raise SourceError(
+                "unknown_ven", "this VEN is not listed in the configuration", path="$.venId"
+            )
         try:
             kebab = to_kebab(source_id)
         except IdentifierError as exc:
@@ -500,8 +513,10 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
     def format(self, topic: str, payload: bytes, *, received_at: datetime) -> Formatted:
         parsed = parse_topic(topic)
         command = self.plan.command
-        if parsed.stream != "set" or parsed.entity_type != command.type or (
-            parsed.metric != command.metric
+        if (
+            parsed.stream != "set"
+            or parsed.entity_type != command.type
+            or (parsed.metric != command.metric)
         ):
             raise CommandError(
                 "not_commandable",

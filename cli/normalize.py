@@ -9,8 +9,8 @@ from typing import IO, Any
 
 import click
 import msgspec
-
 from energybus.adapters import Output, Pipeline, adapter_class
+
 from energybus.errors import EnergyBusError, MappingError
 
 _json = msgspec.json.Encoder()
@@ -115,9 +115,7 @@ def normalize(
     if topic is None:
         raise click.UsageError("--topic is required (except with --stream)")
     data = (
-        sys.stdin.buffer.read()
-        if payload is None
-        else payload.encode("utf-8", "surrogateescape")
+        sys.stdin.buffer.read() if payload is None else payload.encode("utf-8", "surrogateescape")
     )
     result = pipeline.feed(topic, data, received_at=at or datetime.now(UTC), retain=retain)
     if result.rejections:

@@ -244,7 +244,11 @@ def explain(exc: msgspec.MsgspecError) -> tuple[str, str, str]:
     if detail.startswith("Number out of range"):
         return "non_finite", "number is out of the range of a finite double", path
     if "timezone" in detail:
-        return "naive_datetime", "time must carry a zone (RFC 3339, e.g. '2026-03-08T10:15:12Z')", path
+        return (
+            "naive_datetime",
+            "time must carry a zone (RFC 3339, e.g. '2026-03-08T10:15:12Z')",
+            path,
+        )
     if detail.startswith("Expected") and re.search(r"` [<>]=? ", detail):
         return "out_of_range", detail, path
     if detail.startswith("Expected"):
