@@ -64,10 +64,11 @@ def _jcs_numbers(value: Any) -> Any:
     """``value`` with every float that msgspec would write differently made exact."""
     kind = type(value)
     if kind is float:
-        if value.is_integer() and -_INT_LIMIT < value < _INT_LIMIT:
-            return int(value)  # ``1.0`` -> ``1``, as ECMAScript writes it
-        if 1e-5 <= abs(value) < 1e16:
-            return value  # msgspec writes these digits exactly as ECMAScript does
+        if value.is_integer():
+            if -_INT_LIMIT < value < _INT_LIMIT:
+                return int(value)  # ``1.0`` -> ``1``, as ECMAScript writes it
+        elif 1e-5 <= abs(value):
+            return value  # msgspec writes these exactly as ECMAScript does
         return msgspec.Raw(es_number(value).encode())
     if kind is dict:
         return {key: _jcs_numbers(item) for key, item in value.items()}

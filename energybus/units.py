@@ -137,9 +137,12 @@ class Conversion:
                     if whole / scale == value:
                         return float(whole)
                 text = repr(value)
-                if "e" not in text and "n" not in text:
+                if "e" not in text:
                     return float(text + suffix)
-                return value * power
+                if "n" in text:  # inf or nan: nothing to keep exact
+                    return value * power
+                mantissa, _, shift = text.partition("e")
+                return float(f"{mantissa}e{int(shift) + exponent}")
             if type(value) is bool:
                 return value
             return value * power

@@ -130,3 +130,22 @@ def test_metric_classes() -> None:
         assert info.unit is None or info.unit in CANONICAL_UNITS
         if name.endswith("_total"):
             assert info.unit == "Wh"
+
+
+@given(
+    st.integers(min_value=-(10**12), max_value=10**12),
+    st.integers(min_value=0, max_value=9),
+    st.sampled_from(["kW", "MW", "kWh", "kV"]),
+)
+def test_scaling_up_is_exact_for_decimal_input(mantissa: int, decimals: int, unit: str) -> None:
+    from decimal import Decimal
+
+    from energybus.units import Conversion
+
+    value = float(Decimal(mantissa).scaleb(-decimals))
+    conversion = Conversion(unit)
+    fast = conversion.fast()
+    assert fast is not None
+    expected = float(Decimal(repr(value)).scaleb(3 if unit[0] == "k" else 6))
+    assert fast(value) == expected
+    assert conversion(value) == expected
