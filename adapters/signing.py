@@ -67,7 +67,7 @@ def _jcs_numbers(value: Any) -> Any:
         if value.is_integer():
             if -_INT_LIMIT < value < _INT_LIMIT:
                 return int(value)  # ``1.0`` -> ``1``, as ECMAScript writes it
-        elif 1e-5 <= abs(value):
+        elif abs(value) >= 1e-5:
             return value  # msgspec writes these exactly as ECMAScript does
         return msgspec.Raw(es_number(value).encode())
     if kind is dict:

@@ -4,7 +4,7 @@ Each figure is per core: the loops run in one process on one core. Output is one
 object per figure, so runs can be compared over time.
 
     ./dev bench                      # all figures
-    ./dev bench --only render        # one of: validate, render, startup
+    ./dev bench --only render        # one of: validate, render, startup, ven, cpi
 """
 
 from __future__ import annotations
@@ -162,19 +162,25 @@ def bench_startup(runs: int) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["validate", "render", "startup"])
+    parser.add_argument("--only", choices=["validate", "render", "startup", "ven", "cpi"])
     parser.add_argument("--seconds", type=float, default=5.0, help="time per throughput figure")
     parser.add_argument("--runs", type=int, default=41, help="process starts per start-up figure")
     args = parser.parse_args()
     cores = os.cpu_count()
-    figures: dict[str, Callable[[], dict[str, object]]] = {
+    from benchmarks.adapters import bench_cpi, bench_ven
+
+    figures: dict[str, Callable[[], dict[str, object] | list[dict[str, object]]]] = {
         "validate": lambda: bench_validate(args.seconds),
         "render": lambda: bench_render(args.seconds),
         "startup": lambda: bench_startup(args.runs),
+        "ven": lambda: bench_ven(args.seconds, _rate),
+        "cpi": lambda: bench_cpi(args.seconds, _rate),
     }
     for name, run in figures.items():
         if args.only in (None, name):
-            print(json.dumps({"benchmark": name, "cores": cores, **run()}), flush=True)
+            result = run()
+            for figure in result if isinstance(result, list) else [result]:
+                print(json.dumps({"benchmark": name, "cores": cores, **figure}), flush=True)
 
 
 if __name__ == "__main__":

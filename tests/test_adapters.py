@@ -8,13 +8,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import energybus.adapters as adapters
 import msgspec
 import pytest
-
-import energybus.adapters as adapters
 from energybus.adapters import CommandBook, CommandRecord, Pipeline, adapter_class, create_adapter
 from energybus.adapters.cpi import CpiAdapter, CpiOptions
 from energybus.adapters.ven import VenAdapter, VenOptions
+
 from energybus.errors import MappingError
 
 AT = datetime(2024, 10, 23, 16, 13, 21, tzinfo=UTC)
@@ -53,11 +53,26 @@ def test_every_required_ven_row() -> None:
         "panelAmperageRating": 200,
         "panelMaxKw": 48.0,
         "circuits": [
-            {"id": "Circuit 1", "currentKw": 0.5, "currentAmps": 2.0, "enabled": True,
-             "name": "HVAC", "breakerAmps": 30, "critical": False}
+            {
+                "id": "Circuit 1",
+                "currentKw": 0.5,
+                "currentAmps": 2.0,
+                "enabled": True,
+                "name": "HVAC",
+                "breakerAmps": 30,
+                "critical": False,
+            }
         ],
-        "loads": [{"loadId": "Circuit 1", "shedCapabilityKw": 0.7, "name": "HVAC",
-                   "type": "hvac", "capacityKw": 5.0, "priority": 2}],
+        "loads": [
+            {
+                "loadId": "Circuit 1",
+                "shedCapabilityKw": 0.7,
+                "name": "HVAC",
+                "type": "hvac",
+                "capacityKw": 5.0,
+                "priority": 2,
+            }
+        ],
     }
     wire = _feed(Pipeline(create_adapter("ven")), "volttron/metering", body)
     values = {t.removesuffix("/value"): p for t, p in wire.items() if t.endswith("/value")}
@@ -80,7 +95,10 @@ def test_every_required_ven_row() -> None:
     assert panel["attributes"] == {"rated_current_a": 200, "max_power_w": 48000.0}
     load = msgspec.json.decode(wire["ven-042/energy/load/circuit-1/shed_capability_power/meta"])
     assert load["attributes"] == {
-        "name": "HVAC", "load_type": "hvac", "capacity_w": 5000.0, "priority": 2
+        "name": "HVAC",
+        "load_type": "hvac",
+        "capacity_w": 5000.0,
+        "priority": 2,
     }
     circuit = msgspec.json.decode(wire["ven-042/energy/load/circuit-1/active_power/meta"])
     assert circuit["attributes"] == {"name": "HVAC", "breaker_rating_a": 30, "critical": False}
@@ -93,8 +111,9 @@ def test_changed_static_field_republishes_meta_once() -> None:
     assert "v1/energy/grid/v1-panel/voltage/meta" in first
     second = _feed(pipeline, "volttron/metering", {**body, "timestamp": 2})
     assert "v1/energy/grid/v1-panel/voltage/meta" not in second
-    third = _feed(pipeline, "volttron/metering", {**body, "timestamp": 3,
-                                                 "panelAmperageRating": 150})
+    third = _feed(
+        pipeline, "volttron/metering", {**body, "timestamp": 3, "panelAmperageRating": 150}
+    )
     meta = msgspec.json.decode(third["v1/energy/grid/v1-panel/voltage/meta"])
     assert meta["attributes"] == {"rated_current_a": 150}
 
@@ -111,9 +130,19 @@ def test_a_refused_message_does_not_mark_its_timestamp_seen() -> None:
 
 def _record(command_id: str, at: datetime, book: CommandBook) -> CommandRecord:
     return CommandRecord(
-        id=command_id, adapter="x", site="s", entity_type="load", entity_id="e",
-        metric="m", value=1, target="t", action="a", payload=None, state="accepted",
-        accepted_at=at, expires_at=book.deadline(at),
+        id=command_id,
+        adapter="x",
+        site="s",
+        entity_type="load",
+        entity_id="e",
+        metric="m",
+        value=1,
+        target="t",
+        action="a",
+        payload=None,
+        state="accepted",
+        accepted_at=at,
+        expires_at=book.deadline(at),
     )
 
 
@@ -166,7 +195,10 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def test_mapping_errors_name_file_and_line(tmp_path: Path) -> None:
-    path = _write(tmp_path, "m.toml", """\
+    path = _write(
+        tmp_path,
+        "m.toml",
+        """\
         adapter = "ven"
 
         [[entity]]
@@ -176,12 +208,15 @@ def test_mapping_errors_name_file_and_line(tmp_path: Path) -> None:
         [entity.fields]
         usedPowerKw = { metric = "active_power", unit = "kW" }
         shedPowerKw = { metric = "shed_power", units = "kW" }
-        """)
+        """,
+    )
     with pytest.raises(MappingError) as caught:
         VenAdapter.check_mapping(path)
     error = caught.value
     assert (error.code, error.line, error.path) == (
-        "unknown_field", 9, "$.entity[0].fields.shedPowerKw.units"
+        "unknown_field",
+        9,
+        "$.entity[0].fields.shedPowerKw.units",
     )
     assert str(error).startswith(f"{path}:9: ")
 
@@ -215,14 +250,18 @@ def test_mapping_for_another_adapter_is_refused() -> None:
 
 
 def test_options_from_config_with_environment(tmp_path: Path) -> None:
-    path = _write(tmp_path, "site.toml", """\
+    path = _write(
+        tmp_path,
+        "site.toml",
+        """\
         [adapters.cpi]
         replay_window_s = 60
 
         [adapters.cpi.plants.plant-1]
         site = "vad"
         secrets = ["${PLANT_SECRET}", "${OLD_SECRET}"]
-        """)
+        """,
+    )
     options = CpiAdapter.options_from_file(path, environ={"PLANT_SECRET": "a", "OLD_SECRET": "b"})
     assert isinstance(options, CpiOptions)
     assert options.plants["plant-1"].secrets == ["a", "b"]
@@ -240,8 +279,9 @@ def test_options_from_config_with_environment(tmp_path: Path) -> None:
 
 
 def test_plant_options_are_checked_against_the_mapping() -> None:
-    bad = msgspec.convert({"plants": {"p": {"targets": {"X": {"template": "toaster"}}}}},
-                          CpiOptions)
+    bad = msgspec.convert(
+        {"plants": {"p": {"targets": {"X": {"template": "toaster"}}}}}, CpiOptions
+    )
     with pytest.raises(MappingError) as caught:
         CpiAdapter(options=bad)
     assert caught.value.code == "unknown_template" and "battery" in caught.value.message

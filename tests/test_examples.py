@@ -36,3 +36,17 @@ def test_example_topics_cover_valid_and_invalid() -> None:
     topics = (EXAMPLES / "topics.txt").read_text().splitlines()
     verdicts = [validate_topic(topic) is None for topic in topics]
     assert any(verdicts) and not all(verdicts)
+
+
+def test_normalize_ven_example() -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "normalize_ven.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "15 values, 45 messages"
+    assert lines[1] == "ven-042/energy/load/ven-042/active_power/value 8200.0"
+    assert lines[-1] == "ven/cmd/ven-042 event accepted"

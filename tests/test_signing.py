@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from energybus.adapters.signing import ReplayGuard, Signer, canonical, es_number
 from hypothesis import given, strategies as st
 
-from energybus.adapters.signing import ReplayGuard, Signer, canonical, es_number
 from energybus.errors import SourceError
 
 # What ECMAScript's Number.prototype.toString gives (checked in Node.js by hand).
@@ -62,15 +62,21 @@ json_values = st.recursive(
     | st.integers(-(2**53), 2**53)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(st.characters(codec="utf-8", exclude_categories=["Cs"])),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(st.characters(min_codepoint=32, max_codepoint=126)), inner,
-                      max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.text(st.characters(min_codepoint=32, max_codepoint=126)), inner, max_size=4
+        )
+    ),
     max_leaves=12,
 )
 
 
-@given(st.dictionaries(st.text(st.characters(min_codepoint=32, max_codepoint=126)),
-                       json_values, max_size=5))
+@given(
+    st.dictionaries(
+        st.text(st.characters(min_codepoint=32, max_codepoint=126)), json_values, max_size=5
+    )
+)
 def test_canonical_form_matches_reference(message: dict[str, Any]) -> None:
     body = {k: v for k, v in message.items() if k != "sig"}
     assert canonical({**message, "sig": "x"}).decode("utf-8") == _reference(body)
