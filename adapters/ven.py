@@ -102,7 +102,6 @@ class _Group:
         "nfields",
         "rows",
         "rows_hot",
-        "specs",
         "template",
         "type",
     )
@@ -123,7 +122,6 @@ class _Group:
         self.rows = rows
         self.rows_hot = [(row.metric, row.convert, row.unit, row.spec) for row in rows]
         """Per row what the hot loop reads, spec included; see :meth:`hot`."""
-        self.specs = [row.spec for row in rows]
         self.attributes = attributes
         self.nfields = len(rows)
         self.cache: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}

@@ -78,9 +78,8 @@ def _loop(run: Callable[[bytes], int], messages: list[bytes]) -> Callable[[], in
         nonlocal position
         chunk = messages[position : position + 200]
         position = (position + 200) % len(messages)
-        samples = 0
         for payload in chunk:
-            samples += run(payload)
+            run(payload)
         return len(chunk)
 
     return loop
