@@ -71,6 +71,7 @@ _EXPORTS: dict[str, str] = {
     "SeriesKey": "energybus.samples",
     "decode_sample": "energybus.samples",
     "make_sample": "energybus.samples",
+    "observation": "energybus.samples",
     "ENTITY_TYPES": "energybus.topics",
     "EntityType": "energybus.topics",
     "STREAMS": "energybus.topics",
@@ -175,6 +176,7 @@ if TYPE_CHECKING:
         SeriesKey as SeriesKey,
         decode_sample as decode_sample,
         make_sample as make_sample,
+        observation as observation,
     )
     from energybus.topics import (
         ENTITY_TYPES as ENTITY_TYPES,

@@ -21,6 +21,7 @@ __all__ = [
     "SeriesKey",
     "decode_sample",
     "make_sample",
+    "observation",
     "utc",
 ]
 
@@ -90,11 +91,24 @@ def make_sample(
     sample takes ``received_at`` (or now) and ``good`` becomes ``degraded``; a worse
     quality the caller gave stays.
     """
+    observed, quality = observation(observed_at, received_at, quality)
+    return Sample(site, entity_type, entity_id, metric, value, observed, quality, unit)
+
+
+def observation(
+    observed_at: datetime | None,
+    received_at: datetime | None = None,
+    quality: Quality = "good",
+) -> tuple[datetime, Quality]:
+    """The contract's time rule alone: the observation time and quality a sample gets.
+
+    Adapters call it once per message and share the result among its samples.
+    """
     if observed_at is None:
         observed_at = received_at if received_at is not None else datetime.now(UTC)
         if quality not in _WORSE_THAN_DEGRADED:
             quality = "degraded"
-    return Sample(site, entity_type, entity_id, metric, value, utc(observed_at), quality, unit)
+    return utc(observed_at), quality
 
 
 def decode_sample(
