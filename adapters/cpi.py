@@ -387,6 +387,8 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
             raise SourceError("missing_field", "message has no ts (Unix ms)", path="$.ts")
         if type(ts) is not int and type(ts) is not float:
             raise SourceError("wrong_type", "ts must be a number of Unix milliseconds", path="$.ts")
+        if not -1e15 < ts < 1e15:  # also keeps a huge integer from overflowing a float
+            raise SourceError("bad_timestamp", "ts is not a time in Unix ms", path="$.ts")
         plant.guard.check_time(ts, received_at)
         sig = document.get("sig")
         if plant.signer is not None and type(sig) is str:
@@ -428,6 +430,12 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
                 )
             hot = signals.get(name)
             if hot is not None:
+                if kind is int and not -1e300 < raw < 1e300:
+                    raise SourceError(
+                        "non_finite",
+                        "a signal is out of the range of a double",
+                        path=f"$.values.{name}",
+                    )
                 metric, convert, unit, spec = hot
                 value = raw if convert is None else convert(raw)
                 samples.append(

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from types import MappingProxyType
 from typing import Final
 
-from energybus.errors import UnitError
+from energybus.errors import PayloadError, UnitError
 
 __all__ = [
     "CANONICAL_UNITS",
@@ -111,7 +111,7 @@ class Conversion:
             factor = self._factor
 
             def multiply(value: float) -> float:
-                return value if type(value) is bool else value * factor
+                return value if type(value) is bool else _finite(value * factor)
 
             return multiply
         if exponent < 0:
@@ -138,14 +138,14 @@ class Conversion:
                         return float(whole)
                 text = repr(value)
                 if "e" not in text:
-                    return float(text + suffix)
+                    return _finite(float(text + suffix))
                 if "n" in text:  # inf or nan: nothing to keep exact
-                    return value * power
+                    return _finite(value * power)
                 mantissa, _, shift = text.partition("e")
-                return float(f"{mantissa}e{int(shift) + exponent}")
+                return _finite(float(f"{mantissa}e{int(shift) + exponent}"))
             if type(value) is bool:
                 return value
-            return value * power
+            return value * power  # an int stays an int: exact, and never infinite
 
         return scale_up
 
@@ -166,6 +166,15 @@ class Conversion:
 
     def __repr__(self) -> str:
         return f"Conversion(unit={self.unit!r}, exponent={self._exponent}, factor={self._factor})"
+
+
+def _finite(value: float) -> float:
+    """Refuse a scaled value that left the range of a double (1e306 kW in W)."""
+    if value - value != 0:  # inf - inf and nan - nan are nan
+        raise PayloadError(
+            "non_finite", "value is out of the range of a finite number once converted"
+        )
+    return value
 
 
 def _power_of_ten(scale: float) -> int | None:

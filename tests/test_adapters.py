@@ -285,3 +285,31 @@ def test_plant_options_are_checked_against_the_mapping() -> None:
     with pytest.raises(MappingError) as caught:
         CpiAdapter(options=bad)
     assert caught.value.code == "unknown_template" and "battery" in caught.value.message
+
+
+def test_a_value_that_overflows_once_converted_rejects_the_whole_message() -> None:
+    pipeline = Pipeline(create_adapter("ven"))
+    body = {"venId": "v1", "timestamp": 1, "batterySOC": 50.0, "usedPowerKw": 1e307}
+    out = pipeline.feed("volttron/metering", msgspec.json.encode(body), received_at=AT)
+    assert [r.code for r in out.rejections] == ["non_finite"] and out.messages == []
+    # Nothing was half-rendered: the same SOC, fixed message, still publishes in full.
+    fixed = _feed(pipeline, "volttron/metering", {**body, "usedPowerKw": 1.5})
+    assert fixed["v1/energy/storage/v1-battery/soc/value"] == "50.0"
+    assert fixed["v1/energy/load/v1/active_power/value"] == "1500.0"
+
+
+def test_cpi_huge_numbers_are_rejected_not_raised() -> None:
+    options = msgspec.convert(
+        {"plants": {"p1": {"targets": {"B1": {"template": "battery"}}}}}, CpiOptions
+    )
+    adapter = create_adapter("cpi", options=options)
+    ms = int(AT.timestamp() * 1000)
+    cases = {
+        b'{"ts": %d, "target": "B1", "values": {"soc": 1%s}}' % (ms, b"0" * 400): "non_finite",
+        b'{"ts": 1%s, "target": "B1", "values": {}}' % (b"0" * 400): "bad_timestamp",
+        b'{"ts": %d, "target": "B1", "values": {"p_charge": 1e306}}' % ms: "non_finite",
+    }
+    for payload, code in cases.items():
+        result = adapter.normalize("cpi/p1/telemetry", payload, AT)
+        assert [r.code for r in result.rejections] == [code], payload[:60]
+        assert result.samples == []
