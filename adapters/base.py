@@ -120,6 +120,11 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
         self.plan: Plan = self.compile(document, where)
         self.new_id = new_id or (lambda: str(uuid4()))
         self.commands = CommandBook(timeout_s=getattr(self.options, "command_timeout_s", 60.0))
+        self.start()
+
+    def start(self) -> None:
+        """Build what the options imply (filters, known devices); runs once, last in
+        ``__init__``, so subclasses need not repeat its signature."""
 
     @classmethod
     def read_mapping(cls, source: str | Path | None = None) -> tuple[Any, Located]:

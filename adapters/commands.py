@@ -70,9 +70,6 @@ class CommandBook:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def __contains__(self, command_id: object) -> bool:
-        return command_id in self._pending
-
     def get(self, command_id: str) -> CommandRecord | None:
         return self._pending.get(command_id)
 

@@ -208,14 +208,7 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
 
     plan: CpiPlan
 
-    def __init__(
-        self,
-        *,
-        options: CpiOptions | None = None,
-        mapping: Any = None,
-        new_id: Callable[[], str] | None = None,
-    ) -> None:
-        super().__init__(options=options, mapping=mapping, new_id=new_id)
+    def start(self) -> None:
         opts = self.options
         self._plants: dict[str, _Plant] = {}
         self._devices: dict[tuple[str, str, str], _Device] = {}

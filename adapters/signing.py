@@ -150,15 +150,6 @@ class ReplayGuard:
                 path="$.ts",
             )
 
-    def seen(self, key: str) -> bool:
-        return key in self._seen
-
-    def remember(self, key: str, received_at: datetime) -> None:
-        self._prune(received_at)
-        if key not in self._seen:
-            self._seen[key] = received_at
-            self._order.append((received_at, key))
-
     def check_and_remember(self, key: str, received_at: datetime, what: str) -> None:
         self._prune(received_at)
         if key in self._seen:

@@ -97,7 +97,6 @@ class _Group:
         "cache",
         "each",
         "get",
-        "index",
         "key",
         "nfields",
         "rows",
@@ -108,13 +107,11 @@ class _Group:
 
     def __init__(
         self,
-        index: int,
         group: EntityGroup,
         rows: list[CompiledRow],
         attributes: list[CompiledAttribute],
         attrs: list[str],
     ) -> None:
-        self.index = index
         self.type: EntityType = group.type
         self.template = group.id
         self.each = group.each
@@ -174,13 +171,23 @@ _RECENT: Final = 16  # timestamps remembered per VEN to spot the same message tw
 class _Ven:
     """What the adapter knows of one VEN: its names, and the messages just seen."""
 
-    __slots__ = ("item_ids", "recent", "recent_set", "root_ids", "site", "source_id", "ven")
+    __slots__ = (
+        "command_entity",
+        "item_ids",
+        "recent",
+        "recent_set",
+        "root_ids",
+        "site",
+        "source_id",
+        "ven",
+    )
 
     def __init__(self, source_id: str, site: str, ven: str, plan: VenPlan) -> None:
         self.source_id = source_id
         self.site = site
         self.ven = ven
         self.root_ids = [group.template.format(ven=ven) for group in plan.root]
+        self.command_entity = plan.command.id.format(ven=ven)
         self.item_ids: list[dict[object, str]] = [{} for _ in plan.arrays]
         self.recent: deque[tuple[bool, float]] = deque()
         self.recent_set: set[tuple[bool, float]] = set()
@@ -207,14 +214,7 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
 
     plan: VenPlan
 
-    def __init__(
-        self,
-        *,
-        options: VenOptions | None = None,
-        mapping: Any = None,
-        new_id: Callable[[], str] | None = None,
-    ) -> None:
-        super().__init__(options=options, mapping=mapping, new_id=new_id)
+    def start(self) -> None:
         opts = self.options
         filters = [METERING_TOPIC, "ven/ack/+"]
         if opts.telemetry:
@@ -269,7 +269,7 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
             if not compiled:
                 raise where.error("no_fields", "an entity needs at least one field", path)
             rows += len(compiled)
-            built = _Group(gi, group, compiled, attributes, attrs)
+            built = _Group(group, compiled, attributes, attrs)
             if group.each is None:
                 root.append(built)
             else:
@@ -468,7 +468,7 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
             value = 0.0
         if value is not None:
             row = self.plan.command_row
-            entity_id = self.plan.command.id.format(ven=ven.ven)
+            entity_id = ven.command_entity
             result.samples.append(
                 Sample(
                     ven.site,
@@ -500,8 +500,7 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
             raise SourceError("bad_identifier", exc.message, path="$.venId") from None
         site = (entry.site if entry is not None else None) or opts.site or kebab
         ven = _Ven(source_id, site, kebab, self.plan)
-        command = self.plan.command
-        self._targets[(site, command.id.format(ven=kebab))] = source_id
+        self._targets[(site, ven.command_entity)] = source_id
         self._vens[source_id] = ven
         return ven
 

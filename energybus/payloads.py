@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from datetime import datetime
-from typing import Annotated, Final, Literal, TypeAlias
+from typing import Annotated, Final, Literal, TypeAlias, TypeVar
 
 import msgspec
 
@@ -134,27 +134,28 @@ def encode_scalar(value: Scalar) -> bytes:
 
 
 def decode_value(payload: bytes | str) -> Scalar | Envelope:
-    """Decode a ``value`` or ``set`` payload: Profile A scalar or Profile B envelope."""
-    try:
-        decoded = _value_decoder.decode(payload)
-    except msgspec.MsgspecError as exc:
-        raise _payload_error(exc, "a JSON number, boolean, or Profile B object") from None
-    value = decoded.value if isinstance(decoded, Envelope) else decoded
-    if type(value) is float and not math.isfinite(value):
-        path = "$.value" if isinstance(decoded, Envelope) else "$"
-        raise PayloadError("non_finite", "value is out of the range of a finite number", path=path)
-    return decoded
+    """Decode a ``value`` payload: Profile A scalar or Profile B envelope."""
+    return _decode_sample(_value_decoder, Envelope, payload)
 
 
 def decode_set(payload: bytes | str) -> Scalar | SetEnvelope:
     """Decode a ``set`` payload: Profile A scalar or a Profile B :class:`SetEnvelope`."""
+    return _decode_sample(_set_decoder, SetEnvelope, payload)
+
+
+_E = TypeVar("_E", Envelope, SetEnvelope)
+
+
+def _decode_sample(
+    decoder: msgspec.json.Decoder[Scalar | _E], envelope: type[_E], payload: bytes | str
+) -> Scalar | _E:
     try:
-        decoded = _set_decoder.decode(payload)
+        decoded = decoder.decode(payload)
     except msgspec.MsgspecError as exc:
         raise _payload_error(exc, "a JSON number, boolean, or Profile B object") from None
-    value = decoded.value if isinstance(decoded, SetEnvelope) else decoded
+    value = decoded.value if isinstance(decoded, envelope) else decoded
     if type(value) is float and not math.isfinite(value):
-        path = "$.value" if isinstance(decoded, SetEnvelope) else "$"
+        path = "$.value" if isinstance(decoded, envelope) else "$"
         raise PayloadError("non_finite", "value is out of the range of a finite number", path=path)
     return decoded
 
