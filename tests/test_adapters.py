@@ -313,3 +313,26 @@ def test_cpi_huge_numbers_are_rejected_not_raised() -> None:
         result = adapter.normalize("cpi/p1/telemetry", payload, AT)
         assert [r.code for r in result.rejections] == [code], payload[:60]
         assert result.samples == []
+
+
+def test_pipeline_reports_a_sample_the_bus_cannot_carry() -> None:
+    """A plug-in adapter may produce a NaN: it is refused and counted, the rest goes out."""
+    from energybus.adapters import Normalized
+
+    from energybus.samples import make_sample
+
+    adapter = create_adapter("ven")
+    good = make_sample("s", "load", "e", "active_power", 1.0, observed_at=AT, unit="W")
+    bad = make_sample("s", "load", "e", "current", float("nan"), observed_at=AT, unit="A")
+    spec = adapter.plan.command_row.spec
+
+    def normalize(topic: str, payload: bytes, received_at: datetime) -> Normalized:
+        return Normalized(samples=[good, bad], specs=[spec, spec])
+
+    adapter.normalize = normalize  # type: ignore[method-assign]
+    pipeline = Pipeline(adapter)
+    out = pipeline.feed("volttron/metering", b"{}", received_at=AT)
+    assert [r.code for r in out.rejections] == ["non_finite"]
+    assert "s/energy/load/e/active_power/value" in [m.topic for m in out.messages]
+    assert not any("/current/" in m.topic for m in out.messages)
+    assert pipeline.rejected == {"non_finite": 1}

@@ -170,3 +170,18 @@ def test_mappings_check(tmp_path: Path) -> None:
     line = next(n for n, t in enumerate(text.splitlines(), 1) if t.startswith("batterySOC"))
     assert f"invalid  {broken}:{line}: " in result.stdout and "[unit_mismatch]" in result.stdout
     assert "ok       " in result.stdout  # the other file still checked
+
+
+def test_received_at_must_be_a_zoned_time() -> None:
+    for bad in ["yesterday", "2024-10-23T16:13:20"]:
+        result = run(
+            "normalize",
+            "--adapter",
+            "ven",
+            "--topic",
+            "volttron/metering",
+            "--received-at",
+            bad,
+            METERING,
+        )
+        assert result.returncode == 2 and "--received-at" in result.stderr
