@@ -319,12 +319,13 @@ def test_pipeline_reports_a_sample_the_bus_cannot_carry() -> None:
     """A plug-in adapter may produce a NaN: it is refused and counted, the rest goes out."""
     from energybus.adapters import Normalized
 
+    from energybus.render import DEFAULT_SPEC
     from energybus.samples import make_sample
 
     adapter = create_adapter("ven")
     good = make_sample("s", "load", "e", "active_power", 1.0, observed_at=AT, unit="W")
     bad = make_sample("s", "load", "e", "current", float("nan"), observed_at=AT, unit="A")
-    spec = adapter.plan.command_row.spec
+    spec = DEFAULT_SPEC
 
     def normalize(topic: str, payload: bytes, received_at: datetime) -> Normalized:
         return Normalized(samples=[good, bad], specs=[spec, spec])
