@@ -40,6 +40,7 @@ __all__ = [
     "MappingDocument",
     "SeriesRow",
     "SeriesSettings",
+    "expand_env",
     "load_document",
     "load_options",
     "read_toml",
@@ -310,7 +311,14 @@ def load_options(
     *,
     environ: Mapping[str, str] | None = None,
 ) -> T:
-    """Like :func:`load_document`, after replacing ``${VAR}`` in strings from the environment.
+    """Like :func:`load_document`, after :func:`expand_env`."""
+    return load_document(schema, expand_env(dict(data), where, path, environ), where, path)
+
+
+def expand_env(
+    value: Any, where: Located, path: str = "$", environ: Mapping[str, str] | None = None
+) -> Any:
+    """``value`` with ``${VAR}`` in every string replaced from the environment.
 
     A missing variable is an error naming the variable, never its would-be value.
     """
@@ -332,7 +340,7 @@ def load_options(
             return [expand(item, f"{at}[{index}]") for index, item in enumerate(value)]
         return value
 
-    return load_document(schema, expand(dict(data), path), where, path)
+    return expand(value, path)
 
 
 _ENV_RE: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -17,6 +17,7 @@ from energybus.errors import EnergyBusError
 from energybus.filters import matches
 from energybus.messages import Message, check_delivery
 from energybus.render import Renderer
+from energybus.samples import Sample
 
 from .base import Adapter, Rejection
 from .commands import CommandRecord
@@ -25,12 +26,14 @@ __all__ = ["Output", "Pipeline"]
 
 
 class Output(msgspec.Struct, kw_only=True):
-    """What one input became: messages to publish in order, refusals, command records."""
+    """What one input became: messages to publish in order, refusals, command records,
+    and the samples behind the messages (for the historians; a sample the bus refused is
+    not among them)."""
 
     messages: list[Message] = msgspec.field(default_factory=list)
     rejections: list[Rejection] = msgspec.field(default_factory=list)
     commands: list[CommandRecord] = msgspec.field(default_factory=list)
-    samples: int = 0
+    samples: list[Sample] = msgspec.field(default_factory=list)
     duplicate: bool = False
 
 
@@ -61,19 +64,24 @@ class Pipeline:
         out = Output(
             rejections=result.rejections,
             commands=result.commands,
-            samples=len(result.samples),
+            samples=result.samples,
             duplicate=result.duplicate,
         )
         render = self.renderer.render_into
         messages = out.messages
-        for sample, spec in zip(result.samples, result.specs, strict=True):
+        refused = None
+        for index, (sample, spec) in enumerate(zip(result.samples, result.specs, strict=True)):
             try:
                 render(sample, messages, spec)
             except EnergyBusError as error:  # a value the mapping let through but JSON cannot carry
                 out.rejections.append(Rejection.of(error, topic))
+                refused = refused or set()
+                refused.add(index)
+        if refused:
+            out.samples = [s for i, s in enumerate(result.samples) if i not in refused]
         for rejection in out.rejections:
             self.rejected[rejection.code] += 1
-        self.samples += out.samples
+        self.samples += len(out.samples)
         return out
 
     def expire(self, now: datetime) -> Output:

@@ -11,8 +11,11 @@ from energybus._version import __version__
 
 # name -> "module:attribute"; a new command is one line here and one module.
 COMMANDS: Final = {
+    "check": "energybus.cli.run:check",
+    "historian": "energybus.cli.historian:historian",
     "mappings": "energybus.cli.mappings:mappings",
     "normalize": "energybus.cli.normalize:normalize",
+    "run": "energybus.cli.run:run",
     "validate": "energybus.cli.validate:validate",
 }
 

@@ -1,1 +1,32 @@
-"""PostgreSQL sinks: the measurement and counter historians and command records."""
+"""PostgreSQL sinks: the measurement and counter historians and command records.
+
+:class:`Historian` writes :class:`Batch` es idempotently, :class:`Outbox` keeps them on
+local disk while the database is away, :func:`migrate` creates the schema. The design of
+the counter historian is in ``docs/historian.md``.
+"""
+
+from __future__ import annotations
+
+from .batch import Batch, RowTuple, decode_batch, encode_batch
+from .outbox import Outbox, OutboxFull
+from .queries import counter_energy, counter_events
+from .schema import SCHEMA, MigrationResult, migrate, migrations
+from .writer import Historian, WriteResult, unique_rows
+
+__all__ = [
+    "SCHEMA",
+    "Batch",
+    "Historian",
+    "MigrationResult",
+    "Outbox",
+    "OutboxFull",
+    "RowTuple",
+    "WriteResult",
+    "counter_energy",
+    "counter_events",
+    "decode_batch",
+    "encode_batch",
+    "migrate",
+    "migrations",
+    "unique_rows",
+]

@@ -24,3 +24,9 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def mosquitto(run_dir: Path) -> Iterator[services.Service]:
     with services.started("mosquitto", run_dir=run_dir) as service:
         yield service
+
+
+@pytest.fixture(scope="session")
+def postgres(run_dir: Path) -> Iterator[services.Service]:
+    with services.started("postgres", run_dir=run_dir) as service:
+        yield service

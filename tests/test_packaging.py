@@ -1,4 +1,4 @@
-"""The package installs as one tree: energybus plus its adapters, mappings, historian, cli."""
+"""The package installs as one tree: energybus and its sub-packages, each from its folder."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import energybus
 from tests.helpers import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBPACKAGES = ["adapters", "mappings", "historian", "cli"]
+SUBPACKAGES = ["adapters", "mappings", "historian", "cli", "worker"]
 
 
 @pytest.mark.parametrize("cwd", [ROOT, ROOT / "tests", Path("/")])

@@ -74,6 +74,9 @@ def free_port() -> int:
 
 def _port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the servers do: connections in TIME_WAIT from a stopped server must not
+        # keep it from starting again on its port; a listener still makes bind fail.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError:
@@ -369,13 +372,16 @@ def stop(name: str, *, run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 20) -> 
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
-    """Wait until ``pid`` is gone, reaping it if it is our child (a zombie still answers)."""
+    """Wait until ``pid`` and the rest of its process group are gone, reaping it if it
+    is our child (a zombie still answers). The group matters: as root the recorded
+    process is ``runuser``, and the server under it may still be shutting down (and
+    holding its lock file) after ``runuser`` has exited."""
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
         try:
-            os.kill(pid, 0)
+            os.killpg(pid, 0)
         except ProcessLookupError:
             return True
         if time.monotonic() >= deadline:

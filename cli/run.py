@@ -1,0 +1,95 @@
+"""``energybus run`` and ``energybus check``: the worker and its plan."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from energybus.errors import MappingError
+
+_config = click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Site configuration (TOML).",
+)
+
+
+def _load(config_path: str) -> object:
+    from energybus.worker import load_config
+
+    try:
+        return load_config(config_path)
+    except MappingError as error:
+        click.echo(f"invalid  {error}", err=True)
+        sys.exit(2)
+
+
+@click.command()
+@_config
+@click.option("--shared-group", help="Subscribe through $share/NAME/... to split the load.")
+@click.option("--log-format", type=click.Choice(["human", "json"]), help="Default: human.")
+def run(config_path: str, shared_group: str | None, log_format: str | None) -> None:
+    """Run the worker until SIGTERM or SIGINT (then flush, mark offline, exit 0)."""
+    from energybus.worker import Config, run_worker
+    from energybus.worker.logs import setup_logging
+
+    config = _load(config_path)
+    assert isinstance(config, Config)
+    config.with_overrides(shared_group=shared_group, log_format=log_format)
+    setup_logging(config.worker.log_format, config.worker.log_level)
+    sys.exit(run_worker(config))
+
+
+@click.command()
+@_config
+def check(config_path: str) -> None:
+    """Validate a configuration and its mappings and print the worker's plan.
+
+    Exit status: 0 valid, 2 invalid (the error names file, line and key).
+    """
+    from energybus.worker import Config, Worker
+
+    config = _load(config_path)
+    assert isinstance(config, Config)
+    m, w, h = config.mqtt, config.worker, config.historian
+    plan = Worker.plan(config)
+    out = click.echo
+    out(f"config     {config.file}")
+    auth = "username/password" if m.username else "anonymous"
+    tls = "tls" if m.tls else "plain tcp"
+    out(
+        f"mqtt       {m.host}:{m.port} ({tls}, {auth}), MQTT 5, session expiry "
+        f"{m.session_expiry_s} s, receive maximum {m.receive_maximum}, "
+        f"max in flight {m.max_inflight}"
+    )
+    out(f"           {m.client_id}-src subscribes to sources, {m.client_id}-bus publishes")
+    for name, filters, commands in plan.adapters:
+        out(f"adapter    {name}")
+        for f in filters:
+            out(f"  source   {f}  (QoS 1)")
+        for f in commands:
+            out(f"  command  {f}  (QoS 1)")
+    for f in plan.ingest:
+        out(f"ingest     {f}  (QoS 1, no local) -> historians")
+    out("publish    canonical value/last/meta/availability per the delivery policy")
+    out(f"status     {plan.status_topic}  (retained online/offline, last will)")
+    out(f"dead       {plan.dead_letter_prefix}/<source>  (QoS 1, not retained)")
+    if h.dsn is not None:
+        out(
+            f"historian  {config.redacted_dsn()}  (batches of {h.batch_rows} rows or "
+            f"{h.batch_interval_s} s)"
+        )
+        out(f"outbox     {w.data_dir / 'outbox.sqlite3'}  (at most {h.outbox_max_mb:g} MB)")
+        for c in h.counters:
+            out(
+                f"counter    {c.site}/{c.device}/{c.metric}: wrap_at {c.wrap_at}, "
+                f"max_rate {c.max_rate}/s"
+            )
+    else:
+        out("historian  off (no [historian] dsn)")
+    if w.metrics_port is not None:
+        out(f"metrics    http://{w.metrics_host}:{w.metrics_port}/metrics")
+    out(f"availability offline after {w.availability_timeout_s:g} s of silence")

@@ -1,0 +1,163 @@
+"""Running the worker as a subprocess against real services, and talking to it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tools.services import Service
+
+ENERGYBUS = [sys.executable, "-m", "energybus.cli"]
+
+
+def write_config(
+    path: Path, *, mqtt: Service, dsn: str | None, client_id: str, extra: str = ""
+) -> Path:
+    historian = (
+        f'[historian]\ndsn = "{dsn}"\nbatch_interval_s = 0.05\nretry_s = 0.5\n' if dsn else ""
+    )
+    path.write_text(
+        f'[worker]\ndata_dir = "{path.parent / "data"}"\nshutdown_timeout_s = 20\n'
+        f'[mqtt]\nhost = "{mqtt.host}"\nport = {mqtt.port}\nclient_id = "{client_id}"\n'
+        f"reconnect_min_s = 0.2\nreconnect_max_s = 2\n{historian}{extra}"
+    )
+    return path
+
+
+class WorkerProcess:
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [*ENERGYBUS, "run", "--config", str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.wait_for_log("source: connected", count=self.text().count("source: connected") + 1)
+        return self
+
+    def text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def wait_for_log(self, needle: str, *, count: int = 1, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.text().count(needle) >= count:
+                return
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited {self.process.returncode}:\n{self.text()}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {needle!r} in the worker's log:\n{self.text()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def publish(
+    mqtt: Service, messages: Iterable[tuple[str, bytes]], *, qos: int = 1, pace: float = 0
+) -> int:
+    """Publish and wait for every PUBACK; the count published."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{os.getpid()}-{time.time()}")
+    client.max_inflight_messages_set(1000)
+    client.connect(mqtt.host, mqtt.port)
+    client.loop_start()
+    infos = []
+    try:
+        for topic, payload in messages:
+            infos.append(client.publish(topic, payload, qos=qos))
+            if pace:
+                time.sleep(pace)
+        for info in infos:
+            info.wait_for_publish(30)
+            assert info.is_published()
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return len(infos)
+
+
+class Collector:
+    """Subscribes in a thread and keeps every message."""
+
+    def __init__(self, mqtt: Service, filters: list[str]) -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"col-{time.time()}")
+        self.client.on_message = self._on_message
+        ready = threading.Event()
+        self.client.on_subscribe = lambda *a: ready.set()
+        self.client.connect(mqtt.host, mqtt.port)
+        self.client.loop_start()
+        self.client.subscribe([(f, 1) for f in filters])
+        assert ready.wait(10)
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        with self._lock:
+            self.messages.append((message.topic, message.payload, bool(message.retain)))
+
+    def topics(self) -> list[str]:
+        with self._lock:
+            return [m[0] for m in self.messages]
+
+    def wait_for(self, predicate: Callable[[list[str]], bool], timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.topics()):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"not seen in time; got {self.topics()[:20]}")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def query(dsn: str, sql: str, *args: Any) -> list[Any]:
+    async def main() -> list[Any]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+
+    return asyncio.run(main())
+
+
+def wait_rows(dsn: str, sql: str, expected: int, *, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    count = -1
+    while time.monotonic() < deadline:
+        count = int(query(dsn, sql)[0][0])
+        if count >= expected:
+            return count
+        time.sleep(0.2)
+    return count
+
+
+def init_schema(dsn: str) -> None:
+    result = subprocess.run(
+        [*ENERGYBUS, "historian", "init", "--dsn", dsn], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,214 @@
+"""The worker's configuration: one TOML file, validated once at start-up.
+
+``[worker]``, ``[mqtt]`` and ``[historian]`` are checked here (pydantic, unknown keys are
+errors); each ``[adapters.<name>]`` table enables that adapter and is checked by the
+adapter's own options schema. ``${VAR}`` anywhere takes the environment variable's value,
+which is how secrets get in; secrets are held as ``SecretStr`` and never printed. Every
+error names the file, the line and the key.
+
+Relative paths (``data_dir``, TLS files) are taken from the current directory.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from energybus.adapters import adapter_class, adapter_names
+from energybus.adapters.mapping import Located, expand_env, read_toml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    Strict,
+    ValidationError,
+    model_validator,
+)
+
+from energybus.errors import MappingError
+from energybus.filters import validate_filter
+
+__all__ = [
+    "Config",
+    "CounterDeclaration",
+    "HistorianConfig",
+    "MqttConfig",
+    "TlsConfig",
+    "WorkerConfig",
+    "load_config",
+]
+
+
+FilePath = Annotated[Path, Strict(False)]
+"""A path from a TOML string (strict mode would refuse the conversion)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class TlsConfig(_Section):
+    ca_file: FilePath | None = None
+    """CA bundle to verify the broker; default: the system's trust store."""
+    cert_file: FilePath | None = None
+    """Client certificate, for brokers that authenticate clients by certificate."""
+    key_file: FilePath | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(
+            cafile=str(self.ca_file) if self.ca_file is not None else None
+        )
+        if self.cert_file is not None and self.key_file is not None:
+            context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
+
+class MqttConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    client_id: str = Field(
+        default="energybus", min_length=1, max_length=60, pattern=r"^[A-Za-z0-9_.-]+$"
+    )
+    """Stable across restarts: the broker keeps the session (and queued messages) under it.
+    The worker uses ``<client_id>-src`` and ``<client_id>-bus`` for its two connections."""
+    username: str | None = None
+    password: SecretStr | None = None
+    tls: TlsConfig | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    session_expiry_s: int = Field(default=7 * 86400, ge=0)
+    """How long the broker keeps the session and queues messages while the worker is away."""
+    receive_maximum: int = Field(default=2000, ge=1, le=65535)
+    """Unacknowledged source messages the broker may send at once (MQTT 5 Receive Maximum)."""
+    max_inflight: int = Field(default=20000, ge=1, le=60000)
+    """QoS 1 publishes waiting for their PUBACK; packet ids are 16 bits, so it stays
+    well below 65535."""
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+
+
+class CounterDeclaration(_Section):
+    metric: str = Field(pattern=r"^[a-z][a-z0-9_]*_total$")
+    site: str = "*"
+    device: str = "*"
+    wrap_at: float | None = Field(default=None, gt=0)
+    """The value at which the register wraps to 0, in the metric's canonical unit."""
+    max_rate: float | None = Field(default=None, gt=0)
+    """The largest plausible increase per second, in the metric's canonical unit."""
+
+
+class HistorianConfig(_Section):
+    dsn: SecretStr | None = None
+    """PostgreSQL connection string; without one the worker only publishes on the bus."""
+    batch_rows: int = Field(default=5000, ge=1)
+    batch_interval_s: float = Field(default=0.1, gt=0)
+    retry_s: float = Field(default=2.0, gt=0)
+    outbox_max_mb: float = Field(default=1024.0, gt=0)
+    counters: list[CounterDeclaration] = []
+
+
+class WorkerConfig(_Section):
+    data_dir: FilePath = Path("energybus-data")
+    topic_prefix: str = Field(default="energybus", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+    """Root of the worker's own topics: status and dead letters (see docs/worker.md)."""
+    availability_timeout_s: float = Field(default=300.0, gt=0)
+    bus_ingest: list[str] = ["+/energy/+/+/+/value"]
+    """Canonical filters whose traffic from other publishers goes to the historians."""
+    shared_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    log_format: Literal["human", "json"] = "human"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    shutdown_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class _Root(_Section):
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    historian: HistorianConfig = Field(default_factory=HistorianConfig)
+    adapters: dict[str, dict[str, Any]] = {}
+
+
+class Config:
+    """A validated configuration, with each enabled adapter's options."""
+
+    def __init__(self, root: _Root, adapters: dict[str, Any], file: str) -> None:
+        self.worker = root.worker
+        self.mqtt = root.mqtt
+        self.historian = root.historian
+        self.adapters = adapters
+        self.file = file
+
+    def with_overrides(
+        self, *, shared_group: str | None = None, log_format: str | None = None
+    ) -> Config:
+        changes: dict[str, Any] = {}
+        if shared_group is not None:
+            changes["shared_group"] = shared_group
+        if log_format is not None:
+            changes["log_format"] = log_format
+        if changes:
+            self.worker = self.worker.model_copy(update=changes)
+        return self
+
+    def redacted_dsn(self) -> str | None:
+        """The DSN without its password, for logs and plans."""
+        if self.historian.dsn is None:
+            return None
+        parts = urlsplit(self.historian.dsn.get_secret_value())
+        host = parts.hostname or ""
+        user = f"{parts.username}@" if parts.username else ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+
+
+def load_config(source: str | Path, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a site configuration; raises :class:`MappingError`."""
+    data, where = read_toml(source)
+    data = expand_env(data, where, "$", environ)
+    try:
+        root = _Root.model_validate(data)
+    except ValidationError as exc:
+        raise _first_error(exc, where) from None
+    if root.mqtt.reconnect_max_s < root.mqtt.reconnect_min_s:
+        raise where.error("out_of_range", "must be >= reconnect_min_s", "$.mqtt.reconnect_max_s")
+    for index, pattern in enumerate(root.worker.bus_ingest):
+        problem = validate_filter(pattern)
+        if problem is not None:
+            raise where.error(problem.code, problem.message, f"$.worker.bus_ingest[{index}]")
+    if not root.adapters:
+        raise where.error(
+            "no_adapters",
+            f"enable at least one adapter with an [adapters.<name>] table; known: "
+            f"{', '.join(adapter_names())}",
+            "$.adapters",
+        )
+    adapters: dict[str, Any] = {}
+    for name in root.adapters:
+        try:
+            cls = adapter_class(name)
+        except MappingError as exc:
+            raise where.error(exc.code, exc.message, f"$.adapters.{name}") from None
+        adapters[name] = cls.options_from_file(source, environ=environ)
+    return Config(root, adapters, str(source))
+
+
+def _first_error(exc: ValidationError, where: Located) -> MappingError:
+    error = exc.errors()[0]
+    path = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+    kind = error["type"]
+    code = {
+        "extra_forbidden": "unknown_field",
+        "missing": "missing_field",
+    }.get(kind, "invalid_value" if "type" not in kind else "wrong_type")
+    message = "unknown key" if kind == "extra_forbidden" else error["msg"]
+    return where.error(code, message, path)
