@@ -162,12 +162,18 @@ def bench_startup(runs: int) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["validate", "render", "startup", "ven", "cpi"])
+    parser.add_argument(
+        "--only", choices=["validate", "render", "startup", "ven", "cpi", "worker", "historian"]
+    )
+    parser.add_argument(
+        "--rates", default="500,1000,1500", help="worker: VEN messages/s to try, comma-separated"
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="time per throughput figure")
     parser.add_argument("--runs", type=int, default=41, help="process starts per start-up figure")
     args = parser.parse_args()
     cores = os.cpu_count()
     from benchmarks.adapters import bench_cpi, bench_ven
+    from benchmarks.worker import bench_historian, bench_worker
 
     figures: dict[str, Callable[[], dict[str, object] | list[dict[str, object]]]] = {
         "validate": lambda: bench_validate(args.seconds),
@@ -175,6 +181,8 @@ def main() -> None:
         "startup": lambda: bench_startup(args.runs),
         "ven": lambda: bench_ven(args.seconds, _rate),
         "cpi": lambda: bench_cpi(args.seconds, _rate),
+        "worker": lambda: bench_worker([int(r) for r in args.rates.split(",")], 4 * args.seconds),
+        "historian": lambda: bench_historian(),
     }
     for name, run in figures.items():
         if args.only in (None, name):
