@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from energybus.errors import MappingError
+
+if TYPE_CHECKING:
+    from energybus.worker import Config
 
 _config = click.option(
     "--config",
@@ -17,7 +21,7 @@ _config = click.option(
 )
 
 
-def _load(config_path: str) -> object:
+def _load(config_path: str) -> Config:
     from energybus.worker import load_config
 
     try:
@@ -33,11 +37,10 @@ def _load(config_path: str) -> object:
 @click.option("--log-format", type=click.Choice(["human", "json"]), help="Default: human.")
 def run(config_path: str, shared_group: str | None, log_format: str | None) -> None:
     """Run the worker until SIGTERM or SIGINT (then flush, mark offline, exit 0)."""
-    from energybus.worker import Config, run_worker
+    from energybus.worker import run_worker
     from energybus.worker.logs import setup_logging
 
     config = _load(config_path)
-    assert isinstance(config, Config)
     config.with_overrides(shared_group=shared_group, log_format=log_format)
     setup_logging(config.worker.log_format, config.worker.log_level)
     sys.exit(run_worker(config))
@@ -50,10 +53,9 @@ def check(config_path: str) -> None:
 
     Exit status: 0 valid, 2 invalid (the error names file, line and key).
     """
-    from energybus.worker import Config, Worker
+    from energybus.worker import Worker
 
     config = _load(config_path)
-    assert isinstance(config, Config)
     m, w, h = config.mqtt, config.worker, config.historian
     plan = Worker.plan(config)
     out = click.echo

@@ -180,9 +180,12 @@ class Worker:
             name: (
                 self.metrics.messages_in.labels(name),
                 self.metrics.samples_out.labels(name),
+                self.metrics.suppressed.labels(name),
             )
             for name in self.pipelines
         }
+        self._suppressed = dict.fromkeys(self.pipelines, 0)
+        """Each renderer's dedupe count when last exported, to add only the difference."""
         self.historian = Historian(h.dsn.get_secret_value()) if h.dsn is not None else None
         self.outbox = Outbox(
             w.data_dir / "outbox.sqlite3", max_bytes=int(h.outbox_max_mb * 1024 * 1024)
@@ -204,7 +207,6 @@ class Worker:
         self._entities: dict[tuple[str, str, str], _Entity] = {}
         self._stop = asyncio.Event()
         self._consuming = True
-        self._suppressed = 0
 
     # Running ----------------------------------------------------------------------------
 
@@ -313,7 +315,6 @@ class Worker:
                 await client.subscribe(self.ingest_filters)
             except (OSError, BusError, TimeoutError) as error:
                 client.abort()
-                previous = previous or None
                 self.metrics.connected.labels("bus").set(0)
                 state.change("down", logging.WARNING, "bus: cannot connect: %s", error)
                 await asyncio.sleep(backoff.next())
@@ -470,7 +471,7 @@ class Worker:
             entry.release()
             return
         name = pipeline.adapter.name
-        messages_in, samples_out = self._counters[name]
+        messages_in, samples_out, suppressed_out = self._counters[name]
         messages_in.inc()
         try:
             out = pipeline.feed(topic, payload, received_at=now, retain=retain)
@@ -519,9 +520,9 @@ class Worker:
         elif out.commands and self.historian is not None:
             self.sink.add((), out.commands, entry)
         suppressed = pipeline.renderer.suppressed
-        if suppressed != self._suppressed:
-            self.metrics.suppressed.inc(max(0, suppressed - self._suppressed))
-            self._suppressed = suppressed
+        if suppressed != self._suppressed[name]:
+            suppressed_out.inc(suppressed - self._suppressed[name])
+            self._suppressed[name] = suppressed
         bus.flush()
         entry.release()
 

@@ -35,7 +35,10 @@ class Metrics:
             registry=r,
         )
         self.suppressed = Counter(
-            "energybus_dedupe_suppressed", "Value messages held back by dedupe", registry=r
+            "energybus_dedupe_suppressed",
+            "Value messages held back by dedupe, by adapter",
+            ["adapter"],
+            registry=r,
         )
         self.publish_latency = Histogram(
             "energybus_publish_latency_seconds",

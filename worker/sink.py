@@ -66,7 +66,6 @@ class HistorianSink:
         self._sealed: asyncio.Queue[_Sealed] = asyncio.Queue()
         self._next_try = 0.0
         self._state = StateLog(log)
-        self._stopping = False
         self._idle = asyncio.Event()
         self._idle.set()
         metrics.outbox(outbox)

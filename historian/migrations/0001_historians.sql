@@ -18,18 +18,13 @@ CREATE TABLE energybus.measurements (
 
 CREATE INDEX measurements_observed_brin ON energybus.measurements USING brin (observed_at);
 
--- Raw cumulative readings of *_total metrics, exactly as the source reported them.
+-- Raw cumulative readings of *_total metrics, exactly as the source reported them, in
+-- the same columns as measurements.
 -- Deltas, resets, rollovers and jumps are derived on read (see counter_deltas), so the
 -- answer depends only on the stored rows, never on which worker wrote them or in what
 -- order they arrived.
 CREATE TABLE energybus.counter_readings (
-    site        text             NOT NULL,
-    device_id   text             NOT NULL,
-    metric_name text             NOT NULL,
-    observed_at timestamptz      NOT NULL,
-    value       double precision NOT NULL,
-    quality     text             NOT NULL DEFAULT 'good',
-    ingested_at timestamptz      NOT NULL DEFAULT clock_timestamp(),
+    LIKE energybus.measurements INCLUDING DEFAULTS INCLUDING CONSTRAINTS,
     PRIMARY KEY (site, device_id, metric_name, observed_at)
 ) PARTITION BY RANGE (observed_at);
 
