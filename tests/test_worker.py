@@ -43,6 +43,22 @@ def _site() -> str:
     return f"t-{uuid.uuid4().hex[:8]}"
 
 
+def _ven_worker(
+    tmp_path: Path, mosquitto: Service, postgres: Service, extra: str = ""
+) -> tuple[str, Path]:
+    """A fresh site and a configuration for a VEN worker on it, with the schema in place."""
+    init_schema(postgres.url)
+    site = _site()
+    config = write_config(
+        tmp_path / "site.toml",
+        mqtt=mosquitto,
+        dsn=postgres.url,
+        client_id=f"w-{site}",
+        extra=extra.format(site=site) + f'[adapters.ven]\nsite = "{site}"\n',
+    )
+    return site, config
+
+
 def _metrics(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         return str(response.read().decode())
@@ -145,15 +161,7 @@ def _load(
 def test_postgres_stopped_under_load_loses_and_duplicates_nothing(
     tmp_path: Path, mosquitto: Service, postgres: Service
 ) -> None:
-    init_schema(postgres.url)
-    site = _site()
-    config = write_config(
-        tmp_path / "site.toml",
-        mqtt=mosquitto,
-        dsn=postgres.url,
-        client_id=f"w-{site}",
-        extra=f'[adapters.ven]\nsite = "{site}"\n',
-    )
+    site, config = _ven_worker(tmp_path, mosquitto, postgres)
     worker = WorkerProcess(config, tmp_path / "worker.log").start()
     messages = ven_messages(600, circuits=10, seed=7)
     expected = _expected_samples(site, messages)
@@ -181,15 +189,7 @@ def test_postgres_stopped_under_load_loses_and_duplicates_nothing(
 def test_sigkill_under_load_then_restart_loses_and_duplicates_nothing(
     tmp_path: Path, mosquitto: Service, postgres: Service
 ) -> None:
-    init_schema(postgres.url)
-    site = _site()
-    config = write_config(
-        tmp_path / "site.toml",
-        mqtt=mosquitto,
-        dsn=postgres.url,
-        client_id=f"w-{site}",
-        extra=f'[adapters.ven]\nsite = "{site}"\n',
-    )
+    site, config = _ven_worker(tmp_path, mosquitto, postgres)
     log = tmp_path / "worker.log"
     worker = WorkerProcess(config, log).start()
     messages = ven_messages(600, circuits=10, seed=11)
@@ -215,18 +215,12 @@ def test_sigkill_under_load_then_restart_loses_and_duplicates_nothing(
 def test_counter_reset_and_rollover_give_correct_energy(
     tmp_path: Path, mosquitto: Service, postgres: Service
 ) -> None:
-    init_schema(postgres.url)
-    site = _site()
-    config = write_config(
-        tmp_path / "site.toml",
-        mqtt=mosquitto,
-        dsn=postgres.url,
-        client_id=f"w-{site}",
-        extra=(
-            f'[[historian.counters]]\nsite = "{site}"\nmetric = "import_energy_total"\n'
-            f"wrap_at = 1000000.0\nmax_rate = 1000.0\n"
-            f'[adapters.ven]\nsite = "{site}"\n'
-        ),
+    site, config = _ven_worker(
+        tmp_path,
+        mosquitto,
+        postgres,
+        '[[historian.counters]]\nsite = "{site}"\nmetric = "import_energy_total"\n'
+        "wrap_at = 1000000.0\nmax_rate = 1000.0\n",
     )
     worker = WorkerProcess(config, tmp_path / "worker.log").start()
     # 15-minute readings in Wh: +100, +100, reset to 50, +100, rollover near 1e6 (+30).

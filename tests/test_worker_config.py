@@ -1,0 +1,134 @@
+"""Site configuration: every fault names file, line and key; secrets never show."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from energybus.cli.app import main
+from energybus.worker import load_config
+
+from energybus.errors import MappingError
+
+GOOD = """\
+[worker]
+bus_ingest = ["+/energy/+/+/+/value"]
+[mqtt]
+port = 1884
+password = "${MQTT_PW}"
+[historian]
+dsn = "postgresql://bus:${DB_PW}@db.example:5432/energy"
+[adapters.ven]
+site = "vad"
+"""
+ENV = {"MQTT_PW": "mqtt-secret-1", "DB_PW": "db-secret-2"}
+
+
+def _file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "site.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_good_file_loads_with_secrets_from_the_environment(tmp_path: Path) -> None:
+    config = load_config(_file(tmp_path, GOOD), environ=ENV)
+    assert config.mqtt.port == 1884
+    assert config.mqtt.password is not None
+    assert config.mqtt.password.get_secret_value() == "mqtt-secret-1"
+    assert "mqtt-secret-1" not in repr(config.mqtt)
+    assert config.redacted_dsn() == "postgresql://bus@db.example:5432/energy"
+    assert list(config.adapters) == ["ven"]
+
+
+@pytest.mark.parametrize(
+    ("text", "code", "path", "line"),
+    [
+        (GOOD.replace("port = 1884", "prot = 1884"), "unknown_field", "$.mqtt.prot", 4),
+        (GOOD.replace("port = 1884", 'port = "1884"'), "wrong_type", "$.mqtt.port", 4),
+        (GOOD.replace("port = 1884", "port = 70000"), "invalid_value", "$.mqtt.port", 4),
+        (GOOD.replace("${MQTT_PW}", "${NOPE}"), "missing_env", "$.mqtt.password", 5),
+        (GOOD.replace('"+/energy/+/+/+/value"', '"a/#/b"'), None, "$.worker.bus_ingest[0]", 2),
+        (GOOD.replace("[adapters.ven]\nsite", "[adapters.nope]\nsite"), "unknown_adapter",
+         "$.adapters.nope", 8),
+        (GOOD.replace('site = "vad"', "sites = 1"), "unknown_field", "$.adapters.ven.sites", 9),
+        (GOOD.split("[adapters.ven]")[0], "no_adapters", "$.adapters", None),
+    ],
+)  # fmt: skip
+def test_each_fault_names_file_line_and_key(
+    tmp_path: Path, text: str, code: str | None, path: str, line: int | None
+) -> None:
+    source = _file(tmp_path, text)
+    with pytest.raises(MappingError) as caught:
+        load_config(source, environ=ENV)
+    error = caught.value
+    assert error.file == str(source)
+    assert error.path == path
+    assert error.line == line
+    if code is not None:
+        assert error.code == code
+    assert "secret" not in str(error)
+
+
+def test_check_prints_the_plan_without_secrets(tmp_path: Path) -> None:
+    source = _file(tmp_path, GOOD + "[adapters.cpi]\n")
+    result = CliRunner().invoke(main, ["check", "--config", str(source)], env=ENV)
+    assert result.exit_code == 0, result.output
+    assert "source   volttron/metering  (QoS 1)" in result.output
+    assert "source   cpi/+/telemetry  (QoS 1)" in result.output
+    assert "ingest     +/energy/+/+/+/value" in result.output
+    assert "historian  postgresql://bus@db.example:5432/energy" in result.output
+    assert "secret" not in result.output
+
+
+def test_a_shared_group_subscribes_through_share(tmp_path: Path) -> None:
+    """As under ``run --shared-group``: sources and ingest go through ``$share``."""
+    from energybus.worker import Worker
+
+    config = load_config(_file(tmp_path, GOOD), environ=ENV)
+    config.with_overrides(shared_group="g1")
+    plan = Worker.plan(config)
+    assert plan.adapters[0][1][0] == "$share/g1/volttron/metering"
+    assert plan.ingest == ["$share/g1/+/energy/+/+/+/value"]
+
+
+def test_check_of_a_bad_file_exits_2_with_the_location(tmp_path: Path) -> None:
+    source = _file(tmp_path, GOOD.replace("port = 1884", "prot = 1884"))
+    result = CliRunner().invoke(main, ["check", "--config", str(source)], env=ENV)
+    assert result.exit_code == 2
+    assert f"{source}:4: unknown key (at $.mqtt.prot) [unknown_field]" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--every", "15x"], "give a positive number and s, m, h or d"),
+        (["--every", "0m"], "give a positive number"),
+        (["--to", "2026-01-01T00:00:00Z"], "--to must be after --from"),
+        (["--from", "yesterday"], "is not an ISO 8601 time"),
+    ],
+)
+def test_energy_refuses_bad_arguments_before_connecting(args: list[str], message: str) -> None:
+    base = {
+        "--dsn": "postgresql://nobody@127.0.0.1:1/none",
+        "--device": "grid.m",
+        "--metric": "import_energy_total",
+        "--from": "2026-01-02T00:00:00Z",
+        "--to": "2026-01-03T00:00:00Z",
+    }
+    base.update(zip(args[::2], args[1::2], strict=True))
+    argv = ["historian", "energy", *[x for pair in base.items() for x in pair]]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_energy_with_the_database_down_is_a_clear_error() -> None:
+    argv = [
+        "historian", "energy", "--dsn", "postgresql://nobody@127.0.0.1:1/none",
+        "--device", "grid.m", "--metric", "import_energy_total",
+        "--from", "2026-01-02T00:00:00Z", "--to", "2026-01-03T00:00:00Z",
+    ]  # fmt: skip
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 2
+    assert "cannot connect to the database" in result.output
