@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -178,6 +181,111 @@ def test_stop_kills_a_server_that_ignores_sigterm(
     where = run_dir / "stubborn"
     (where / "mosquitto").mkdir(parents=True, exist_ok=True)
     service = services.start("mosquitto", run_dir=where)
-    assert services.stop("mosquitto", run_dir=where, timeout=1)
+    # Killed, and said so: what followed the timeout was a crash, not a stop.
+    with pytest.raises(services.ServiceError, match="SIGTERM, so it was killed with SIGKILL"):
+        services.stop("mosquitto", run_dir=where, timeout=1)
     with pytest.raises(ProcessLookupError):
         os.kill(service.pid, 0)
+    assert services.running("mosquitto", where) is None
+
+
+# What PostgreSQL logs when it starts on a cluster that was not shut down cleanly.
+CRASH_RECOVERY = ("was interrupted", "not properly shut down", "automatic recovery", "redo ")
+
+
+def _cluster_state(where: Path) -> str:
+    """The state pg_controldata reads from the control file: "shut down" after a clean
+    shutdown, "in production" while running and after a crash."""
+    data = services._data_dir(where.resolve(), "postgres", "postgres") / "data"
+    report = subprocess.run(
+        [str(services._postgres_bin() / "pg_controldata"), str(data)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "LC_ALL": "C"},
+    ).stdout
+    return next(
+        line.split(":", 1)[1].strip()
+        for line in report.splitlines()
+        if line.startswith("Database cluster state:")
+    )
+
+
+def _start_logging(where: Path) -> tuple[services.Service, str]:
+    """Start PostgreSQL; the service and what its log gained from this start."""
+    log = services._data_dir(where.resolve(), "postgres", "postgres") / "postgres.log"
+    before = log.stat().st_size
+    service = services.start("postgres", run_dir=where)
+    return service, log.read_bytes()[before:].decode(errors="replace")
+
+
+async def _count_kept(url: str) -> int:
+    import asyncpg
+
+    connection = await asyncpg.connect(url)
+    try:
+        return int(await connection.fetchval("SELECT count(*) FROM kept"))
+    finally:
+        await connection.close()
+
+
+async def _keep_a_row_then(url: str, action: Callable[[], object]) -> None:
+    """Commit a row, then run ``action`` with the client still connected."""
+    import asyncpg
+
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(
+            "DROP TABLE IF EXISTS kept; CREATE TABLE kept (n int); INSERT INTO kept VALUES (1)"
+        )
+        action()
+    finally:
+        connection.terminate()
+
+
+def test_postgres_stop_with_a_client_connected_is_a_clean_fast_shutdown(run_dir: Path) -> None:
+    # SIGTERM is PostgreSQL's smart shutdown, which waits for this client: the helper
+    # then ended in a SIGKILL (runuser's, two seconds on, as root; its own at the
+    # timeout otherwise), and the next start recovered from a crash.
+    where = run_dir / "pg-stop"
+    service = services.start("postgres", run_dir=where)
+    took: list[float] = []
+
+    def stop() -> None:
+        began = time.monotonic()
+        assert services.stop("postgres", run_dir=where)
+        took.append(time.monotonic() - began)
+
+    try:
+        asyncio.run(_keep_a_row_then(service.url, stop))
+        assert took[0] < 10
+        assert services.running("postgres", where) is None
+        assert _cluster_state(where) == "shut down"
+        service, log = _start_logging(where)
+        assert "database system was shut down at" in log
+        assert [line for line in log.splitlines() if any(m in line for m in CRASH_RECOVERY)] == []
+        assert asyncio.run(_count_kept(service.url)) == 1
+    finally:
+        services.stop("postgres", run_dir=where)
+
+
+def test_crash_kills_postgres_and_its_next_start_recovers(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    where = run_dir / "pg-crash"
+    service = services.start("postgres", run_dir=where)
+    try:
+        crash = ["crash", "postgres", "--run-dir", str(where)]
+        asyncio.run(_keep_a_row_then(service.url, lambda: services.main(crash)))
+        assert capsys.readouterr().out == "postgres: killed with SIGKILL\n"
+        assert services.running("postgres", where) is None
+        with pytest.raises(ProcessLookupError):
+            os.kill(service.pid, 0)
+        assert _cluster_state(where) == "in production"
+        service, log = _start_logging(where)
+        assert "database system was not properly shut down" in log
+        # Committed before the crash, so recovery keeps it.
+        assert asyncio.run(_count_kept(service.url)) == 1
+    finally:
+        services.stop("postgres", run_dir=where)
+    assert not services.crash("postgres", run_dir=where)

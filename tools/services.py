@@ -2,13 +2,15 @@
 
 Mosquitto, PostgreSQL and RabbitMQ come from Debian's packages (installed with apt-get
 when missing), run as plain child processes on loopback ports, keep their data under a
-project-local run directory, and are stopped by the PID this module recorded. Nothing
-touches the system's own service instances or their configuration.
+project-local run directory, and are stopped by the PID this module recorded: cleanly
+(PostgreSQL with its fast shutdown), or on purpose abruptly with ``crash`` for tests of
+faults. Nothing touches the system's own service instances or their configuration.
 
 Standard library only, so it runs before the project's virtualenv exists::
 
     python3 tools/services.py up mosquitto postgres --run-dir .run
     python3 tools/services.py status
+    python3 tools/services.py crash postgres   # SIGKILL: the next start recovers
     python3 tools/services.py down
 """
 
@@ -26,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ __all__ = [
     "SERVICES",
     "Service",
     "ServiceError",
+    "crash",
     "free_port",
     "running",
     "start",
@@ -44,6 +47,10 @@ __all__ = [
 DEFAULT_RUN_DIR = Path(__file__).resolve().parent.parent / ".run"
 DEFAULT_PORTS = {"mosquitto": 18830, "postgres": 15432, "rabbitmq": 15672}
 HOST = "127.0.0.1"
+# How a service is asked to stop cleanly, when not with SIGTERM. PostgreSQL takes SIGTERM
+# as a "smart" shutdown, which waits for every client to disconnect; SIGINT is its fast
+# shutdown, which disconnects them, writes a shutdown checkpoint and exits.
+STOP_SIGNALS = {"postgres": signal.SIGINT}
 
 
 class ServiceError(RuntimeError):
@@ -352,37 +359,130 @@ def start(name: str, *, run_dir: Path = DEFAULT_RUN_DIR, port: int | None = None
     return service
 
 
-def stop(name: str, *, run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 20) -> bool:
-    """Stop the service recorded under ``run_dir``; True if one was running."""
+def stop(name: str, *, run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 60) -> bool:
+    """Stop the service recorded under ``run_dir`` cleanly; True if one was running.
+
+    The service gets its clean stop signal (``STOP_SIGNALS``, else SIGTERM), so
+    PostgreSQL disconnects its clients, checkpoints and needs no recovery at the next
+    start. A service still running after ``timeout`` seconds is killed as by
+    :func:`crash`, and ServiceError then says so: that was a crash, not a stop.
+    """
     service = running(name, run_dir.resolve())
     if service is None:
         return False
-    # Each service leads its own session, so the group takes its children along.
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(service.pid, sig)
-        if _wait_gone(service.pid, wait):
-            break
-    else:
-        raise ServiceError(f"{name}: process {service.pid} survived SIGKILL")
-    service.state_file().unlink(missing_ok=True)
-    if name == "rabbitmq":
-        _stop_idle_epmd()
+    sig = STOP_SIGNALS.get(name, signal.SIGTERM)
+    processes = _processes(service.pid)
+    # The signal goes to the process group, which each service leads, with one
+    # exception: as root the head of the group is ``runuser``, which answers SIGTERM by
+    # sending its child SIGTERM and, two seconds later, SIGKILL. The server alone gets
+    # the signal then, and ``runuser`` exits with it.
+    for pid in _group(service.pid):
+        if pid != service.pid or not _is_runuser(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+    if not _wait_gone(service.pid, processes, timeout):
+        _kill(service, processes)
+        raise ServiceError(
+            f"{name}: still running {timeout:.0f}s after {sig.name}, so it was killed with"
+            " SIGKILL: a crash, not a clean stop"
+        )
+    _forget(service)
     return True
 
 
-def _wait_gone(pid: int, timeout: float) -> bool:
-    """Wait until ``pid`` and the rest of its process group are gone, reaping it if it
-    is our child (a zombie still answers). The group matters: as root the recorded
+def crash(name: str, *, run_dir: Path = DEFAULT_RUN_DIR) -> bool:
+    """Kill the service recorded under ``run_dir`` abruptly; True if one was running.
+
+    For tests of faults: SIGKILL to each of its processes at once, as a power cut or
+    the OOM killer would, then reap them. PostgreSQL recovers from its WAL at the next
+    start ("database system was not properly shut down").
+    """
+    service = running(name, run_dir.resolve())
+    if service is None:
+        return False
+    _kill(service)
+    return True
+
+
+def _kill(service: Service, known: Mapping[int, str] | None = None) -> None:
+    processes = _processes(service.pid, known)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(service.pid, signal.SIGKILL)
+    for pid in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if not _wait_gone(service.pid, processes, 5.0):
+        raise ServiceError(f"{service.name}: process {service.pid} survived SIGKILL")
+    _forget(service)
+
+
+def _forget(service: Service) -> None:
+    service.state_file().unlink(missing_ok=True)
+    if service.name == "rabbitmq":
+        _stop_idle_epmd()
+
+
+def _process_table() -> dict[int, tuple[int, int, str]]:
+    """Every process, as ``pid: (parent, process group, start time)``, from /proc."""
+    table: dict[int, tuple[int, int, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = entry.joinpath("stat").read_text()
+                # After the command name, which is in parentheses and may hold either.
+                fields = stat[stat.rindex(")") + 2 :].split()
+                table[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[19])
+    return table
+
+
+def _processes(leader: int, known: Mapping[int, str] | None = None) -> dict[int, str]:
+    """The live processes of the service whose group ``leader`` heads, as ``pid: start
+    time``: the group, those of ``known`` still running (same PID, same start time), and
+    every descendant of these. Descendants count because PostgreSQL's postmaster puts
+    each of its children in a session of its own, outside the group. A zombie counts
+    until it is reaped: PostgreSQL's lock file check takes a zombie postmaster for a
+    running one."""
+    table = _process_table()
+    known = known or {}
+    found = [
+        pid
+        for pid, (_, pgid, started) in table.items()
+        if pgid == leader or known.get(pid) == started
+    ]
+    children: dict[int, list[int]] = {}
+    for pid, (parent, *_) in table.items():
+        children.setdefault(parent, []).append(pid)
+    seen = set(found)
+    while found:
+        for child in children.get(found.pop(), []):
+            if child not in seen:
+                seen.add(child)
+                found.append(child)
+    return {pid: table[pid][2] for pid in seen}
+
+
+def _group(leader: int) -> list[int]:
+    return [pid for pid, (_, pgid, _) in _process_table().items() if pgid == leader]
+
+
+def _is_runuser(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == "runuser"
+    except OSError:
+        return False
+
+
+def _wait_gone(leader: int, processes: Mapping[int, str], timeout: float) -> bool:
+    """Wait until the service's processes are gone (see :func:`_processes`), reaping
+    ``leader`` if it is our child. The whole group and tree matter: as root the recorded
     process is ``runuser``, and the server under it may still be shutting down (and
-    holding its lock file) after ``runuser`` has exited."""
+    holding its lock file) after ``runuser`` has exited; PostgreSQL's backends, outside
+    the group, hold its shared memory until they exit."""
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
+            os.waitpid(leader, os.WNOHANG)
+        if not _processes(leader, processes):
             return True
         if time.monotonic() >= deadline:
             return False
@@ -412,7 +512,7 @@ def started(name: str, *, run_dir: Path, port: int | None = None) -> Iterator[Se
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("action", choices=["up", "down", "crash", "status"])
     parser.add_argument("names", nargs="*", default=[], help=f"any of {', '.join(SERVICES)}")
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     parser.add_argument(
@@ -430,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(asdict(service)))
             elif args.action == "down":
                 print(f"{name}: {'stopped' if stop(name, run_dir=args.run_dir) else 'not running'}")
+            elif args.action == "crash":
+                killed = crash(name, run_dir=args.run_dir)
+                print(f"{name}: {'killed with SIGKILL' if killed else 'not running'}")
             else:
                 found = running(name, args.run_dir.resolve())
                 print(json.dumps(asdict(found)) if found else f"{name}: not running")
