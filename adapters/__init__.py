@@ -14,10 +14,10 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Any, Final
 
+from energybus.commands import FINAL_STATES, CommandBook, CommandRecord, CommandState
 from energybus.errors import MappingError
 
-from .base import Adapter, Formatted, Normalized, Plan, Rejection
-from .commands import FINAL_STATES, CommandBook, CommandRecord, CommandState
+from .base import Adapter, Formatted, Normalized, Plan, Rejection, SourceDeclaration, Transport
 from .pipeline import Output, Pipeline
 
 __all__ = [
@@ -34,6 +34,8 @@ __all__ = [
     "Pipeline",
     "Plan",
     "Rejection",
+    "SourceDeclaration",
+    "Transport",
     "adapter_class",
     "adapter_names",
     "create_adapter",

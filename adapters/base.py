@@ -1,10 +1,12 @@
 """What every adapter is: pure translation between one source platform and the bus.
 
-An adapter does no I/O. :meth:`Adapter.normalize` turns one source message into samples
-(each with the :class:`SeriesSpec` its mapping row compiled to) or a rejection with a
-reason; :meth:`Adapter.format` turns one canonical ``set`` into the source platform's
-command message(s) and a command record. The worker, the CLI and library users drive
-both through :class:`energybus.adapters.Pipeline`, which adds rendering.
+An adapter does no I/O. :meth:`Adapter.normalize` turns one source message into
+readings (per entity, each value with the spec its mapping row compiled to) or
+rejections with a reason; :meth:`Adapter.format` turns one canonical ``set`` into the
+source platform's command message(s) and a command record. The worker, the CLI and
+library users drive both through :class:`energybus.adapters.Pipeline`, which adds
+rendering. Where messages come from is the adapter's :attr:`Adapter.sources`, by
+transport; connecting to them is the worker's job.
 """
 
 from __future__ import annotations
@@ -13,30 +15,50 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 from uuid import uuid4
 
 import msgspec
 
-from energybus.errors import EnergyBusError
+from energybus.commands import CommandBook, CommandRecord
+from energybus.documents import Located, expand_env, load_document, read_toml
+from energybus.errors import EnergyBusError, SourceError
 from energybus.messages import Message
-from energybus.render import SeriesSpec
-from energybus.samples import Sample
+from energybus.payloads import Scalar, SetEnvelope, decode_set
+from energybus.samples import Reading
+from energybus.topics import Topic
 
-from .commands import CommandBook, CommandRecord
-from .mapping import (
-    Document,
-    Located,
-    MappingDocument,
-    load_document,
-    load_options,
-    read_toml,
-)
+from .mapping import Compiler, Document, MappingDocument
 
-__all__ = ["Adapter", "Formatted", "Normalized", "Plan", "Rejection"]
+__all__ = [
+    "Adapter",
+    "Formatted",
+    "Normalized",
+    "Plan",
+    "Rejection",
+    "SourceDeclaration",
+    "Transport",
+]
 
 OptionsT = TypeVar("OptionsT", bound=Document)
 MappingT = TypeVar("MappingT", bound=MappingDocument)
+
+Transport = Literal["mqtt", "amqp", "modbus"]
+
+
+class SourceDeclaration(msgspec.Struct, frozen=True, kw_only=True):
+    """Where an adapter's source messages come from: a transport and what to take on it.
+
+    For ``mqtt``, ``patterns`` are topic filters; for ``amqp``, queue names; for
+    ``modbus``, device names. ``options`` is the transport's own configuration (an
+    AMQP URI, a serial port), already validated by the adapter's options schema.
+    """
+
+    transport: Transport
+    patterns: tuple[str, ...]
+    name: str = ""
+    """Distinguishes several connections of one transport (one per Voke org)."""
+    options: Any = None
 
 
 class Rejection(msgspec.Struct, frozen=True, kw_only=True):
@@ -60,17 +82,22 @@ class Rejection(msgspec.Struct, frozen=True, kw_only=True):
 class Normalized(msgspec.Struct, kw_only=True):
     """What one source message became.
 
-    ``samples`` and ``specs`` run in parallel (the spec of each sample's series).
-    ``commands`` holds command records the message moved (an ACK confirms one).
-    ``duplicate`` marks a message already translated from another topic; it is not an
-    error and produces nothing.
+    ``readings`` hold the values per entity (each value with its series' spec).
+    ``rejections`` refuse the message, or single values of it (with their path) while
+    the rest is published. ``commands`` holds command records the message moved (an
+    ACK confirms one). ``duplicate`` marks a message already translated from another
+    topic; it is not an error and produces nothing.
     """
 
-    samples: list[Sample] = msgspec.field(default_factory=list)
-    specs: list[SeriesSpec] = msgspec.field(default_factory=list)
+    readings: list[Reading] = msgspec.field(default_factory=list)
     rejections: list[Rejection] = msgspec.field(default_factory=list)
     commands: list[CommandRecord] = msgspec.field(default_factory=list)
     duplicate: bool = False
+
+    @classmethod
+    def refused(cls, errors: list[SourceError], topic: str, **fields: Any) -> Normalized:
+        """A result with ``errors`` as rejections."""
+        return cls(rejections=[Rejection.of(e, topic) for e in errors], **fields)
 
 
 class Formatted(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,8 +126,8 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
     options_type: ClassVar[type[Document]]
     mapping_type: ClassVar[type[MappingDocument]]
 
-    source_filters: tuple[str, ...]
-    """MQTT filters of the source topics this adapter consumes."""
+    sources: tuple[SourceDeclaration, ...]
+    """Where this adapter's source messages come from, per transport."""
     command_filters: tuple[str, ...]
     """Canonical filters of the ``set`` topics this adapter turns into commands."""
 
@@ -115,9 +142,9 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
             options if options is not None else self.options_type()  # type: ignore[assignment]
         )
         source = mapping if mapping is not None else getattr(self.options, "mapping", None)
-        document, where = self.read_mapping(source)
+        document, compiler = self.read_mapping(source)
         self.mapping: MappingT = document
-        self.plan: Plan = self.compile(document, where)
+        self.plan: Plan = self.compile(document, compiler)
         self.new_id = new_id or (lambda: str(uuid4()))
         self.commands = CommandBook(timeout_s=getattr(self.options, "command_timeout_s", 60.0))
         self.start()
@@ -127,47 +154,61 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
         ``__init__``, so subclasses need not repeat its signature."""
 
     @classmethod
-    def read_mapping(cls, source: str | Path | None = None) -> tuple[Any, Located]:
+    def read_mapping(cls, source: str | Path | None = None) -> tuple[Any, Compiler]:
         """Load and validate a mapping file (the packaged one by default)."""
         from energybus.mappings import mapping_path
 
         data, where = read_toml(source if source is not None else mapping_path(cls.name))
-        document = load_document(cls.mapping_type, data, where)
-        if document.adapter != cls.name:
+        # The adapter is checked first: another adapter's mapping fails every schema
+        # rule, and the one fault worth reporting is that it is the wrong file.
+        named = data.get("adapter")
+        if isinstance(named, str) and named != cls.name:
             raise where.error(
                 "wrong_adapter",
-                f"this mapping is for adapter {document.adapter!r}, not {cls.name!r}",
+                f"this mapping is for adapter {named!r}, not {cls.name!r}",
                 "$.adapter",
             )
-        return document, where
+        document = load_document(cls.mapping_type, data, where)
+        return document, Compiler(where, document.defaults)
+
+    @classmethod
+    def options_from(
+        cls,
+        section: Mapping[str, Any],
+        where: Located,
+        path: str | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        expanded: bool = False,
+    ) -> Any:
+        """This adapter's options from its ``[adapters.<name>]`` table of a site file
+        already read (``${VAR}`` expanded unless ``expanded``)."""
+        at = path or f"$.adapters.{cls.name}"
+        data = dict(section) if expanded else expand_env(dict(section), where, at, environ)
+        return load_document(cls.options_type, data, where, at)
 
     @classmethod
     def options_from_file(
         cls, source: str | Path, *, environ: Mapping[str, str] | None = None
     ) -> Any:
-        """This adapter's options from the ``[adapters.<name>]`` table of a site config.
-
-        ``${VAR}`` in strings comes from the environment; a missing table means the
-        defaults. Other tables belong to the worker, which checks them.
-        """
+        """This adapter's options from a site configuration file; a missing table means
+        the defaults. Other tables belong to the worker, which checks them."""
         data, where = read_toml(source)
         adapters = data.get("adapters", {})
         section = adapters.get(cls.name, {}) if isinstance(adapters, dict) else {}
         if not isinstance(section, dict):
             raise where.error("wrong_type", "must be a table", f"$.adapters.{cls.name}")
-        return load_options(
-            cls.options_type, section, where, f"$.adapters.{cls.name}", environ=environ
-        )
+        return cls.options_from(section, where, environ=environ)
 
     @classmethod
     def check_mapping(cls, source: str | Path | None = None) -> Plan:
         """Load and compile a mapping file without building an adapter."""
-        document, where = cls.read_mapping(source)
-        return cls.compile(document, where)
+        document, compiler = cls.read_mapping(source)
+        return cls.compile(document, compiler)
 
     @classmethod
     @abstractmethod
-    def compile(cls, document: Any, where: Located) -> Plan:
+    def compile(cls, document: Any, compiler: Compiler) -> Plan:
         """Check what the schema cannot (units, metrics, templates) and build lookups."""
 
     @abstractmethod
@@ -185,3 +226,44 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
     def expire(self, now: datetime) -> list[CommandRecord]:
         """Commands whose answer is overdue, now ``expired``."""
         return self.commands.expire(now)
+
+    # What every ``format`` shares ---------------------------------------------------------
+
+    @staticmethod
+    def request(payload: bytes) -> tuple[Scalar, SetEnvelope | None]:
+        """A ``set`` payload's value, and its envelope for Profile B."""
+        request = decode_set(payload)
+        if isinstance(request, SetEnvelope):
+            return request.value, request
+        return request, None
+
+    def command(
+        self,
+        parsed: Topic,
+        value: Scalar,
+        *,
+        command_id: str,
+        target: str,
+        action: str,
+        payload: dict[str, Any] | None,
+        received_at: datetime,
+        messages: list[Message],
+    ) -> Formatted:
+        """Register a new command record as ``accepted`` and pair it with its messages."""
+        record = CommandRecord(
+            id=command_id,
+            adapter=self.name,
+            site=parsed.site,
+            entity_type=parsed.entity_type,
+            entity_id=parsed.entity_id,
+            metric=parsed.metric,
+            value=value,
+            target=target,
+            action=action,
+            payload=payload,
+            state="accepted",
+            accepted_at=received_at,
+            expires_at=self.commands.deadline(received_at),
+        )
+        self.commands.accept(record)
+        return Formatted(record=record, messages=messages)

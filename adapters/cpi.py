@@ -15,7 +15,6 @@ Every message from a plant with secrets must carry a valid ``sig`` (HMAC-SHA256,
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Final
 
@@ -31,55 +30,23 @@ from energybus.errors import (
 )
 from energybus.filters import canonical_filter
 from energybus.messages import Message
-from energybus.payloads import Scalar, SetEnvelope, decode_set
+from energybus.payloads import DECODE_ERRORS, explain
 from energybus.render import SeriesSpec
-from energybus.samples import Sample
+from energybus.samples import Reading
 from energybus.topics import EntityType, build_topic, parse_topic, to_kebab, to_snake
-from energybus.units import Conversion
 
-from .base import Adapter, Formatted, Normalized, Plan, Rejection
-from .commands import CommandRecord
-from .mapping import (
-    CompiledRow,
-    Document,
-    Located,
-    MappingDocument,
-    Positive,
-    SeriesRow,
-    ValueType,
-)
+from .base import Adapter, Formatted, Normalized, Plan, Rejection, SourceDeclaration
+from .engine import DeviceTemplate, Template, compile_templates
+from .mapping import Compiler, Document, MappingDocument, Positive
 from .signing import ReplayGuard, Signer
 
 __all__ = [
-    "ActionRow",
     "CpiAdapter",
     "CpiMapping",
     "CpiOptions",
     "CpiPlant",
     "CpiTarget",
-    "Template",
 ]
-
-
-class ActionRow(SeriesRow, frozen=True, kw_only=True):
-    """A command a device accepts: its ``set`` metric, and the payload field for the value.
-
-    ``unit`` and ``scale`` are the plant's: a canonical value is converted back to them.
-    Without ``param`` the action takes no value and is sent for a ``set`` of ``true``.
-    """
-
-    param: str | None = None
-
-
-class Template(Document, frozen=True, kw_only=True):
-    """A device template: what a sub-device's signals mean and which actions it takes."""
-
-    entity_type: EntityType
-    description: str = ""
-    signals: dict[str, SeriesRow] = {}
-    binary: dict[str, dict[str, SeriesRow]] = {}
-    actions: dict[str, ActionRow] = {}
-    ignore: dict[str, str] = {}
 
 
 class AlarmRow(Document, frozen=True, kw_only=True):
@@ -92,7 +59,7 @@ class Alarms(Document, frozen=True, kw_only=True):
 
 
 class CpiMapping(MappingDocument, frozen=True, kw_only=True):
-    templates: dict[str, Template]
+    templates: dict[str, DeviceTemplate]
     alarms: Alarms = Alarms()
 
 
@@ -127,35 +94,10 @@ class CpiOptions(Document, frozen=True, kw_only=True):
     mapping: str | None = None
 
 
-_Hot = tuple[str, Callable[[float], float] | None, str | None, SeriesSpec]
-
-
-class _Action:
-    __slots__ = ("key", "param", "row", "to_source")
-
-    def __init__(self, key: str, param: str | None, row: CompiledRow, to_source: Conversion | None):
-        self.key = key
-        self.param = param
-        self.row = row
-        self.to_source = to_source
-
-
-class _Template:
-    __slots__ = ("actions", "bits", "entity_type", "name", "signals")
-
-    def __init__(self, name: str, entity_type: EntityType) -> None:
-        self.name = name
-        self.entity_type = entity_type
-        self.signals: dict[str, _Hot] = {}
-        self.bits: dict[str, list[tuple[int, str, SeriesSpec]]] = {}
-        self.actions: dict[str, _Action] = {}
-        """By the metric whose ``set`` sends the action."""
-
-
 class CpiPlan(Plan):
     def __init__(
         self,
-        templates: dict[str, _Template],
+        templates: dict[str, Template],
         alarms: dict[str, str],
         alarm_spec: SeriesSpec,
         rows: int,
@@ -173,7 +115,7 @@ class _Device:
         self,
         plant: _Plant,
         external_id: str | None,
-        template: _Template,
+        template: Template,
         entity_type: EntityType,
         entity_id: str,
     ) -> None:
@@ -196,7 +138,7 @@ class _Plant:
         self.targets: dict[str, _Device] = {}
 
 
-_decode: Final = msgspec.json.Decoder().decode
+_decoder: Final = msgspec.json.Decoder()
 _json: Final = msgspec.json.Encoder()
 
 
@@ -204,7 +146,12 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
     name: ClassVar[str] = "cpi"
     options_type: ClassVar[type[Document]] = CpiOptions
     mapping_type: ClassVar[type[MappingDocument]] = CpiMapping
-    source_filters = ("cpi/+/telemetry", "cpi/+/alarm", "cpi/+/commands/ack")
+    sources = (
+        SourceDeclaration(
+            transport="mqtt",
+            patterns=("cpi/+/telemetry", "cpi/+/alarm", "cpi/+/commands/ack"),
+        ),
+    )
 
     plan: CpiPlan
 
@@ -245,7 +192,7 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
             )
         self._plants[plant_id] = plant
 
-    def _template(self, name: str, path: str) -> _Template:
+    def _template(self, name: str, path: str) -> Template:
         template = self.plan.templates.get(name)
         if template is None:
             known = ", ".join(sorted(self.plan.templates))
@@ -258,7 +205,7 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
         self,
         plant: _Plant,
         external_id: str | None,
-        template: _Template,
+        template: Template,
         entity_type: EntityType,
         entity_id: str,
     ) -> _Device:
@@ -276,66 +223,11 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
     # Compiling ------------------------------------------------------------------------
 
     @classmethod
-    def compile(cls, document: CpiMapping, where: Located) -> CpiPlan:
-        templates: dict[str, _Template] = {}
-        rows = 0
-        defaults = document.defaults
-        for name, template in document.templates.items():
-            path = f"$.templates.{name}"
-            compiled = _Template(name, template.entity_type)
-            etype = template.entity_type
-            for signal, row in template.signals.items():
-                at = f"{path}.signals.{signal}"
-                done = where.row(row, defaults, at, entity_type=etype, value_type="number")
-                compiled.signals[signal] = (done.metric, done.convert, done.unit, done.spec)
-                rows += 1
-            for signal, bits in template.binary.items():
-                if signal in template.signals:
-                    raise where.error(
-                        "conflicting_field", f"signal {signal!r} is both numeric and binary", path
-                    )
-                compiled_bits = []
-                for bit, row in bits.items():
-                    at = f'{path}.binary.{signal}["{bit}"]'
-                    if not bit.isdigit() or not 0 <= int(bit) <= 63:
-                        raise where.error("bad_bit", f"bit {bit!r} is not a number 0..63", at)
-                    done = where.row(row, defaults, at, entity_type=etype, value_type="boolean")
-                    compiled_bits.append((1 << int(bit), done.metric, done.spec))
-                    rows += 1
-                compiled.bits[signal] = compiled_bits
-            for key, action in template.actions.items():
-                at = f"{path}.actions.{key}"
-                kind: ValueType = "number" if action.param else "boolean"
-                confirm = SeriesRow(
-                    metric=action.metric,
-                    unit=action.unit,
-                    scale=action.scale,
-                    type=kind,
-                    description=action.description,
-                    dedupe=False,  # a confirmation is news even when it repeats a value
-                )
-                done = where.row(confirm, defaults, at, entity_type=etype, value_type=kind)
-                if done.metric in compiled.actions:
-                    raise where.error(
-                        "conflicting_field", f"two actions are sent by {done.metric!r}", at
-                    )
-                to_source = (
-                    Conversion(action.unit, action.scale).inverse() if action.param else None
-                )
-                compiled.actions[done.metric] = _Action(key, action.param, done, to_source)
-            for name_ in template.ignore:
-                if name_ in template.signals or name_ in template.binary:
-                    raise where.error(
-                        "ignored_and_mapped", f"{name_!r} is both mapped and ignored", path
-                    )
-            templates[name] = compiled
+    def compile(cls, document: CpiMapping, compiler: Compiler) -> CpiPlan:
+        templates, rows = compile_templates(document.templates, compiler)
         alarms = {}
         for code, alarm in document.alarms.codes.items():
-            at = f"$.alarms.codes.{code}"
-            try:
-                build_topic("site", "source", "entity", alarm.metric)
-            except TopicError as exc:
-                raise where.error(exc.code, exc.message, f"{at}.metric") from None
+            compiler.metric(alarm.metric, f"$.alarms.codes.{code}")
             alarms[code] = alarm.metric
             rows += 1
         alarm_spec = SeriesSpec(
@@ -358,7 +250,7 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
                 raise SourceError("unknown_plant", "this plant is not in the configuration")
             document = self._authentic(plant, payload, received_at)
             if kind == "telemetry":
-                return self._telemetry(plant, document)
+                return self._telemetry(plant, document, topic)
             if kind == "alarm":
                 return self._alarm(plant, document)
             return self._ack(plant, document, received_at)
@@ -368,9 +260,10 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
     def _authentic(self, plant: _Plant, payload: bytes, received_at: datetime) -> dict[str, Any]:
         """The decoded message, once its signature, time and novelty are checked."""
         try:
-            document = _decode(payload)
-        except msgspec.DecodeError as exc:
-            raise SourceError("malformed_json", str(exc)) from None
+            document = _decoder.decode(payload)
+        except DECODE_ERRORS as exc:
+            code, detail, _ = explain(exc)
+            raise SourceError(code, detail) from None
         if type(document) is not dict:
             raise SourceError("wrong_type", "message must be a JSON object")
         if plant.signer is not None:
@@ -402,67 +295,18 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
             )
         return device
 
-    def _telemetry(self, plant: _Plant, document: dict[str, Any]) -> Normalized:
+    def _telemetry(self, plant: _Plant, document: dict[str, Any], topic: str) -> Normalized:
         device = self._device_for(plant, document)
         values = document.get("values")
         if type(values) is not dict:
             raise SourceError("wrong_type", "values must be an object of signals", path="$.values")
-        observed = _ms(document["ts"])
-        site, entity_type, entity_id = plant.site, device.entity_type, device.entity_id
-        signals = device.template.signals
-        binary = device.template.bits
-        samples: list[Sample] = []
-        specs: list[SeriesSpec] = []
-        for name, raw in values.items():
-            kind = type(raw)
-            if kind is not float and kind is not int:
-                if raw is None:
-                    continue
-                raise SourceError(
-                    "wrong_type", "a signal must be a number", path=f"$.values.{name}"
-                )
-            hot = signals.get(name)
-            if hot is not None:
-                if kind is int and not -1e300 < raw < 1e300:
-                    raise SourceError(
-                        "non_finite",
-                        "a signal is out of the range of a double",
-                        path=f"$.values.{name}",
-                    )
-                metric, convert, unit, spec = hot
-                value = raw if convert is None else convert(raw)
-                samples.append(
-                    Sample(
-                        site, entity_type, entity_id, metric, float(value), observed, "good", unit
-                    )
-                )
-                specs.append(spec)
-                continue
-            bits = binary.get(name)
-            if bits is None:
-                continue  # a signal the template does not know: firmware may add them
-            if (kind is float and not raw.is_integer()) or raw < 0:
-                raise SourceError(
-                    "wrong_type",
-                    "a binary signal must be a whole number >= 0",
-                    path=f"$.values.{name}",
-                )
-            word = int(raw)
-            for mask, metric, spec in bits:
-                samples.append(
-                    Sample(
-                        site,
-                        entity_type,
-                        entity_id,
-                        metric,
-                        bool(word & mask),
-                        observed,
-                        "good",
-                        None,
-                    )
-                )
-                specs.append(spec)
-        return Normalized(samples=samples, specs=specs)
+        reading = Reading(plant.site, device.entity_type, device.entity_id, _ms(document["ts"]))
+        errors: list[SourceError] = []
+        device.template.read(values, reading, errors)
+        readings = [reading] if reading.values else []
+        if errors:
+            return Normalized.refused(errors, topic, readings=readings)
+        return Normalized(readings=readings)
 
     def _alarm(self, plant: _Plant, document: dict[str, Any]) -> Normalized:
         device = self._device_for(plant, document)
@@ -489,17 +333,15 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
             spec = msgspec.structs.replace(self.plan.alarm_spec, attributes=attributes)
             if len(self._alarm_specs) < 4096:
                 self._alarm_specs[(metric, severity)] = spec
-        sample = Sample(
+        reading = Reading(
             plant.site,
             device.entity_type,
             device.entity_id,
-            metric,
-            active,
             _ms(document["ts"]),
             "good",
-            None,
+            [(metric, active, None, spec)],
         )
-        return Normalized(samples=[sample], specs=[spec])
+        return Normalized(readings=[reading])
 
     def _ack(self, plant: _Plant, document: dict[str, Any], received_at: datetime) -> Normalized:
         command_id = document.get("cmdId")
@@ -523,20 +365,17 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
         if ok:
             device = self._devices[(record.site, record.entity_type, record.entity_id)]
             action = device.template.actions[record.metric]
-            row = action.row
-            result.samples.append(
-                Sample(
+            value = (record.metric, record.value, action.unit, action.spec)
+            result.readings.append(
+                Reading(
                     record.site,
                     device.entity_type,
                     device.entity_id,
-                    record.metric,
-                    record.value,
                     _ms(document["ts"]),
                     "good",
-                    row.unit,
+                    [value],
                 )
             )
-            result.specs.append(row.spec)
         return result
 
     # Commands -------------------------------------------------------------------------
@@ -557,8 +396,7 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
                 f"template {device.template.name!r} declares no action for {parsed.metric!r}",
                 topic=topic,
             )
-        request = decode_set(payload)
-        value: Scalar = request.value if isinstance(request, SetEnvelope) else request
+        value, _ = self.request(payload)
         command_id = self.new_id()
         plant = device.plant
         body: dict[str, Any] = {
@@ -582,24 +420,17 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
         if plant.signer is not None:
             body["sig"] = plant.signer.sign(body)
         target = plant.id if device.external_id is None else f"{plant.id}/{device.external_id}"
-        record = CommandRecord(
-            id=command_id,
-            adapter=self.name,
-            site=parsed.site,
-            entity_type=parsed.entity_type,
-            entity_id=parsed.entity_id,
-            metric=parsed.metric,
-            value=value,
+        message = Message(f"cpi/{plant.id}/commands", _json.encode(body), 1, False)
+        return self.command(
+            parsed,
+            value,
+            command_id=command_id,
             target=target,
             action=action.key,
             payload=body.get("payload"),
-            state="accepted",
-            accepted_at=received_at,
-            expires_at=self.commands.deadline(received_at),
+            received_at=received_at,
+            messages=[message],
         )
-        self.commands.accept(record)
-        message = Message(f"cpi/{plant.id}/commands", _json.encode(body), 1, False)
-        return Formatted(record=record, messages=[message])
 
 
 def _ms(ts: float) -> datetime:

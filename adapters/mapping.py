@@ -1,52 +1,44 @@
-"""Mapping files and adapter options: TOML, checked strictly once, compiled into lookups.
+"""Mapping files as data: the schemas every mapping shares, and their compiler.
 
-A mapping file describes a source platform as data (per source field: entity, metric,
-unit, scale, publishing settings; static fields that go to ``meta``; fields ignored on
-purpose, with the reason). It is read with :func:`load_document`, which validates it
-against the adapter's schema (unknown keys are errors) and reports every fault with
-its file, line and path, and then each adapter compiles it into plain tuples and dicts
-so that the per-message path looks nothing up by name.
-
-The same machinery reads an adapter's options from a site configuration file, with
-``${VAR}`` taken from the environment (secrets never live in files or logs).
+A mapping file describes a source platform as data: per source field its entity,
+metric, unit, scale and named transforms (``lookup``, ``enum``, ``bits``, ``range``),
+static fields that go to ``meta``, and fields ignored on purpose with the reason. The
+file is read with :mod:`energybus.documents` (strict, errors name file and line); the
+:class:`Compiler` then checks each row against the contract (metric names, units of the
+vocabulary, id templates) and hands it to :mod:`.engine`, which turns it into the plain
+tuples the per-message path reads.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import string
-import tomllib
-from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
-from typing import Annotated, Any, Final, Literal, TypeVar
+from collections.abc import Iterable
+from typing import Annotated, Literal
 
 import msgspec
 
+from energybus.documents import Located
 from energybus.errors import MappingError, TopicError, UnitError
-from energybus.metrics import metric_info
-from energybus.payloads import HistorianMode, explain
+from energybus.metrics import MetricInfo, metric_info
+from energybus.payloads import HistorianMode
 from energybus.render import SeriesSpec
 from energybus.topics import EntityType, build_topic
-from energybus.units import Conversion
+from energybus.units import PLAUSIBLE, Conversion
 
 __all__ = [
     "AttributeRow",
-    "CompiledAttribute",
-    "CompiledRow",
+    "BitRow",
+    "Compiler",
     "Document",
     "EntityGroup",
-    "Located",
     "MappingDocument",
+    "NonNegative",
+    "Positive",
     "SeriesRow",
     "SeriesSettings",
-    "expand_env",
-    "load_document",
-    "load_options",
-    "read_toml",
+    "ValueType",
 ]
-
-T = TypeVar("T", bound=msgspec.Struct)
 
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -71,15 +63,33 @@ class SeriesSettings(Document, frozen=True, kw_only=True):
     historian_mode: HistorianMode | None = None
 
 
-class SeriesRow(SeriesSettings, frozen=True, kw_only=True):
-    """One source value becoming one canonical metric."""
+class BitRow(SeriesSettings, frozen=True, kw_only=True):
+    """One bit of a bitmask field, published as a boolean metric."""
 
     metric: str
+    description: str | None = None
+
+
+class SeriesRow(SeriesSettings, frozen=True, kw_only=True):
+    """One source field becoming one canonical metric (or, with ``bits``, several).
+
+    The transforms, applied in this order: ``lookup`` (a source code or word to a
+    number or boolean) or ``enum`` (a numeric state code, published as is, its names
+    in ``meta``); then ``unit`` and ``scale``; then ``range``, the plausible values in
+    the canonical unit (default: :data:`energybus.units.PLAUSIBLE` for the unit).
+    ``bits`` instead reads the field as a bitmask, one boolean metric per bit number.
+    """
+
+    metric: str | None = None
     unit: str | None = None
     scale: float = 1.0
     type: ValueType | None = None
     description: str | None = None
     precision: Positive | None = None
+    range: tuple[float, float] | None = None
+    lookup: dict[str, int | float | bool] | None = None
+    enum: dict[str, str] | None = None
+    bits: dict[str, BitRow] | None = None
 
 
 class AttributeRow(Document, frozen=True, kw_only=True):
@@ -115,99 +125,99 @@ class MappingDocument(Document, frozen=True, kw_only=True):
     defaults: SeriesSettings = SeriesSettings()
 
 
-class CompiledRow:
-    """A :class:`SeriesRow` made ready for the hot path."""
+class Checked:
+    """A row checked against the contract: what the engine needs to compile it."""
 
-    __slots__ = ("convert", "metric", "spec", "unit", "value_type")
+    __slots__ = ("conversion", "hi", "lo", "metric", "spec", "value_type")
 
     def __init__(
         self,
         metric: str,
-        unit: str | None,
-        convert: Callable[[float], float] | None,
-        spec: SeriesSpec,
         value_type: ValueType,
+        conversion: Conversion | None,
+        spec: SeriesSpec,
+        lo: float,
+        hi: float,
     ) -> None:
         self.metric = metric
-        self.unit = unit
-        self.convert = convert
-        """``None`` when values pass unchanged, so the hot path skips a call."""
-        self.spec = spec
         self.value_type = value_type
+        self.conversion = conversion
+        """``None`` for booleans; otherwise the conversion (``unit`` is the canonical one)."""
+        self.spec = spec
+        self.lo = lo
+        self.hi = hi
 
 
-class CompiledAttribute:
-    __slots__ = ("convert", "name")
+class Compiler:
+    """Checks mapping rows against the contract, pointing every fault at its line."""
 
-    def __init__(self, name: str, convert: Callable[[float], float] | None) -> None:
-        self.name = name
-        self.convert = convert
-
-
-class Located:
-    """A loaded TOML document's file and key lines, to point errors at their line."""
-
-    def __init__(self, file: str | None, text: str) -> None:
-        self.file = file
-        self._lines = _key_lines(text)
+    def __init__(self, where: Located, defaults: SeriesSettings) -> None:
+        self.where = where
+        self.defaults = defaults
 
     def error(self, code: str, message: str, path: str) -> MappingError:
-        return MappingError(code, message, file=self.file, line=self.line(path), path=path)
+        return self.where.error(code, message, path)
 
-    def line(self, path: str) -> int | None:
-        """The line of the longest prefix of ``path`` that a key or header names."""
-        parts = _split_path(path)
-        while parts:
-            line = self._lines.get(tuple(parts))
-            if line is not None:
-                return line
-            parts.pop()
-        return None
-
-    # Compiling --------------------------------------------------------------------------
-
-    def row(
-        self,
-        row: SeriesRow,
-        defaults: SeriesSettings,
-        path: str,
-        *,
-        entity_type: EntityType = "load",
-        value_type: ValueType | None = None,
-    ) -> CompiledRow:
-        """Check ``row`` against the contract and compile it; errors point at ``path``."""
+    def metric(self, metric: str, path: str) -> MetricInfo | None:
         try:
-            build_topic("site", entity_type, "entity", row.metric)
+            build_topic("site", "load", "entity", metric)
         except TopicError as exc:
             raise self.error(exc.code, exc.message, f"{path}.metric") from None
-        info = metric_info(row.metric)
-        kind = value_type or row.type or (info.value_type if info else "number")
-        if value_type is not None and row.type not in (None, value_type):
+        return metric_info(metric)
+
+    def check(
+        self,
+        row: SeriesRow | BitRow,
+        path: str,
+        *,
+        value_type: ValueType | None = None,
+        unit: str | None = None,
+        scale: float = 1.0,
+        dedupe: bool | None = None,
+    ) -> Checked:
+        """Check one output of a row: its metric, type, unit and publishing settings.
+
+        ``value_type`` is forced by the transform (``bits`` and boolean lookups give
+        booleans); ``unit`` and ``scale`` are the source's.
+        """
+        info = self.metric(row.metric or "", path)
+        declared = getattr(row, "type", None)
+        kind: ValueType = value_type or declared or (info.value_type if info else "number")
+        if value_type is not None and declared not in (None, value_type):
             raise self.error("wrong_type", f"this row is always a {value_type}", f"{path}.type")
-        convert: Callable[[float], float] | None = None
-        unit: str | None = None
+        conversion: Conversion | None = None
+        lo, hi = -float("inf"), float("inf")
         if kind == "boolean":
-            if row.unit is not None or row.scale != 1.0:
+            if unit is not None or scale != 1.0:
                 raise self.error(
                     "unit_on_boolean", f"boolean metric {row.metric!r} takes no unit or scale", path
                 )
         else:
-            conversion = self._conversion(row.unit, row.scale, path)
-            unit = conversion.unit
-            convert = conversion.fast()
+            conversion = self._conversion(unit, scale, path)
+            lo, hi = PLAUSIBLE.get(conversion.unit or "", (lo, hi))
         if info is not None and info.value_type != kind:
             raise self.error(
                 "wrong_type", f"metric {row.metric!r} is a {info.value_type}, not a {kind}", path
             )
-        if info is not None and kind == "number" and info.unit != unit:
+        canonical = conversion.unit if conversion is not None else None
+        if info is not None and kind == "number" and info.unit != canonical:
             raise self.error(
                 "unit_mismatch",
                 f"metric {row.metric!r} is published in {info.unit or 'no unit'}, "
-                f"but unit {row.unit!r} converts to {unit or 'no unit'}",
+                f"but unit {unit!r} converts to {canonical or 'no unit'}",
                 f"{path}.unit",
             )
+        bounds = getattr(row, "range", None)
+        if bounds is not None:
+            if kind == "boolean":
+                raise self.error("unit_on_boolean", "a boolean metric takes no range", path)
+            if not bounds[0] <= bounds[1]:
+                raise self.error("out_of_range", "range is [min, max] with min <= max", path)
+            lo, hi = bounds
 
-        def pick(name: str, fallback: Any) -> Any:
+        defaults = self.defaults
+
+        def pick(name: str, fallback: object) -> object:
             value = getattr(row, name)
             if value is None:
                 value = getattr(defaults, name)
@@ -215,26 +225,26 @@ class Located:
 
         interval = pick("max_interval_s", 60.0)
         spec = SeriesSpec(
-            profile=pick("profile", "A"),
-            dedupe=pick("dedupe", True),
-            deadband=pick("deadband", 0.0),
-            max_interval_s=interval or None,
-            last_min_interval_s=pick("last_min_interval_s", 0.0),
+            profile=pick("profile", "A"),  # type: ignore[arg-type]
+            dedupe=bool(pick("dedupe", True)) if dedupe is None else dedupe,
+            deadband=float(pick("deadband", 0.0)),  # type: ignore[arg-type]
+            max_interval_s=float(interval) or None,  # type: ignore[arg-type]
+            last_min_interval_s=float(pick("last_min_interval_s", 0.0)),  # type: ignore[arg-type]
             description=row.description or (info.description if info else None),
-            precision=row.precision,
-            historian_mode=pick("historian_mode", "sample"),
+            precision=getattr(row, "precision", None),
+            historian_mode=pick("historian_mode", "sample"),  # type: ignore[arg-type]
         )
-        return CompiledRow(row.metric, unit, convert, spec, kind)
+        return Checked(row.metric or "", kind, conversion, spec, lo, hi)
 
-    def attribute(self, row: AttributeRow, path: str) -> CompiledAttribute:
+    def attribute(self, row: AttributeRow, path: str) -> Conversion | None:
+        """Check a static field; its conversion, or ``None`` when it passes unchanged."""
         if not re.fullmatch(r"[a-z][a-z0-9]*(_[a-z0-9]+)*", row.attribute):
             raise self.error(
                 "not_snake_case", f"attribute {row.attribute!r} must be snake_case", path
             )
         if row.unit is None and row.scale == 1.0:
-            return CompiledAttribute(row.attribute, None)
-        conversion = self._conversion(row.unit, row.scale, path)
-        return CompiledAttribute(row.attribute, conversion.fast())
+            return None
+        return self._conversion(row.unit, row.scale, path)
 
     def template(self, template: str, placeholders: Iterable[str], path: str) -> str:
         """Check an id template: known placeholders only, kebab-case once filled in."""
@@ -267,191 +277,3 @@ class Located:
             return Conversion(unit, scale)
         except UnitError as exc:
             raise self.error(exc.code, exc.message, f"{path}.unit") from None
-
-
-def read_toml(source: str | Path) -> tuple[dict[str, Any], Located]:
-    """Parse a TOML file; a syntax error becomes a :class:`MappingError` with its line."""
-    path = Path(source)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise MappingError("unreadable", f"cannot read: {exc.strerror}", file=str(path)) from None
-    except UnicodeDecodeError:
-        raise MappingError("invalid_utf8", "not UTF-8 text", file=str(path)) from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        line = re.search(r"at line (\d+)", str(exc))
-        raise MappingError(
-            "bad_toml",
-            str(exc),
-            file=str(path),
-            line=int(line.group(1)) if line else None,
-        ) from None
-    return data, Located(str(path), text)
-
-
-def load_document(schema: type[T], data: Mapping[str, Any], where: Located, path: str = "$") -> T:
-    """Validate ``data`` against ``schema``; a fault names its file, line and full path."""
-    try:
-        return msgspec.convert(data, schema, strict=True)
-    except msgspec.ValidationError as exc:
-        code, detail, error_path = explain(exc)
-        if "[...]" in error_path:
-            error_path = _resolve_keys(schema, dict(data), error_path)
-        full = path + error_path[1:]
-        raise where.error(code, detail, full) from None
-
-
-def load_options(
-    schema: type[T],
-    data: Mapping[str, Any],
-    where: Located,
-    path: str = "$",
-    *,
-    environ: Mapping[str, str] | None = None,
-) -> T:
-    """Like :func:`load_document`, after :func:`expand_env`."""
-    return load_document(schema, expand_env(dict(data), where, path, environ), where, path)
-
-
-def expand_env(
-    value: Any, where: Located, path: str = "$", environ: Mapping[str, str] | None = None
-) -> Any:
-    """``value`` with ``${VAR}`` in every string replaced from the environment.
-
-    A missing variable is an error naming the variable, never its would-be value.
-    """
-    env = os.environ if environ is None else environ
-
-    def expand(value: Any, at: str) -> Any:
-        if isinstance(value, str):
-
-            def lookup(match: re.Match[str]) -> str:
-                name = match.group(1)
-                if name not in env:
-                    raise where.error("missing_env", f"environment variable {name} is not set", at)
-                return env[name]
-
-            return _ENV_RE.sub(lookup, value)
-        if isinstance(value, dict):
-            return {key: expand(item, f"{at}.{key}") for key, item in value.items()}
-        if isinstance(value, list):
-            return [expand(item, f"{at}[{index}]") for index, item in enumerate(value)]
-        return value
-
-    return expand(value, path)
-
-
-_ENV_RE: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def _resolve_keys(schema: type[msgspec.Struct], data: dict[str, Any], path: str) -> str:
-    """Name the dict keys msgspec writes as ``[...]`` in an error path.
-
-    msgspec does not say which key of a table failed; it is found by keeping one key of
-    that table at a time and validating again (only on the error path, so cost is moot).
-    """
-    prefix, _, rest = path.partition("[...]")
-    container = _walk(data, _split_path(prefix))
-    if not isinstance(container, dict):
-        return path
-    for key in list(container):
-        trial = _replace(data, _split_path(prefix), {key: container[key]})
-        try:
-            msgspec.convert(trial, schema, strict=True)
-        except msgspec.ValidationError as exc:
-            if explain(exc)[2].partition("[...]")[0] == prefix:
-                resolved = (
-                    f"{prefix}.{key}{rest}"
-                    if _IDENT.fullmatch(key)
-                    else (f'{prefix}["{key}"]{rest}')
-                )
-                return _resolve_keys(schema, data, resolved) if "[...]" in rest else resolved
-    return path
-
-
-_IDENT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
-_PART: Final = re.compile(r'\.([A-Za-z_][A-Za-z0-9_-]*)|\[(\d+)\]|\["([^"]*)"\]')
-
-
-def _split_path(path: str) -> list[str | int]:
-    parts: list[str | int] = []
-    for name, index, quoted in _PART.findall(path.removeprefix("$")):
-        parts.append(int(index) if index else (name or quoted))
-    return parts
-
-
-def _walk(data: Any, parts: list[str | int]) -> Any:
-    for part in parts:
-        try:
-            data = data[part]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return data
-
-
-def _replace(data: Any, parts: list[str | int], value: Any) -> Any:
-    if not parts:
-        return value
-    head, *tail = parts
-    copy: Any = list(data) if isinstance(data, list) else dict(data)
-    copy[head] = _replace(data[head], tail, value)
-    return copy
-
-
-# A line scanner for TOML: enough structure to name the line of a key or table. It
-# relies on tomllib having accepted the text already, so it need not be strict.
-_HEADER: Final = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-_KEY: Final = re.compile(
-    r'^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\'))*)\s*='
-)
-
-
-def _keys(dotted: str) -> list[str]:
-    return [part.strip().strip("\"'") for part in re.findall(r'"[^"]*"|\'[^\']*\'|[^.]+', dotted)]
-
-
-def _key_lines(text: str) -> dict[tuple[str | int, ...], int]:
-    lines: dict[tuple[str | int, ...], int] = {}
-    arrays: dict[tuple[str, ...], int] = {}
-    table: tuple[str | int, ...] = ()
-    depth = 0  # open brackets of a multi-line value still being skipped
-    in_string = False
-    for number, line in enumerate(text.splitlines(), start=1):
-        if in_string:
-            in_string = line.count('"""') % 2 == 0
-            continue
-        if depth:
-            depth += _balance(line)
-            continue
-        header = _HEADER.match(line)
-        if header:
-            names = tuple(_keys(header.group(2)))
-            if header.group(1) == "[[":
-                arrays[names] = arrays.get(names, -1) + 1
-            # A header's earlier parts resolve to the current element of any array.
-            resolved: list[str | int] = []
-            for i in range(len(names)):
-                resolved.append(names[i])
-                index = arrays.get(names[: i + 1])
-                if index is not None:
-                    resolved.append(index)
-            table = tuple(resolved)
-            lines.setdefault(table, number)
-            continue
-        key = _KEY.match(line)
-        if key:
-            path = table + tuple(_keys(key.group(1)))
-            lines.setdefault(path, number)
-            rest = line[key.end() :]
-            if rest.count('"""') % 2 == 1:
-                in_string = True
-            depth = max(0, _balance(rest))
-    return lines
-
-
-def _balance(text: str) -> int:
-    """Open minus closed brackets outside strings and comments."""
-    text = re.sub(r'"(?:\\.|[^"\\])*"|\'[^\']*\'', "", text).split("#", 1)[0]
-    return text.count("[") + text.count("{") - text.count("]") - text.count("}")

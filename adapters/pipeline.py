@@ -2,7 +2,9 @@
 
 This is the whole translation as the worker, ``energybus normalize`` and the golden tests
 run it, so the three cannot drift apart. It does no I/O either: the caller publishes
-:attr:`Output.messages` and stores :attr:`Output.commands`.
+:attr:`Output.messages`, stores :attr:`Output.readings` and :attr:`Output.commands`, and
+reports what the pipeline counted through its methods, never by reaching into the
+adapter or the renderer.
 """
 
 from __future__ import annotations
@@ -13,44 +15,59 @@ from typing import Any
 
 import msgspec
 
+from energybus.commands import CommandRecord
 from energybus.errors import EnergyBusError
 from energybus.filters import matches
 from energybus.messages import Message, check_delivery
 from energybus.render import Renderer
-from energybus.samples import Sample
+from energybus.samples import Reading, Sample
 
-from .base import Adapter, Rejection
-from .commands import CommandRecord
+from .base import Adapter, Rejection, SourceDeclaration
 
 __all__ = ["Output", "Pipeline"]
 
 
 class Output(msgspec.Struct, kw_only=True):
     """What one input became: messages to publish in order, refusals, command records,
-    and the samples behind the messages (for the historians; a sample the bus refused is
+    and the readings behind the messages (for the historians; a value the bus refused is
     not among them)."""
 
     messages: list[Message] = msgspec.field(default_factory=list)
     rejections: list[Rejection] = msgspec.field(default_factory=list)
     commands: list[CommandRecord] = msgspec.field(default_factory=list)
-    samples: list[Sample] = msgspec.field(default_factory=list)
+    readings: list[Reading] = msgspec.field(default_factory=list)
     duplicate: bool = False
+
+    @property
+    def samples(self) -> list[Sample]:
+        """The readings as one :class:`Sample` per value."""
+        return [sample for reading in self.readings for sample in reading.samples()]
 
 
 class Pipeline:
     """Routes a message to the adapter's ``normalize`` or, for a canonical ``set``, its
-    ``format``, and renders the samples.
+    ``format``, and renders the readings.
 
-    ``rejected`` counts refusals by code, for metrics; ``samples`` counts samples
+    ``rejected`` counts refusals by code, for metrics; ``samples`` counts values
     produced.
     """
 
     def __init__(self, adapter: Adapter[Any, Any], *, renderer: Renderer | None = None) -> None:
         self.adapter = adapter
+        self.name = adapter.name
         self.renderer = renderer or Renderer(source=adapter.name)
         self.rejected: Counter[str] = Counter()
         self.samples = 0
         self._command_filters = adapter.command_filters
+        self._suppressed_seen = 0
+
+    @property
+    def sources(self) -> tuple[SourceDeclaration, ...]:
+        return self.adapter.sources
+
+    @property
+    def command_filters(self) -> tuple[str, ...]:
+        return self._command_filters
 
     def is_command(self, topic: str) -> bool:
         return topic.endswith("/set") and any(matches(f, topic) for f in self._command_filters)
@@ -64,29 +81,50 @@ class Pipeline:
         out = Output(
             rejections=result.rejections,
             commands=result.commands,
-            samples=result.samples,
+            readings=result.readings,
             duplicate=result.duplicate,
         )
-        render = self.renderer.render_into
+        render = self.renderer.render_reading
         messages = out.messages
-        refused = None
-        for index, (sample, spec) in enumerate(zip(result.samples, result.specs, strict=True)):
-            try:
-                render(sample, messages, spec)
-            except EnergyBusError as error:  # a value the mapping let through but JSON cannot carry
-                out.rejections.append(Rejection.of(error, topic))
-                refused = refused or set()
-                refused.add(index)
-        if refused:
-            out.samples = [s for i, s in enumerate(result.samples) if i not in refused]
+        count = 0
+        for index, reading in enumerate(result.readings):
+            refused = render(reading, messages)
+            if refused:
+                # A value the mapping let through but JSON cannot carry (a plug-in's NaN).
+                for _, error in refused:
+                    out.rejections.append(Rejection.of(error, topic))
+                skip = {i for i, _ in refused}
+                kept = [v for i, v in enumerate(reading.values) if i not in skip]
+                out.readings[index] = Reading(
+                    reading.site,
+                    reading.entity_type,
+                    reading.entity_id,
+                    reading.observed_at,
+                    reading.quality,
+                    kept,
+                )
+            count += len(out.readings[index].values)
+        if len(out.readings) != sum(1 for r in out.readings if r.values):
+            out.readings = [r for r in out.readings if r.values]
         for rejection in out.rejections:
             self.rejected[rejection.code] += 1
-        self.samples += len(out.samples)
+        self.samples += count
         return out
 
     def expire(self, now: datetime) -> Output:
         """Commands whose answer is overdue, as ``expired`` records."""
         return Output(commands=self.adapter.expire(now))
+
+    def command_sent(self, command_id: str, at: datetime) -> CommandRecord | None:
+        """The broker took command ``command_id``: its record, now ``sent`` (``None``
+        when it already has an outcome)."""
+        return self.adapter.commands.sent(command_id, at)
+
+    def take_suppressed(self) -> int:
+        """How many values dedupe held back since the last call (for a counter metric)."""
+        total = self.renderer.suppressed
+        new, self._suppressed_seen = total - self._suppressed_seen, total
+        return new
 
     def _command(self, topic: str, payload: bytes, received_at: datetime, retain: bool) -> Output:
         try:

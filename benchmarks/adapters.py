@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
+
 from energybus.adapters import Pipeline, create_adapter
 from energybus.adapters.cpi import CpiOptions
 from energybus.adapters.signing import Signer
@@ -102,7 +103,7 @@ def bench_ven(
         result = adapter.normalize("volttron/metering", payload, received)
         if result.duplicate:
             raise AssertionError("a benchmark message was taken for a duplicate")
-        return len(result.samples)
+        return sum(len(r.values) for r in result.readings)
 
     pipeline = Pipeline(fresh())
 
@@ -126,7 +127,8 @@ def bench_ven(
         nonlocal pipeline
         pipeline = Pipeline(fresh())
 
-    samples = len(adapter.normalize("volttron/metering", messages[0], received).samples)
+    first = adapter.normalize("volttron/metering", messages[0], received)
+    samples = sum(len(r.values) for r in first.readings)
     adapter = fresh()
     normalized = rate(reset_on_wrap(_loop(normalize, messages), reset_adapter), seconds)
     passes["position"] = 0
@@ -207,7 +209,7 @@ def bench_cpi(
         count["n"] += 1
         if count["n"] % len(messages) == 0:
             holder["adapter"] = create_adapter("cpi", options=options)  # signatures new again
-        return len(result.samples)
+        return sum(len(r.values) for r in result.readings)
 
     return {
         "figure": "CPI telemetry messages (signed, verified) normalized per second per core",

@@ -27,11 +27,11 @@ from typing import Any
 
 import asyncpg
 import paho.mqtt.client as paho
-from energybus.adapters import Pipeline, create_adapter
-from energybus.adapters.ven import VenOptions
 from paho.mqtt.enums import CallbackAPIVersion
 
 from benchmarks.adapters import ven_messages
+from energybus.adapters import Pipeline, create_adapter
+from energybus.adapters.ven import VenOptions
 from tools import services
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -93,6 +93,7 @@ def energy(
     """Energy per interval from the counter historian, correct across resets and
     rollovers; resets, rollovers and jumps are listed after the table."""
     import msgspec
+
     from energybus.historian import counter_energy, counter_events
 
     begin, finish = _when(start), _when(end)

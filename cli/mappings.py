@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 import click
-from energybus.adapters import adapter_class
-from energybus.adapters.mapping import read_toml
-from energybus.mappings import mapping_names, mapping_path
 
+from energybus.adapters import adapter_class
+from energybus.documents import read_toml
 from energybus.errors import MappingError
+from energybus.mappings import mapping_names, mapping_path
 
 
 @click.group()

@@ -9,8 +9,8 @@ from typing import IO, Any
 
 import click
 import msgspec
-from energybus.adapters import Output, Pipeline, adapter_class
 
+from energybus.adapters import Output, Pipeline, adapter_class
 from energybus.errors import EnergyBusError, MappingError
 
 _json = msgspec.json.Encoder()

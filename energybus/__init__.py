@@ -28,6 +28,10 @@ _EXPORTS: dict[str, str] = {
     "SourceError": "energybus.errors",
     "TopicError": "energybus.errors",
     "UnitError": "energybus.errors",
+    "FINAL_STATES": "energybus.commands",
+    "CommandBook": "energybus.commands",
+    "CommandRecord": "energybus.commands",
+    "CommandState": "energybus.commands",
     "CANONICAL_FILTERS": "energybus.filters",
     "canonical_filter": "energybus.filters",
     "matches": "energybus.filters",
@@ -67,6 +71,7 @@ _EXPORTS: dict[str, str] = {
     "Row": "energybus.rows",
     "historian_row": "energybus.rows",
     "to_row": "energybus.rows",
+    "Reading": "energybus.samples",
     "Sample": "energybus.samples",
     "SeriesKey": "energybus.samples",
     "decode_sample": "energybus.samples",
@@ -108,6 +113,12 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     # "X as X" marks an explicit re-export for strict type checkers.
+    from energybus.commands import (
+        FINAL_STATES as FINAL_STATES,
+        CommandBook as CommandBook,
+        CommandRecord as CommandRecord,
+        CommandState as CommandState,
+    )
     from energybus.errors import (
         CommandError as CommandError,
         EnergyBusError as EnergyBusError,
@@ -172,6 +183,7 @@ if TYPE_CHECKING:
         to_row as to_row,
     )
     from energybus.samples import (
+        Reading as Reading,
         Sample as Sample,
         SeriesKey as SeriesKey,
         decode_sample as decode_sample,

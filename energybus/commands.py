@@ -1,6 +1,9 @@
 """The command state machine: every accepted ``set`` becomes a record that moves
 accepted -> sent -> confirmed | rejected | expired.
 
+It is part of the contract because every layer speaks of it: adapters create and move
+records, the historian stores them and the worker reports them.
+
 Records are immutable snapshots; each transition returns a new one, which the caller
 stores (the historian keeps them as the source platform's ``command_logs``). The book
 holds only commands still waiting for an outcome, so it stays as small as the number of

@@ -19,6 +19,7 @@ from energybus.metrics import MetricClass
 from energybus.topics import Stream
 
 __all__ = [
+    "DECODE_ERRORS",
     "QUALITIES",
     "Availability",
     "Envelope",
@@ -151,7 +152,7 @@ def _decode_sample(
 ) -> Scalar | _E:
     try:
         decoded = decoder.decode(payload)
-    except msgspec.MsgspecError as exc:
+    except DECODE_ERRORS as exc:
         raise _payload_error(exc, "a JSON number, boolean, or Profile B object") from None
     value = decoded.value if isinstance(decoded, envelope) else decoded
     if type(value) is float and not math.isfinite(value):
@@ -164,7 +165,7 @@ def decode_last(payload: bytes | str) -> LastEnvelope:
     """Decode a retained ``last`` payload: Profile B with ``observed_at``."""
     try:
         decoded = _last_decoder.decode(payload)
-    except msgspec.MsgspecError as exc:
+    except DECODE_ERRORS as exc:
         raise _payload_error(exc, "a Profile B object with observed_at") from None
     if type(decoded.value) is float and not math.isfinite(decoded.value):
         raise PayloadError(
@@ -177,7 +178,7 @@ def decode_meta(payload: bytes | str) -> Meta:
     """Decode a retained ``meta`` payload."""
     try:
         return _meta_decoder.decode(payload)
-    except msgspec.MsgspecError as exc:
+    except DECODE_ERRORS as exc:
         raise _payload_error(exc, "a JSON object of metadata") from None
 
 
@@ -225,12 +226,20 @@ _CHOICES: Final = {
 }
 
 
-def explain(exc: msgspec.MsgspecError) -> tuple[str, str, str]:
+DECODE_ERRORS: Final = (msgspec.MsgspecError, UnicodeDecodeError)
+"""What a msgspec decode of untrusted bytes can raise. Invalid UTF-8 inside a JSON
+string is a ``UnicodeDecodeError`` in msgspec 0.22 and a ``DecodeError`` from 0.23 on;
+catch this tuple and :func:`explain` gives both the code ``invalid_utf8``."""
+
+
+def explain(exc: msgspec.MsgspecError | UnicodeDecodeError) -> tuple[str, str, str]:
     """``(code, detail, path)`` for a msgspec error: its wording kept, a stable code added.
 
     Shared by every msgspec schema in energybus (payloads, mapping files, adapter
-    options), so one kind of fault has one code wherever it is found.
+    options, source messages), so one kind of fault has one code wherever it is found.
     """
+    if isinstance(exc, UnicodeDecodeError) or "UTF-8" in str(exc):
+        return "invalid_utf8", "not valid UTF-8 text", "$"
     text = str(exc)
     if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
         return "malformed_json", text, "$"
@@ -257,12 +266,12 @@ def explain(exc: msgspec.MsgspecError) -> tuple[str, str, str]:
     return "invalid_value", detail, path
 
 
-def _payload_error(exc: msgspec.MsgspecError, expected: str) -> PayloadError:
+def _payload_error(exc: msgspec.MsgspecError | UnicodeDecodeError, expected: str) -> PayloadError:
     code, detail, path = explain(exc)
     if code == "malformed_json" or (code == "wrong_type" and path == "$"):
         detail = f"{detail}; expected {expected}"
     elif code == "invalid_value" and path in _CHOICES:
         detail = f"{detail}; expected one of {', '.join(_CHOICES[path])}"
-    if code == "malformed_json":
+    if code in ("malformed_json", "invalid_utf8"):
         return PayloadError(code, detail)
     return PayloadError(code, f"{detail} (at {path})", path=path)

@@ -18,7 +18,7 @@ from typing import Final, Literal
 
 import msgspec
 
-from energybus.errors import PayloadError
+from energybus.errors import EnergyBusError, PayloadError
 from energybus.messages import DELIVERY, Message
 from energybus.metrics import metric_class
 from energybus.payloads import (
@@ -30,7 +30,7 @@ from energybus.payloads import (
     encode,
     encode_scalar,
 )
-from energybus.samples import Sample, SeriesKey, utc
+from energybus.samples import Reading, Sample, SeriesKey, utc
 from energybus.topics import build_topic
 
 __all__ = ["DEFAULT_SPEC", "Renderer", "SeriesSpec"]
@@ -152,81 +152,116 @@ class Renderer:
     def render_into(
         self, sample: Sample, out: list[Message], spec: SeriesSpec | None = None
     ) -> None:
-        """Append the messages for ``sample`` to ``out``; the batch form of :meth:`render`."""
-        # Everything that can refuse the sample comes first, so a refused sample changes
-        # no state and adds nothing to ``out``.
-        value = sample.value
-        kind = type(value)
-        scalar = _encode(value) if kind is float or kind is int or kind is bool else b"null"
-        if scalar == b"null":
-            encode_scalar(value)  # raises the error that says why
-        quality = sample.quality
-        tail = _QUALITY_TAIL.get(quality)
-        if tail is None:
-            raise PayloadError("invalid_value", f"quality {quality!r} is not one of {QUALITIES}")
-        observed = sample.observed_at
-        if observed.tzinfo is not UTC:
-            observed = utc(observed)
-
-        key = (sample.site, sample.entity_type, sample.entity_id, sample.metric)
-        series = self._series.get(key)
-        if series is None:
-            series = self._series[key] = _Series(key)
+        """Append the messages for ``sample`` to ``out``; raises on a sample the bus
+        cannot carry, having changed nothing."""
         if spec is None:
             spec = self.specs.get(sample.metric, self.default) if self.specs else self.default
-        if series.spec is not spec or series.unit != sample.unit:
-            self._configure(series, sample, spec, out)
-
-        emit = True
-        deadband = series.deadband
-        if deadband is not None:
-            # Ordered so that a changed value (the common case) fails on the first test.
-            previous = series.emitted_value
-            if (
-                (
-                    value == previous
-                    if not deadband or kind is bool
-                    else type(previous) is kind and abs(value - previous) <= deadband
-                )
-                and type(previous) is kind
-                and series.emitted_quality == quality
-            ):
-                interval = series.max_interval
-                emit = interval is not None and observed - series.emitted_at >= interval
-        # ``last`` only moves forward in observation time: it is the latest known sample.
-        last = observed >= series.last_at and (
-            emit or observed - series.last_at >= series.last_min_interval
+        reading = Reading(
+            sample.site,
+            sample.entity_type,
+            sample.entity_id,
+            sample.observed_at,
+            sample.quality,
+            [(sample.metric, sample.value, sample.unit, spec)],
         )
-        if last or (emit and series.profile_b):
-            # Byte for byte what encoding an Envelope gives (a test holds it to that),
-            # assembled from parts fixed per series rather than a Struct built per sample.
-            if observed is not self._time:
-                self._time = observed
-                self._time_json = _encode(observed)
-            envelope = b"".join((b'{"value":', scalar, series.middle, self._time_json, tail))
-        if emit:
-            series.emitted_value = value
-            series.emitted_quality = quality
-            series.emitted_at = observed
-            payload = envelope if series.profile_b else scalar
-            out.append(Message(series.value_topic, payload, _VALUE_QOS, _VALUE_RETAIN))
-        else:
-            self.suppressed += 1
-        if last:
-            series.last_at = observed
-            out.append(Message(series.last_topic, envelope, _LAST_QOS, _LAST_RETAIN))
+        refused = self.render_reading(reading, out)
+        if refused:
+            raise refused[0][1]
+
+    def render_reading(
+        self, reading: Reading, out: list[Message]
+    ) -> list[tuple[int, EnergyBusError]] | None:
+        """Append the messages for every value of ``reading`` to ``out``.
+
+        A value the bus cannot carry (NaN, a bad quality) is refused before it touches
+        any state or output; the refusals come back as ``(index, error)``, the other
+        values are rendered.
+        """
+        refused: list[tuple[int, EnergyBusError]] | None = None
+        quality = reading.quality
+        tail = _QUALITY_TAIL.get(quality)
+        if tail is None:
+            error = PayloadError("invalid_value", f"quality {quality!r} is not one of {QUALITIES}")
+            return [(index, error) for index in range(len(reading.values))]
+        observed = reading.observed_at
+        if observed.tzinfo is not UTC:
+            try:
+                observed = utc(observed)
+            except PayloadError as error:
+                return [(index, error) for index in range(len(reading.values))]
+        site, entity_type, entity_id = reading.site, reading.entity_type, reading.entity_id
+        series_of = self._series
+        for index, (metric, value, unit, spec) in enumerate(reading.values):
+            kind = type(value)
+            scalar = _encode(value) if kind is float or kind is int or kind is bool else b"null"
+            if scalar == b"null":
+                try:
+                    encode_scalar(value)  # raises the error that says why
+                except EnergyBusError as error:
+                    refused = refused or []
+                    refused.append((index, error))
+                    continue
+            key = (site, entity_type, entity_id, metric)
+            series = series_of.get(key)
+            if series is None:
+                series = series_of[key] = _Series(key)
+            if series.spec is not spec or series.unit != unit:
+                self._configure(series, key, unit, spec, out)
+
+            emit = True
+            deadband = series.deadband
+            if deadband is not None:
+                # Ordered so that a changed value (the common case) fails on the first test.
+                previous = series.emitted_value
+                if (
+                    (
+                        value == previous
+                        if not deadband or kind is bool
+                        else type(previous) is kind and abs(value - previous) <= deadband
+                    )
+                    and type(previous) is kind
+                    and series.emitted_quality == quality
+                ):
+                    interval = series.max_interval
+                    emit = interval is not None and observed - series.emitted_at >= interval
+            # ``last`` only moves forward in observation time: it is the latest known sample.
+            last = observed >= series.last_at and (
+                emit or observed - series.last_at >= series.last_min_interval
+            )
+            if last or (emit and series.profile_b):
+                # Byte for byte what encoding an Envelope gives (a test holds it to that),
+                # assembled from parts fixed per series rather than a Struct built per sample.
+                if observed is not self._time:
+                    self._time = observed
+                    self._time_json = _encode(observed)
+                envelope = b"".join((b'{"value":', scalar, series.middle, self._time_json, tail))
+            if emit:
+                series.emitted_value = value
+                series.emitted_quality = quality
+                series.emitted_at = observed
+                payload = envelope if series.profile_b else scalar
+                out.append(Message(series.value_topic, payload, _VALUE_QOS, _VALUE_RETAIN))
+            else:
+                self.suppressed += 1
+            if last:
+                series.last_at = observed
+                out.append(Message(series.last_topic, envelope, _LAST_QOS, _LAST_RETAIN))
+        return refused
 
     def meta(self, sample: Sample, spec: SeriesSpec | None = None) -> Meta:
         """The ``meta`` document for the sample's series under ``spec``."""
         if spec is None:
             spec = self.specs.get(sample.metric, self.default)
+        return self._meta(sample.metric, sample.unit, spec)
+
+    def _meta(self, metric: str, unit: str | None, spec: SeriesSpec) -> Meta:
         return Meta(
-            unit=sample.unit,
+            unit=unit,
             description=spec.description,
             source=self.source,
             precision=spec.precision,
             historian=HistorianMeta(mode=spec.historian_mode),
-            metric_class=metric_class(sample.metric),
+            metric_class=metric_class(metric),
             max_interval_s=spec.max_interval_s if spec.dedupe else None,
             deadband=spec.deadband if spec.dedupe and spec.deadband else None,
             attributes=spec.attributes,
@@ -244,19 +279,24 @@ class Renderer:
             self._series.pop(key, None)
 
     def _configure(
-        self, series: _Series, sample: Sample, spec: SeriesSpec, out: list[Message]
+        self,
+        series: _Series,
+        key: SeriesKey,
+        unit: str | None,
+        spec: SeriesSpec,
+        out: list[Message],
     ) -> None:
         """Fix what the per-sample path reads from ``spec`` and the unit; send meta if new."""
         series.spec = spec
-        series.unit = sample.unit
+        series.unit = unit
         series.profile_b = spec.profile == "B"
         series.deadband = spec.deadband if spec.dedupe else None
         interval = spec.max_interval_s
         series.max_interval = None if interval is None else timedelta(seconds=interval)
         series.last_min_interval = timedelta(seconds=spec.last_min_interval_s)
-        unit = b"" if sample.unit is None else b',"unit":' + _encode(sample.unit)
-        series.middle = unit + b',"observed_at":'
-        payload = encode(self.meta(sample, spec))
+        unit_json = b"" if unit is None else b',"unit":' + _encode(unit)
+        series.middle = unit_json + b',"observed_at":'
+        payload = encode(self._meta(key[3], unit, spec))
         if payload != series.meta:
             series.meta = payload
             out.append(Message(series.meta_topic, payload, _META_QOS, _META_RETAIN))

@@ -14,10 +14,10 @@ from datetime import datetime
 
 import msgspec
 
-from energybus.samples import Sample, decode_sample
+from energybus.samples import Reading, Sample, decode_sample
 from energybus.topics import parse_topic
 
-__all__ = ["CounterRow", "MeasurementRow", "Row", "historian_row", "to_row"]
+__all__ = ["CounterRow", "MeasurementRow", "Row", "historian_row", "reading_rows", "to_row"]
 
 
 class _RowBase(msgspec.Struct, frozen=True, gc=False):
@@ -51,6 +51,18 @@ def to_row(sample: Sample) -> Row:
         sample.observed_at,
         sample.quality,
     )
+
+
+def reading_rows(reading: Reading) -> list[Row]:
+    """The historian rows of every value of ``reading``, by the same rule as :func:`to_row`."""
+    site, at, quality = reading.site, reading.observed_at, reading.quality
+    device = f"{reading.entity_type}.{reading.entity_id}"
+    return [
+        (CounterRow if metric.endswith("_total") else MeasurementRow)(
+            site, device, metric, float(value), at, quality
+        )
+        for metric, value, _, _ in reading.values
+    ]
 
 
 def historian_row(topic: str | bytes, payload: bytes, *, received_at: datetime) -> Row | None:

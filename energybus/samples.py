@@ -8,7 +8,7 @@ drops to ``degraded``, so nobody mistakes broker time for device time.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -17,6 +17,7 @@ from energybus.payloads import Envelope, Quality, Scalar, SetEnvelope, decode_se
 from energybus.topics import EntityType, Topic, build_topic, parse_topic
 
 __all__ = [
+    "Reading",
     "Sample",
     "SeriesKey",
     "decode_sample",
@@ -147,3 +148,56 @@ def decode_sample(
         decoded,
         received_at=received_at,
     )
+
+
+class Reading:
+    """The values of one entity observed at one moment: what adapters hand on.
+
+    A source message usually describes a few entities with many metrics each. Keeping
+    site, entity, time and quality once per entity rather than once per value is what
+    lets the renderer, the historian rows and availability work per entity. ``values``
+    holds ``(metric, value, unit, spec)`` tuples, ``spec`` being the series'
+    :class:`energybus.render.SeriesSpec`.
+    """
+
+    __slots__ = ("entity_id", "entity_type", "observed_at", "quality", "site", "values")
+
+    def __init__(
+        self,
+        site: str,
+        entity_type: EntityType,
+        entity_id: str,
+        observed_at: datetime,
+        quality: Quality = "good",
+        values: list[tuple[str, Scalar, str | None, Any]] | None = None,
+    ) -> None:
+        self.site = site
+        self.entity_type: EntityType = entity_type
+        self.entity_id = entity_id
+        self.observed_at = observed_at
+        self.quality: Quality = quality
+        self.values: list[tuple[str, Scalar, str | None, Any]] = [] if values is None else values
+
+    def samples(self) -> list[Sample]:
+        """One :class:`Sample` per value, for code that thinks in samples."""
+        site, etype, eid, at, quality = (
+            self.site,
+            self.entity_type,
+            self.entity_id,
+            self.observed_at,
+            self.quality,
+        )
+        return [Sample(site, etype, eid, m, v, at, quality, u) for m, v, u, _ in self.values]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Reading):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"Reading({self.site!r}, {self.entity_type!r}, {self.entity_id!r}, "
+            f"{self.observed_at.isoformat()}, {self.quality!r}, {len(self.values)} values)"
+        )

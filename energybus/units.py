@@ -17,6 +17,7 @@ from energybus.errors import PayloadError, UnitError
 
 __all__ = [
     "CANONICAL_UNITS",
+    "PLAUSIBLE",
     "SOURCE_UNITS",
     "Conversion",
     "canonical_unit",
@@ -26,6 +27,24 @@ __all__ = [
 
 CANONICAL_UNITS: Final = frozenset({"W", "Wh", "V", "A", "Hz", "%", "VA", "var", "°C"})
 """The units values carry on the bus. Energy is always Wh, never kWh, so sums add up."""
+
+PLAUSIBLE: Final = MappingProxyType(
+    {
+        "W": (-1e10, 1e10),
+        "VA": (-1e10, 1e10),
+        "var": (-1e10, 1e10),
+        "Wh": (-1e16, 1e16),
+        "V": (-2e6, 2e6),
+        "A": (-1e6, 1e6),
+        "Hz": (0.0, 1e4),
+        "%": (-1000.0, 1000.0),
+        "°C": (-273.15, 1e4),
+    }
+)
+"""The default plausible range of a value per canonical unit, wide enough for any real
+site (10 GW, 10 PWh, 2 MV, 1 MA) and narrow enough to catch a corrupted register or a
+unit slip (1.2e29 A). A mapping row may narrow it with ``range``; a value outside is
+refused, not published. Values without a unit are only held to being finite."""
 
 # source unit -> (canonical unit, power of ten to multiply by)
 SOURCE_UNITS: Final = MappingProxyType(

@@ -10,8 +10,8 @@ from datetime import datetime
 from typing import Final, TypeAlias
 
 import msgspec
-from energybus.adapters.commands import CommandRecord
 
+from energybus.commands import CommandRecord
 from energybus.rows import CounterRow, Row
 
 __all__ = ["Batch", "RowTuple", "decode_batch", "encode_batch"]

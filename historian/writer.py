@@ -14,7 +14,8 @@ from typing import Final
 
 import asyncpg
 import msgspec
-from energybus.adapters.commands import CommandRecord
+
+from energybus.commands import CommandRecord
 
 from .batch import Batch, RowTuple
 from .schema import SCHEMA

@@ -7,8 +7,8 @@ import uuid
 from typing import Any
 
 import pytest
-from energybus.worker.bus import BusClient, Received
 
+from energybus.worker.bus import BusClient, Received
 from tests.workers import Collector
 from tools import services
 from tools.services import Service

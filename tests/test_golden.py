@@ -18,9 +18,9 @@ from typing import Any
 
 import msgspec
 import pytest
+
 from energybus.adapters import Output, Pipeline, adapter_class
 from energybus.adapters.signing import Signer
-
 from energybus.topics import is_valid_topic
 
 GOLDEN = Path(__file__).resolve().parent / "golden"

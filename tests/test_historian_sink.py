@@ -7,12 +7,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+
 from energybus.historian import Batch, Outbox, OutboxFull, WriteResult, decode_batch, encode_batch
+from energybus.rows import MeasurementRow
 from energybus.worker.acks import AckQueue
 from energybus.worker.metrics import Metrics
 from energybus.worker.sink import HistorianSink
-
-from energybus.rows import MeasurementRow
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 

@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from energybus.adapters.signing import ReplayGuard, Signer, canonical, es_number
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from energybus.adapters.signing import ReplayGuard, Signer, canonical, es_number
 from energybus.errors import SourceError
 
 # What ECMAScript's Number.prototype.toString gives (checked in Node.js by hand).

@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from energybus.adapters import Pipeline, create_adapter
-from energybus.adapters.ven import VenOptions
 
 from benchmarks.adapters import ven_messages
+from energybus.adapters import Pipeline, create_adapter
+from energybus.adapters.ven import VenOptions
 from tests.workers import (
     Collector,
     WorkerProcess,

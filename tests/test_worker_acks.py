@@ -8,10 +8,10 @@ import uuid
 
 import aiomqtt
 import pytest
-from energybus.worker.acks import AckQueue
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from energybus.worker.acks import AckQueue
 from tests.workers import publish
 from tools.services import Service
 

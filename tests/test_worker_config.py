@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from energybus.cli.app import main
-from energybus.worker import load_config
 
+from energybus.cli.app import main
 from energybus.errors import MappingError
+from energybus.worker import load_config
 
 GOOD = """\
 [worker]

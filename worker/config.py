@@ -2,9 +2,10 @@
 
 ``[worker]``, ``[mqtt]`` and ``[historian]`` are checked here (pydantic, unknown keys are
 errors); each ``[adapters.<name>]`` table enables that adapter and is checked by the
-adapter's own options schema. ``${VAR}`` anywhere takes the environment variable's value,
-which is how secrets get in; secrets are held as ``SecretStr`` and never printed. Every
-error names the file, the line and the key.
+adapter's own options schema. The file is read and ``${VAR}`` expanded once, here; the
+adapters get their tables from that one reading. ``${VAR}`` is how secrets get in;
+they are held as ``SecretStr`` and never printed. Every error names the file, the line
+and the key.
 
 Relative paths (``data_dir``, TLS files) are taken from the current directory.
 """
@@ -17,8 +18,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from energybus.adapters import adapter_class, adapter_names
-from energybus.adapters.mapping import Located, expand_env, read_toml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -29,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from energybus.adapters import adapter_class, adapter_names
+from energybus.documents import Located, expand_env, read_toml
 from energybus.errors import MappingError
 from energybus.filters import validate_filter
 
@@ -198,7 +199,7 @@ def load_config(source: str | Path, *, environ: Mapping[str, str] | None = None)
             cls = adapter_class(name)
         except MappingError as exc:
             raise where.error(exc.code, exc.message, f"$.adapters.{name}") from None
-        adapters[name] = cls.options_from_file(source, environ=environ)
+        adapters[name] = cls.options_from(root.adapters[name], where, expanded=True)
     return Config(root, adapters, str(source))
 
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from energybus.adapters.commands import CommandRecord
+from energybus.commands import CommandRecord
 from energybus.historian import (
     Batch,
     Historian,
@@ -25,7 +25,6 @@ from energybus.historian import (
     decode_batch,
     encode_batch,
 )
-
 from energybus.rows import Row
 
 from .acks import Entry

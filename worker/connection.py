@@ -1,0 +1,115 @@
+"""The bus connection's life: connect, resend what had no PUBACK, subscribe the bus
+ingest, and reconnect with backoff when it drops.
+
+``<client_id>-bus`` carries every publish of the worker and the bus-ingest
+subscription, with No Local so that the worker never ingests its own output. Its
+received messages are acknowledged through their own :class:`AckQueue`, which, like a
+source's, waits behind the previous connection's before acknowledging anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from .acks import AckQueue, Entry
+from .bus import BusClient, BusError, Received
+from .config import MqttConfig
+from .dispatch import Dispatcher
+from .logs import StateLog
+from .metrics import Metrics
+from .retry import Backoff
+
+__all__ = ["BusConnection"]
+
+log = logging.getLogger("energybus.worker.bus")
+
+
+class BusConnection:
+    def __init__(
+        self,
+        *,
+        config: MqttConfig,
+        ingest_filters: list[str],
+        dispatcher: Dispatcher,
+        metrics: Metrics,
+        on_ingest: Callable[[Received, Entry], None],
+    ) -> None:
+        self.config = config
+        self.ingest_filters = ingest_filters
+        self.dispatcher = dispatcher
+        self.metrics = metrics
+        self.on_ingest = on_ingest
+        self.client: BusClient | None = None
+        self._acks: AckQueue | None = None
+
+    def _received(self, received: Received) -> None:
+        acks = self._acks
+        assert acks is not None
+        self.on_ingest(received, acks.add(received.packet_id))
+
+    async def run(self) -> None:
+        m = self.config
+        backoff = Backoff(m.reconnect_min_s, m.reconnect_max_s)
+        state = StateLog(log)
+        connected = self.metrics.connected.labels("bus")
+        previous: BusClient | None = None
+        first = True
+        while True:
+            client = BusClient(
+                on_message=self._received,
+                on_puback=self.dispatcher.on_puback,
+                max_inflight=m.max_inflight,
+            )
+            acks = AckQueue(client.ack)
+            if self._acks is not None:
+                acks.after(self._acks)
+            self._acks = acks
+            try:
+                await client.connect(
+                    host=m.host,
+                    port=m.port,
+                    client_id=f"{m.client_id}-bus",
+                    username=m.username,
+                    password=m.password.get_secret_value() if m.password else None,
+                    tls=m.tls.context() if m.tls else None,
+                    keepalive=m.keepalive_s,
+                    session_expiry=m.session_expiry_s,
+                    receive_maximum=m.receive_maximum,
+                )
+                if previous is not None:
+                    resent = client.resend(previous)
+                    if resent:
+                        log.info("bus: resent %d publishes that had no PUBACK", resent)
+                await client.subscribe(self.ingest_filters)
+            except (OSError, BusError, TimeoutError) as error:
+                client.abort()
+                connected.set(0)
+                state.change("down", logging.WARNING, "bus: cannot connect: %s", error)
+                await asyncio.sleep(backoff.next())
+                continue
+            if not first:
+                self.metrics.reconnects.labels("bus").inc()
+            first = False
+            backoff.reset()
+            self.client = client
+            self.dispatcher.attach(client)
+            connected.set(1)
+            state.change(
+                "up", logging.INFO, "bus: connected to %s:%d as %s-bus", m.host, m.port, m.client_id
+            )
+            reason = await asyncio.shield(client.closed)
+            self.dispatcher.detach()
+            connected.set(0)
+            previous = client
+            state.change("down", logging.WARNING, "bus: connection lost: %s", reason)
+            await asyncio.sleep(backoff.next())
+
+    @property
+    def inflight(self) -> int:
+        return self.client.inflight if self.client is not None else 0
+
+    async def disconnect(self) -> None:
+        if self.client is not None:
+            await self.client.disconnect()

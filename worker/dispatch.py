@@ -1,0 +1,313 @@
+"""The dispatcher: what happens to every delivered message, whatever its source.
+
+Route it to its adapter's pipeline (by topic for the MQTT source, by source for a
+source bound to one adapter), translate it, publish the result on the bus with a
+token per QoS 1 publish, dead-letter every refusal, hand the readings to the historian
+sink and availability, and count it. It never awaits and never raises on a message: an
+adapter bug becomes a dead letter (``adapter_error``) and a log line.
+
+Its bus side is a :class:`Publisher`, its historian side a :class:`RowSink`; both are
+protocols so that tests drive the dispatcher without a broker or a database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, Final, Protocol
+
+from energybus.adapters import Pipeline, Rejection
+from energybus.commands import CommandRecord
+from energybus.errors import EnergyBusError
+from energybus.filters import matches
+from energybus.rows import Row, historian_row, reading_rows
+
+from .acks import Entry
+from .availability import Availability
+from .deadletter import dead_letter
+from .metrics import Metrics
+from .sources.base import Delivery
+
+__all__ = ["Dispatcher", "Publisher", "RowSink"]
+
+log = logging.getLogger("energybus.worker")
+_ROUTE_CACHE: Final = 100_000
+
+
+class Publisher(Protocol):
+    """The bus connection as the dispatcher uses it (:class:`~.bus.BusClient`)."""
+
+    @property
+    def room(self) -> bool: ...
+
+    async def wait_room(self) -> None: ...
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool, token: Any) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class RowSink(Protocol):
+    """The historian side (:class:`~.sink.HistorianSink`): holds ``entry`` until the
+    rows and records are committed or in the outbox."""
+
+    def add(
+        self, rows: Sequence[Row], commands: Sequence[CommandRecord], entry: Entry | None
+    ) -> None: ...
+
+
+class _Probe:
+    """The token of a message's last publish: PUBACKs arrive in order, so its PUBACK
+    ends the message's publish latency."""
+
+    __slots__ = ("born", "entry", "histogram")
+
+    def __init__(self, entry: Entry, born: float, histogram: Any) -> None:
+        self.entry = entry
+        self.born = born
+        self.histogram = histogram
+
+    def release(self) -> None:
+        self.histogram.observe(time.perf_counter() - self.born)
+        self.entry.release()
+
+
+class _CommandSent:
+    """The token of a command's publish: its PUBACK moves the record to ``sent``."""
+
+    __slots__ = ("command_id", "entry", "pipeline", "sink")
+
+    def __init__(
+        self, entry: Entry, pipeline: Pipeline, command_id: str, sink: RowSink | None
+    ) -> None:
+        self.entry = entry
+        self.pipeline = pipeline
+        self.command_id = command_id
+        self.sink = sink
+
+    def release(self) -> None:
+        record = self.pipeline.command_sent(self.command_id, datetime.now(UTC))
+        if record is not None and self.sink is not None:
+            self.sink.add((), [record], None)
+        self.entry.release()
+
+
+class Dispatcher:
+    """Handles deliveries from every source; also the sources' :class:`Gate`."""
+
+    def __init__(
+        self,
+        *,
+        pipelines: dict[str, Pipeline],
+        sink: RowSink | None,
+        metrics: Metrics,
+        availability: Availability,
+        dead_letter_prefix: str,
+        worker_id: str,
+    ) -> None:
+        self.pipelines = pipelines
+        self.sink = sink
+        self.metrics = metrics
+        self.availability = availability
+        self.dead_letter_prefix = dead_letter_prefix
+        self.worker_id = worker_id
+        self.bus: Publisher | None = None
+        self._up = asyncio.Event()
+        self._filters: dict[str, list[tuple[str, Pipeline]]] = {}
+        self._bound: dict[str, Pipeline] = {}
+        self._cache: dict[tuple[str, str], Pipeline | None] = {}
+        self._counters = {
+            name: (
+                metrics.messages_in.labels(name),
+                metrics.samples_out.labels(name),
+                metrics.suppressed.labels(name),
+            )
+            for name in pipelines
+        }
+
+    # Set-up -----------------------------------------------------------------------------
+
+    def route(self, source: str, filters: Sequence[str], pipeline: Pipeline) -> None:
+        """Messages of ``source`` on topics matching ``filters`` go to ``pipeline``."""
+        self._filters.setdefault(source, []).extend((f, pipeline) for f in filters)
+
+    def bind(self, source: str, pipeline: Pipeline) -> None:
+        """Every message of ``source`` goes to ``pipeline`` (a queue or device source)."""
+        self._bound[source] = pipeline
+
+    def attach(self, bus: Publisher) -> None:
+        """The bus is connected: open the gate."""
+        self.bus = bus
+        self._up.set()
+
+    def detach(self) -> None:
+        """The bus is gone: close the gate; sources hold what they have."""
+        self._up.clear()
+
+    # The gate ---------------------------------------------------------------------------
+
+    def is_open(self) -> bool:
+        bus = self.bus
+        return bus is not None and self._up.is_set() and bus.room
+
+    async def wait_open(self) -> None:
+        bus = self.bus
+        if bus is None or not self._up.is_set():
+            await self._up.wait()
+        else:
+            await bus.wait_room()
+
+    # Per message ------------------------------------------------------------------------
+
+    def _pipeline(self, source: str, topic: str) -> Pipeline | None:
+        bound = self._bound.get(source)
+        if bound is not None:
+            return bound
+        key = (source, topic)
+        cache = self._cache
+        if key in cache:
+            return cache[key]
+        found = next((p for f, p in self._filters.get(source, ()) if matches(f, topic)), None)
+        if len(cache) >= _ROUTE_CACHE:
+            cache.clear()
+        cache[key] = found
+        return found
+
+    def handle(self, delivery: Delivery) -> None:
+        """Translate and hand on one message; releases the delivery's entry."""
+        born = time.perf_counter()
+        bus = self.bus
+        entry = delivery.entry
+        topic, payload, now = delivery.topic, delivery.payload, delivery.received_at
+        assert bus is not None, "a source delivered while the gate was closed"
+        pipeline = self._pipeline(delivery.source, topic)
+        if pipeline is None:
+            rejection = Rejection(
+                code="unrouted", message="no adapter consumes this topic", topic=topic
+            )
+            self.dead_letter(entry, "router", topic, payload, now, rejection)
+            bus.flush()
+            entry.release()
+            return
+        name = pipeline.name
+        messages_in, samples_out, suppressed_out = self._counters[name]
+        messages_in.inc()
+        try:
+            out = pipeline.feed(topic, payload, received_at=now, retain=delivery.retain)
+        except Exception:  # an adapter bug must not stop the worker or lose the message
+            log.exception("adapter %s failed on a message from %s", name, topic)
+            rejection = Rejection(
+                code="adapter_error", message="the adapter failed; see the log", topic=topic
+            )
+            self.dead_letter(entry, name, topic, payload, now, rejection)
+            bus.flush()
+            entry.release()
+            return
+        for rejection in out.rejections:
+            self.dead_letter(entry, name, topic, payload, now, rejection)
+        publish = bus.publish
+        messages = out.messages
+        if messages:
+            if out.commands and pipeline.is_command(topic):
+                command_id = out.commands[0].id
+                for message in messages:
+                    entry.hold()
+                    sent = _CommandSent(entry, pipeline, command_id, self.sink)
+                    publish(message.topic, message.payload, message.qos, message.retain, sent)
+            else:
+                last = len(messages) - 1
+                for index, message in enumerate(messages):
+                    token: Any = None
+                    if message.qos:
+                        entry.hold()
+                        token = (
+                            entry
+                            if index < last
+                            else _Probe(entry, born, self.metrics.publish_latency)
+                        )
+                    publish(message.topic, message.payload, message.qos, message.retain, token)
+            self.metrics.published.inc(len(messages))
+        readings = out.readings
+        sink = self.sink
+        if readings:
+            samples_out.inc(sum(len(r.values) for r in readings))
+            self.availability.seen(readings, self._publish_availability)
+            if sink is not None:
+                rows = [row for reading in readings for row in reading_rows(reading)]
+                sink.add(rows, out.commands, entry)
+        elif out.commands and sink is not None:
+            sink.add((), out.commands, entry)
+        suppressed = pipeline.take_suppressed()
+        if suppressed:
+            suppressed_out.inc(suppressed)
+        bus.flush()
+        entry.release()
+
+    def ingest(self, topic: str, payload: bytes, entry: Entry) -> None:
+        """Canonical traffic from other publishers: validate, then into the historians."""
+        now = datetime.now(UTC)
+        try:
+            row = historian_row(topic, payload, received_at=now)
+        except EnergyBusError as error:
+            self.dead_letter(entry, "bus", topic, payload, now, Rejection.of(error, topic))
+            entry.release()
+            return
+        if row is not None and self.sink is not None:
+            self.sink.add([row], (), entry)
+        entry.release()
+
+    def on_puback(self, token: Any, reason: int) -> None:
+        if reason >= 0x80:
+            self.metrics.publish_failures.labels(f"0x{reason:02x}").inc()
+        if token is not None:
+            token.release()
+
+    def dead_letter(
+        self,
+        entry: Entry | None,
+        source: str,
+        topic: str,
+        payload: bytes,
+        now: datetime,
+        rejection: Rejection,
+    ) -> None:
+        bus = self.bus
+        assert bus is not None
+        self.metrics.rejections.labels(source, rejection.code).inc()
+        letter = dead_letter(
+            rejection,
+            source=source,
+            topic=topic,
+            payload=payload,
+            received_at=now,
+            worker=self.worker_id,
+        )
+        if entry is not None:
+            entry.hold()
+        bus.publish(f"{self.dead_letter_prefix}/{source}", letter, 1, False, entry)
+        log.debug("dead letter from %s: %s (%s)", topic, rejection.code, rejection.message)
+
+    # Housekeeping -----------------------------------------------------------------------
+
+    def _publish_availability(self, topic: str, state: bytes) -> None:
+        bus = self.bus
+        if bus is not None:
+            bus.publish(topic, state, 1, True, None)
+
+    def housekeeping(self, now: datetime) -> None:
+        """Expire unanswered commands, report freshness, mark silent entities offline."""
+        up = self._up.is_set() and self.bus is not None
+        freshness = self.metrics.freshness
+        self.availability.sweep(
+            self._publish_availability if up else None,
+            lambda site, device, age: freshness.labels(site, device).set(age),
+        )
+        for pipeline in self.pipelines.values():
+            expired = pipeline.expire(now).commands
+            if expired and self.sink is not None:
+                self.sink.add((), expired, None)
+        if up and self.bus is not None:
+            self.bus.flush()
