@@ -95,7 +95,7 @@ def decode(decoder: msgspec.json.Decoder[Any], payload: bytes) -> Any:
         return decoder.decode(payload)
     except DECODE_ERRORS as exc:
         code, detail, path = explain(exc)
-        if code in ("malformed_json", "invalid_utf8"):
+        if code in ("malformed_json", "invalid_utf8", "too_deep"):
             raise SourceError(code, detail) from None
         raise SourceError(code, f"{detail} (at {path})", path=path) from None
 
@@ -115,10 +115,12 @@ class Field:
     ``rows`` counts the metrics it can produce (``mappings check`` reports them).
     """
 
-    __slots__ = ("decode_type", "hot", "metrics", "name", "rows")
+    __slots__ = ("decode_type", "hot", "metrics", "name", "rows", "words")
 
     def __init__(self, name: str, row: SeriesRow, compiler: Compiler, path: str) -> None:
         self.name = name
+        self.words = False
+        """True for a ``lookup`` field, which may take text and booleans."""
         special: Special | None = None
         chosen = [t for t in ("lookup", "enum", "bits") if getattr(row, t) is not None]
         if len(chosen) > 1:
@@ -159,6 +161,7 @@ class Field:
         if row.lookup is not None:
             special = _lookup(row.lookup, checked.metric, convert, unit, spec, lo, hi)
             self.decode_type = str | int | float | bool
+            self.words = True
         elif row.enum is not None:
             states = _enum_codes(row.enum, compiler, path)
             names = ", ".join(f"{code}={name}" for code, name in sorted(states.items()))
@@ -188,6 +191,7 @@ class Field:
 
 
 _NO_SPEC: Final = SeriesSpec()
+_WORDS: Final = (str, bool)
 
 
 def _implausible(metric: str, lo: float, hi: float, unit: str | None, path: str) -> SourceError:
@@ -353,7 +357,7 @@ class Template:
             if field is None or raw is None:
                 continue
             kind = type(raw)
-            if kind is not float and kind is not int:
+            if kind is not float and kind is not int and not (field.words and kind in _WORDS):
                 raise SourceError("wrong_type", "a signal must be a number", path=f"{path}.{name}")
             if kind is int and not -1e300 < raw < 1e300:
                 raise SourceError(

@@ -226,18 +226,23 @@ _CHOICES: Final = {
 }
 
 
-DECODE_ERRORS: Final = (msgspec.MsgspecError, UnicodeDecodeError)
+DECODE_ERRORS: Final = (msgspec.MsgspecError, UnicodeDecodeError, RecursionError)
 """What a msgspec decode of untrusted bytes can raise. Invalid UTF-8 inside a JSON
-string is a ``UnicodeDecodeError`` in msgspec 0.22 and a ``DecodeError`` from 0.23 on;
-catch this tuple and :func:`explain` gives both the code ``invalid_utf8``."""
+string is a ``UnicodeDecodeError`` in msgspec 0.22 and a ``DecodeError`` from 0.23 on
+(:func:`explain` gives both the code ``invalid_utf8``); nesting deeper than the
+interpreter's recursion limit is a ``RecursionError`` (``too_deep``)."""
+
+DecodeFault = msgspec.MsgspecError | UnicodeDecodeError | RecursionError
 
 
-def explain(exc: msgspec.MsgspecError | UnicodeDecodeError) -> tuple[str, str, str]:
+def explain(exc: DecodeFault) -> tuple[str, str, str]:
     """``(code, detail, path)`` for a msgspec error: its wording kept, a stable code added.
 
     Shared by every msgspec schema in energybus (payloads, mapping files, adapter
     options, source messages), so one kind of fault has one code wherever it is found.
     """
+    if isinstance(exc, RecursionError):
+        return "too_deep", "JSON nested too deeply to decode", "$"
     if isinstance(exc, UnicodeDecodeError) or "UTF-8" in str(exc):
         return "invalid_utf8", "not valid UTF-8 text", "$"
     text = str(exc)
@@ -266,12 +271,12 @@ def explain(exc: msgspec.MsgspecError | UnicodeDecodeError) -> tuple[str, str, s
     return "invalid_value", detail, path
 
 
-def _payload_error(exc: msgspec.MsgspecError | UnicodeDecodeError, expected: str) -> PayloadError:
+def _payload_error(exc: DecodeFault, expected: str) -> PayloadError:
     code, detail, path = explain(exc)
     if code == "malformed_json" or (code == "wrong_type" and path == "$"):
         detail = f"{detail}; expected {expected}"
     elif code == "invalid_value" and path in _CHOICES:
         detail = f"{detail}; expected one of {', '.join(_CHOICES[path])}"
-    if code in ("malformed_json", "invalid_utf8"):
+    if code in ("malformed_json", "invalid_utf8", "too_deep"):
         return PayloadError(code, detail)
     return PayloadError(code, f"{detail} (at {path})", path=path)

@@ -1,0 +1,96 @@
+"""A new JSON dialect on the row engine: this adapter plus ``acme.toml`` is all of it.
+
+Acme gateways publish ``acme/{device}/state`` with ``{"t": <unix ms>, "values": {...}}``.
+The adapter knows only that envelope and which template each device uses (its options);
+what every signal means is in the mapping. Run it to see one message translated.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import msgspec
+
+from energybus.adapters import Adapter, Normalized, Plan, Rejection, SourceDeclaration
+from energybus.adapters.engine import DeviceTemplate, Template, compile_templates, decode
+from energybus.adapters.mapping import Compiler, Document, MappingDocument
+from energybus.errors import EnergyBusError, SourceError
+from energybus.samples import Reading
+from energybus.topics import to_kebab
+
+
+class AcmeMapping(MappingDocument, frozen=True, kw_only=True):
+    templates: dict[str, DeviceTemplate]
+
+
+class AcmeOptions(Document, frozen=True, kw_only=True):
+    site: str = "acme"
+    devices: dict[str, str] = {}
+    """Device name -> template."""
+
+
+class AcmePlan(Plan):
+    def __init__(self, templates: dict[str, Template], rows: int) -> None:
+        self.templates, self.rows = templates, rows
+
+
+class _Message(msgspec.Struct):
+    t: int
+    values: dict[str, Any]
+
+
+_decoder = msgspec.json.Decoder(_Message)
+
+
+class AcmeAdapter(Adapter[AcmeOptions, AcmeMapping]):
+    name: ClassVar[str] = "acme"
+    options_type: ClassVar[type[Document]] = AcmeOptions
+    mapping_type: ClassVar[type[MappingDocument]] = AcmeMapping
+    sources = (SourceDeclaration(transport="mqtt", patterns=("acme/+/state",)),)
+    command_filters = ()
+    plan: AcmePlan
+
+    @classmethod
+    def compile(cls, document: AcmeMapping, compiler: Compiler) -> AcmePlan:
+        return AcmePlan(*compile_templates(document.templates, compiler))
+
+    def normalize(self, topic: str, payload: bytes, received_at: datetime) -> Normalized:
+        try:
+            device = topic.split("/")[1]
+            template = self.plan.templates.get(self.options.devices.get(device, ""))
+            if template is None:
+                raise SourceError("unknown_target", "this device is not configured")
+            message = decode(_decoder, payload)
+            at = datetime.fromtimestamp(message.t / 1000, UTC)
+            reading = Reading(self.options.site, template.entity_type, to_kebab(device), at)
+            errors: list[SourceError] = []
+            template.read(message.values, reading, errors)
+            return Normalized.refused(errors, topic, readings=[reading] if reading.values else [])
+        except EnergyBusError as error:
+            return Normalized(rejections=[Rejection.of(error, topic)])
+
+    def format(self, topic: str, payload: bytes, *, received_at: datetime) -> Any:
+        raise NotImplementedError("acme devices take no commands")
+
+
+if __name__ == "__main__":
+    from energybus.adapters import Pipeline
+
+    adapter = AcmeAdapter(
+        options=AcmeOptions(devices={"INV_1": "inverter"}),
+        mapping=Path(__file__).with_name("acme.toml"),
+    )
+    body = {
+        "t": 1729700000000,
+        "values": {"P": 4.2, "mode": 2, "grid": "on", "flags": 9, "Pdc": 40.0, "fw": "1.2"},
+    }
+    out = Pipeline(adapter).feed(
+        "acme/INV_1/state", msgspec.json.encode(body), received_at=datetime.now(UTC)
+    )
+    for message in out.messages:
+        if message.topic.endswith("/value"):
+            print(message.topic, message.payload.decode())
+    for rejection in out.rejections:
+        print("refused", rejection.path, rejection.code)

@@ -1,0 +1,169 @@
+"""The same corpus of broken bytes through every adapter and through ``energybus
+normalize``: each input becomes a documented rejection, never an exception, and a
+stream goes on after it."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from energybus.adapters import BUILTIN, Pipeline, create_adapter
+from energybus.adapters.cpi import CpiOptions
+from energybus.adapters.engine import decode
+from energybus.errors import SourceError
+from energybus.payloads import explain
+from tests.test_cli import energybus_exe
+
+ROOT = Path(__file__).resolve().parent.parent
+AT = datetime(2024, 10, 23, 16, 13, 21, tzinfo=UTC)
+MS = int(AT.timestamp() * 1000)
+
+CORPUS: list[bytes] = [
+    b'{"venId":"ven-1\xff"}',
+    b'{"ts": %d, "target": "B1", "values": {"soc\xff": 1}}' % MS,
+    b"\xff\xfe\x00",
+    b"",
+    b"{",
+    b"null",
+    b"[]",
+    b'"text"',
+    b"1e400",
+    b"NaN",
+    b'{"venId": "v", "timestamp": 1e400}',
+    b'{"venId": "v", "batterySOC": 1e400}',
+    b'{"venId": "v", "timestamp": 1%s}' % (b"0" * 5000),
+    b'{"venId": "\\ud800"}',
+    b'{"venId": "v", "circuits": [{"id": "\\udfff", "currentKw": 1}]}',
+    b"[" * 100_000,
+    b'{"venId": "' + b"a" * 1_000_000 + b'"}',
+    b"\x00" * 64,
+    b'{"ts": %d, "values": {"p_total": 1%s}}' % (MS, b"0" * 400),
+    b'{"ts": %d, "values": {"status": -1}}' % MS,
+    b'{"ts": %d, "values": {"status": 1e30}}' % MS,
+    b'{"ts": %d, "target": "B1", "values": {"soc": "high"}}' % MS,
+    b'{"ts": %d, "cmdId": "\\ud800", "status": "ok"}' % MS,
+    b'{"op": "event", "status": "ok", "correlationId": "\\ud800", "actual_shed_kw": 1e308}',
+]
+
+
+def documented_codes() -> set[str]:
+    text = (ROOT / "docs" / "errors.md").read_text()
+    return set(re.findall(r"^\| `([a-z_0-9]+)`", text, re.M)) | set(
+        re.findall(r"`([a-z_0-9]+)`", text)
+    )
+
+
+def _pipelines() -> dict[str, tuple[Pipeline, list[str]]]:
+    cpi = msgspec.convert(
+        {"plants": {"p1": {"targets": {"B1": {"template": "battery"}}}}}, CpiOptions
+    )
+    ven = Pipeline(create_adapter("ven"))
+    ven.feed("volttron/metering", b'{"venId": "v1", "timestamp": 1}', received_at=AT)
+    return {
+        "ven": (
+            ven,
+            [
+                "volttron/metering",
+                "ven/ack/v1",
+                "v1/energy/load/v1/shed_power/set",
+                "v1/energy/load/v1/shed_power/set",
+            ],
+        ),
+        "cpi": (
+            Pipeline(create_adapter("cpi", options=cpi)),
+            [
+                "cpi/p1/telemetry",
+                "cpi/p1/alarm",
+                "cpi/p1/commands/ack",
+                "p1/energy/storage/p1-b1/power_setpoint/set",
+            ],
+        ),
+    }
+
+
+def test_every_builtin_adapter_is_in_the_corpus_test() -> None:
+    assert set(_pipelines()) == set(BUILTIN)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_every_adapter_rejects_broken_bytes_with_a_documented_code(name: str) -> None:
+    pipeline, topics = _pipelines()[name]
+    documented = documented_codes()
+    for topic in topics:
+        for payload in CORPUS:
+            out = pipeline.feed(topic, payload, received_at=AT)  # raises nothing
+            codes = {r.code for r in out.rejections}
+            assert codes <= documented, (topic, payload[:60], codes - documented)
+            for message in out.messages:
+                message.payload.decode("utf-8")  # whatever came out is valid text
+
+
+def test_invalid_utf8_is_one_code_whatever_msgspec_raises() -> None:
+    """msgspec 0.22 raises UnicodeDecodeError for invalid UTF-8 inside a string, 0.23
+    a DecodeError; both are the rejection ``invalid_utf8``."""
+
+    class Old:
+        def decode(self, payload: bytes) -> Any:
+            return payload.decode("utf-8")  # raises UnicodeDecodeError, as 0.22 does
+
+    with pytest.raises(SourceError) as old:
+        decode(Old(), b'{"venId":"ven-1\xff"}')  # type: ignore[arg-type]
+    with pytest.raises(SourceError) as new:
+        decode(msgspec.json.Decoder(), b'{"venId":"ven-1\xff"}')
+    assert old.value.code == new.value.code == "invalid_utf8"
+    assert explain(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad"))[0] == "invalid_utf8"
+
+
+def _stream(adapter: str, lines: list[bytes], *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [energybus_exe(), "normalize", "--adapter", adapter, "--stream", *args],
+        input=b"\n".join(lines) + b"\n",
+        capture_output=True,
+        timeout=60,
+    )
+
+
+def test_normalize_stream_survives_the_corpus_and_goes_on() -> None:
+    good = json.dumps(
+        {"topic": "volttron/metering", "payload": {"venId": "after", "batterySOC": 1}}
+    ).encode()
+    lines = [
+        json.dumps({"topic": "volttron/metering", "payload": p.decode("latin-1")}).encode()
+        for p in CORPUS
+        if b"\n" not in p
+    ]
+    lines += [
+        b"\xff\xfe not json",
+        b'{"topic": "volttron/metering", "payload": "\\ud800"}',
+        b'{"topic": "volttron/\\ud800", "payload": "{}"}',
+        b'{"topic": "volttron/metering", "payload": {"venId": "\\udc80"}}',
+        b'{"topic": 1, "payload": 2}',
+        b"x" * 1_000_000,
+        good,
+    ]
+    result = _stream("ven", lines)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert b"Traceback" not in result.stderr
+    assert b"after/energy/storage/after-battery/soc/value" in result.stdout
+    for line in result.stderr.decode("utf-8", "replace").splitlines():
+        assert line.startswith("error: line "), line[:200]
+
+
+def test_normalize_one_shot_with_broken_bytes_exits_1_without_a_traceback() -> None:
+    for payload in (b'{"venId":"ven-1\xff"}', b"\xff", b"[" * 100_000):
+        result = subprocess.run(
+            [energybus_exe(), "normalize", "--adapter", "ven", "--topic", "volttron/metering"],
+            input=payload,
+            capture_output=True,
+            timeout=30,
+        )
+        assert result.returncode == 1, result.stderr[-2000:]
+        assert b"Traceback" not in result.stderr
+        assert result.stderr.startswith(b"error: ")
