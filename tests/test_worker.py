@@ -11,7 +11,9 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from benchmarks.adapters import ven_messages
 from energybus.adapters import Pipeline, create_adapter
@@ -137,9 +139,9 @@ def test_ven_and_cpi_in_canonical_out_rows_in_bad_input_dead_lettered(
         assert worker.alive()
         # Shutdown: exit 0, status offline (retained).
         assert worker.stop(signal.SIGTERM) == 0
-        collector.wait_for(lambda t: True)
-        statuses = [p for t, p, _ in collector.messages if t.endswith(f"w-{site}/status")]
-        assert statuses[0] == b"online" and statuses[-1] == b"offline"
+        status = f"energybus/worker/w-{site}/status"
+        collector.wait_for_payload(status, b"offline")
+        assert collector.payloads(status)[0] == b"online"
     finally:
         collector.close()
         if worker.alive():
@@ -158,9 +160,12 @@ def _load(
     return thread
 
 
+@pytest.mark.parametrize("outage", ["stop", "crash"])
 def test_postgres_stopped_under_load_loses_and_duplicates_nothing(
-    tmp_path: Path, mosquitto: Service, postgres: Service
+    tmp_path: Path, mosquitto: Service, postgres: Service, outage: str
 ) -> None:
+    """A clean stop (fast shutdown, clients cut off) and a crash (SIGKILL, recovery at the
+    next start) of PostgreSQL under load."""
     site, config = _ven_worker(tmp_path, mosquitto, postgres)
     worker = WorkerProcess(config, tmp_path / "worker.log").start()
     messages = ven_messages(600, circuits=10, seed=7)
@@ -169,7 +174,10 @@ def test_postgres_stopped_under_load_loses_and_duplicates_nothing(
     try:
         thread = _load(mosquitto, messages, pace=0.004, done=done)
         time.sleep(0.5)
-        services.stop("postgres", run_dir=Path(postgres.run_dir))
+        if outage == "stop":
+            services.stop("postgres", run_dir=Path(postgres.run_dir))
+        else:
+            services.crash("postgres", run_dir=Path(postgres.run_dir))
         worker.wait_for_log("historian unreachable")
         time.sleep(1.0)
         services.start("postgres", run_dir=Path(postgres.run_dir), port=postgres.port)
@@ -269,3 +277,45 @@ def test_counter_reset_and_rollover_give_correct_energy(
     assert next(b["energy"] for b in buckets) == 250
     assert [e["event"] for e in events] == ["reset", "jump", "rollover"]
     assert [b["energy"] for b in buckets][1] == 100 + 30
+
+
+def test_broker_restart_each_connection_notices_its_own_loss(
+    tmp_path: Path, run_dir: Path, postgres: Service
+) -> None:
+    """Under load, both connections log their loss while the broker is still down (the
+    source used to notice only once the bus was back, when messages it had already
+    received were waiting to be handed over), reconnect, and traffic flows again."""
+    broker_dir = run_dir / f"restart-{uuid.uuid4().hex[:8]}"
+    broker = services.start("mosquitto", run_dir=broker_dir)
+    worker: WorkerProcess | None = None
+    try:
+        site, config = _ven_worker(tmp_path, broker, postgres)
+        worker = WorkerProcess(config, tmp_path / "worker.log").start()
+        worker.wait_for_log("bus: connected")
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"load-{site}")
+        client.max_inflight_messages_set(5000)
+        client.connect(broker.host, broker.port)
+        client.loop_start()
+        for message in ven_messages(3000, circuits=10, seed=11):
+            client.publish("volttron/metering", message, qos=1)
+        time.sleep(1.0)  # the worker is busy: received messages wait to be handed over
+        services.stop("mosquitto", run_dir=broker_dir)
+        client.loop_stop()
+        worker.wait_for_log("bus: connection lost")
+        worker.wait_for_log("source: connection lost", timeout=10)
+        assert services.running("mosquitto", run_dir=broker_dir) is None  # still down
+        services.start("mosquitto", run_dir=broker_dir, port=broker.port)
+        worker.wait_for_log("source: connected", count=2)
+        worker.wait_for_log("bus: connected", count=2)
+        body = {"venId": "after", "timestamp": 1729700000, "batterySOC": 42.0}
+        publish(broker, [("volttron/metering", json.dumps(body).encode())])
+        count_sql = (
+            f"SELECT count(*) FROM energybus.measurements WHERE site = '{site}'"
+            " AND device_id = 'storage.after-battery'"
+        )
+        assert wait_rows(postgres.url, count_sql, 1, timeout=30) == 1
+        assert worker.stop() == 0
+    finally:
+        if worker is not None and worker.alive():
+            worker.stop(signal.SIGKILL)
+        services.stop("mosquitto", run_dir=broker_dir)

@@ -121,6 +121,20 @@ class Collector:
         with self._lock:
             return [m[0] for m in self.messages]
 
+    def payloads(self, topic: str) -> list[bytes]:
+        with self._lock:
+            return [m[1] for m in self.messages if m[0] == topic]
+
+    def wait_for_payload(self, topic: str, payload: bytes, timeout: float = 20) -> None:
+        """Until the last message seen on ``topic`` is ``payload``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            seen = self.payloads(topic)
+            if seen and seen[-1] == payload:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{topic} never ended on {payload!r}; got {self.payloads(topic)}")
+
     def wait_for(self, predicate: Callable[[list[str]], bool], timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

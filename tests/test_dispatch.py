@@ -1,0 +1,200 @@
+"""The dispatcher with a fake bus and a fake historian: routing, dead letters,
+acknowledgement order, availability and commands, without a broker or a database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import pytest
+
+from energybus.adapters import Pipeline, create_adapter
+from energybus.commands import CommandRecord
+from energybus.rows import Row
+from energybus.worker.acks import AckQueue, Entry
+from energybus.worker.availability import Availability
+from energybus.worker.dispatch import Dispatcher
+from energybus.worker.metrics import Metrics
+from energybus.worker.sources import Delivery, MemorySource
+
+AT = datetime(2024, 10, 23, 16, 13, 21, tzinfo=UTC)
+METERING = msgspec.json.encode(
+    {"venId": "v1", "timestamp": 1729700000, "batterySOC": 50.0, "usedPowerKw": 1.0}
+)
+
+
+class FakeBus:
+    def __init__(self) -> None:
+        self.room = True
+        self.published: list[tuple[str, bytes, int, bool]] = []
+        self.tokens: list[Any] = []
+
+    async def wait_room(self) -> None:
+        await asyncio.sleep(0)
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool, token: Any) -> None:
+        self.published.append((topic, payload, qos, retain))
+        if token is not None:
+            self.tokens.append(token)
+
+    def flush(self) -> None:
+        pass
+
+    def topics(self) -> list[str]:
+        return [p[0] for p in self.published]
+
+
+class FakeSink:
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+        self.commands: list[CommandRecord] = []
+        self.held: list[Entry] = []
+
+    def add(
+        self, rows: Sequence[Row], commands: Sequence[CommandRecord], entry: Entry | None
+    ) -> None:
+        self.rows += rows
+        self.commands += commands
+        if entry is not None:
+            entry.hold()
+            self.held.append(entry)
+
+    def commit(self) -> None:
+        held, self.held = self.held, []
+        for entry in held:
+            entry.release()
+
+
+def _dispatcher() -> tuple[Dispatcher, FakeBus, FakeSink, Metrics]:
+    metrics = Metrics()
+    sink = FakeSink()
+    ven = Pipeline(create_adapter("ven"))
+    dispatcher = Dispatcher(
+        pipelines={"ven": ven},
+        sink=sink,
+        metrics=metrics,
+        availability=Availability(timeout_s=60),
+        dead_letter_prefix="energybus/dead_letter",
+        worker_id="w1",
+    )
+    dispatcher.route("mqtt", [*ven.sources[0].patterns, *ven.command_filters], ven)
+    bus = FakeBus()
+    dispatcher.attach(bus)
+    return dispatcher, bus, sink, metrics
+
+
+def _count(metrics: Metrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_a_message_is_acknowledged_only_after_pubacks_and_commit_in_order() -> None:
+    dispatcher, bus, sink, _ = _dispatcher()
+    acked: list[int] = []
+    acks = AckQueue(acked.append)
+    for mid in (1, 2):
+        dispatcher.handle(Delivery("mqtt", "volttron/metering", METERING, AT, acks.add(mid)))
+    assert "v1/energy/storage/v1-battery/soc/value" in bus.topics()
+    assert {r.metric_name for r in sink.rows} == {"soc", "active_power"}
+    assert acked == []  # publishes without PUBACK, rows not committed
+    for token in bus.tokens:
+        dispatcher.on_puback(token, 0)
+    assert acked == []  # rows still not committed
+    sink.commit()
+    assert acked == [1, 2]
+
+
+def test_refusals_are_dead_lettered_with_reason_and_counted() -> None:
+    dispatcher, bus, sink, metrics = _dispatcher()
+    acked: list[int] = []
+    acks = AckQueue(acked.append)
+    dispatcher.handle(Delivery("mqtt", "volttron/metering", b'{"venId":"v\xff"}', AT, acks.add(1)))
+    dispatcher.handle(Delivery("mqtt", "somewhere/else", b"{}", AT, acks.add(2)))
+    letters = [(t, json.loads(p)) for t, p, _, _ in bus.published]
+    assert [t for t, _ in letters] == ["energybus/dead_letter/ven", "energybus/dead_letter/router"]
+    first = letters[0][1]
+    assert first["reason"] == "invalid_utf8" and first["topic"] == "volttron/metering"
+    assert first["payload_base64"]  # the original, kept whole
+    assert letters[1][1]["reason"] == "unrouted"
+    assert _count(metrics, "energybus_rejections_total", source="ven", reason="invalid_utf8") == 1
+    assert _count(metrics, "energybus_rejections_total", source="router", reason="unrouted") == 1
+    assert acked == []  # acknowledged only once the dead letters are safe
+    for token in bus.tokens:
+        dispatcher.on_puback(token, 0)
+    assert acked == [1, 2]
+    assert sink.rows == []
+
+
+def test_an_adapter_bug_is_a_dead_letter_not_a_crash(caplog: pytest.LogCaptureFixture) -> None:
+    dispatcher, bus, _, metrics = _dispatcher()
+    pipeline = dispatcher.pipelines["ven"]
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a defect")
+
+    pipeline.adapter.normalize = broken  # type: ignore[method-assign]
+    acks = AckQueue(lambda mid: None)
+    dispatcher.handle(Delivery("mqtt", "volttron/metering", METERING, AT, acks.add(1)))
+    assert bus.topics() == ["energybus/dead_letter/ven"]
+    assert json.loads(bus.published[0][1])["reason"] == "adapter_error"
+    assert _count(metrics, "energybus_rejections_total", source="ven", reason="adapter_error") == 1
+    assert "adapter ven failed" in caplog.text
+
+
+def test_availability_online_on_first_sight_offline_after_silence() -> None:
+    dispatcher, bus, _, _ = _dispatcher()
+    acks = AckQueue(lambda mid: None)
+    dispatcher.handle(Delivery("mqtt", "volttron/metering", METERING, AT, acks.add(1)))
+    online = [p for p in bus.published if p[0].endswith("/availability")]
+    assert ("v1/energy/storage/v1-battery/soc/availability", b"online", 1, True) in online
+    dispatcher.availability.timeout_s = 0.0
+    bus.published.clear()
+    dispatcher.housekeeping(AT)
+    offline = {t for t, p, _, retain in bus.published if p == b"offline" and retain}
+    assert "v1/energy/load/v1/active_power/availability" in offline
+
+
+def test_a_command_is_sent_then_marked_sent_on_its_puback() -> None:
+    dispatcher, bus, sink, _ = _dispatcher()
+    acks = AckQueue(lambda mid: None)
+    dispatcher.handle(Delivery("mqtt", "volttron/metering", METERING, AT, acks.add(1)))
+    bus.published.clear()
+    bus.tokens.clear()
+    now = datetime.now(UTC)
+    dispatcher.handle(
+        Delivery("mqtt", "v1/energy/load/v1/shed_power/set", b"2000", now, acks.add(2))
+    )
+    assert bus.topics() == ["ven/cmd/v1"]
+    assert [c.state for c in sink.commands] == ["accepted"]
+    for token in bus.tokens:
+        dispatcher.on_puback(token, 0)
+    assert [c.state for c in sink.commands] == ["accepted", "sent"]
+
+
+def test_the_gate_is_closed_without_a_bus_and_a_memory_source_waits_for_it() -> None:
+    async def main() -> list[int]:
+        dispatcher, bus, sink, _ = _dispatcher()
+        dispatcher.detach()
+        assert not dispatcher.is_open()
+        source = MemorySource(name="mem", deliver=dispatcher.handle, gate=dispatcher)
+        dispatcher.bind("mem", dispatcher.pipelines["ven"])
+        task = asyncio.create_task(source.run())
+        source.put("volttron/metering", METERING)
+        await asyncio.sleep(0.05)
+        assert bus.published == []  # held while the bus is away
+        dispatcher.attach(bus)
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if bus.published:
+                break
+        for token in bus.tokens:
+            dispatcher.on_puback(token, 0)
+        sink.commit()
+        task.cancel()
+        return source.acked
+
+    assert asyncio.run(main()) == [1]
