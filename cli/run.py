@@ -43,7 +43,12 @@ def run(config_path: str, shared_group: str | None, log_format: str | None) -> N
     config = _load(config_path)
     config.with_overrides(shared_group=shared_group, log_format=log_format)
     setup_logging(config.worker.log_format, config.worker.log_level)
-    sys.exit(run_worker(config))
+    try:
+        status = run_worker(config)
+    except MappingError as error:  # found while assembling the worker, before any I/O
+        click.echo(f"invalid  {error}", err=True)
+        sys.exit(2)
+    sys.exit(status)
 
 
 @click.command()
@@ -57,7 +62,11 @@ def check(config_path: str) -> None:
 
     config = _load(config_path)
     m, w, h = config.mqtt, config.worker, config.historian
-    plan = Worker.plan(config)
+    try:
+        plan = Worker.plan(config)
+    except MappingError as error:
+        click.echo(f"invalid  {error}", err=True)
+        sys.exit(2)
     out = click.echo
     out(f"config     {config.file}")
     auth = "username/password" if m.username else "anonymous"

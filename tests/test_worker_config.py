@@ -132,3 +132,18 @@ def test_energy_with_the_database_down_is_a_clear_error() -> None:
     result = CliRunner().invoke(main, argv)
     assert result.exit_code == 2
     assert "cannot connect to the database" in result.output
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_an_adapter_fault_in_the_site_file_is_located_not_a_traceback(
+    tmp_path: Path, command: str
+) -> None:
+    """Options the schema accepts but the adapter cannot build (a plant naming no
+    template) are found when the file loads, with the line, for check and run alike."""
+    source = _file(tmp_path, GOOD + '[adapters.cpi.plants.p1]\ntemplate = "nope"\n')
+    result = CliRunner().invoke(main, [command, "--config", str(source)], env=ENV)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    line = GOOD.count("\n") + 2
+    assert f"{source}:{line}: no device template 'nope'" in result.output
+    assert "(at $.adapters.cpi.plants.p1.template) [unknown_template]" in result.output

@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from energybus.adapters import adapter_class, adapter_names
+from energybus.adapters import Adapter, adapter_class, adapter_names
 from energybus.documents import Located, expand_env, read_toml
 from energybus.errors import MappingError
 from energybus.filters import validate_filter
@@ -140,13 +140,21 @@ class _Root(_Section):
 
 
 class Config:
-    """A validated configuration, with each enabled adapter's options."""
+    """A validated configuration: each enabled adapter's options, and the adapter built
+    from them (its mapping compiled, its devices checked), ready for one worker."""
 
-    def __init__(self, root: _Root, adapters: dict[str, Any], file: str) -> None:
+    def __init__(
+        self,
+        root: _Root,
+        adapters: dict[str, Any],
+        file: str,
+        built: dict[str, Adapter[Any, Any]] | None = None,
+    ) -> None:
         self.worker = root.worker
         self.mqtt = root.mqtt
         self.historian = root.historian
         self.adapters = adapters
+        self.built = built or {}
         self.file = file
 
     def with_overrides(
@@ -194,13 +202,21 @@ def load_config(source: str | Path, *, environ: Mapping[str, str] | None = None)
             "$.adapters",
         )
     adapters: dict[str, Any] = {}
+    built: dict[str, Adapter[Any, Any]] = {}
     for name in root.adapters:
         try:
             cls = adapter_class(name)
         except MappingError as exc:
             raise where.error(exc.code, exc.message, f"$.adapters.{name}") from None
-        adapters[name] = cls.options_from(root.adapters[name], where, expanded=True)
-    return Config(root, adapters, str(source))
+        options = adapters[name] = cls.options_from(root.adapters[name], where, expanded=True)
+        try:
+            built[name] = cls(options=options)
+        except MappingError as exc:
+            if exc.file is not None:  # a fault of the mapping file, located there
+                raise
+            path = f"$.adapters.{name}{exc.path[1:]}"
+            raise where.error(exc.code, exc.message, path) from None
+    return Config(root, adapters, str(source), built)
 
 
 def _first_error(exc: ValidationError, where: Located) -> MappingError:

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import NamedTuple
 
 from energybus.adapters import Pipeline, create_adapter
+from energybus.errors import MappingError
 from energybus.historian import Historian, Outbox
 
 from .acks import Entry
@@ -50,8 +51,9 @@ class Plan(NamedTuple):
 
 
 def _pipelines(config: Config) -> dict[str, Pipeline]:
+    """The adapters ``load_config`` built, else new ones from the options."""
     return {
-        name: Pipeline(create_adapter(name, options=options))
+        name: Pipeline(config.built.get(name) or create_adapter(name, options=options))
         for name, options in config.adapters.items()
     }
 
@@ -144,8 +146,12 @@ class Worker:
             filters += [share + f for f in routed]
             for declaration in pipeline.sources:
                 if declaration.transport != "mqtt":
-                    raise NotImplementedError(
-                        f"adapter {name}: no {declaration.transport} source in this version"
+                    raise MappingError(
+                        "unsupported_transport",
+                        f"adapter {name} declares a {declaration.transport} source, which this"
+                        " worker cannot consume yet",
+                        file=self.config.file,
+                        path=f"$.adapters.{name}",
                     )
         return [
             MqttSource(
