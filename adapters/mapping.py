@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Iterable
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -217,7 +217,7 @@ class Compiler:
 
         defaults = self.defaults
 
-        def pick(name: str, fallback: object) -> object:
+        def pick(name: str, fallback: Any) -> Any:
             value = getattr(row, name)
             if value is None:
                 value = getattr(defaults, name)
@@ -225,14 +225,14 @@ class Compiler:
 
         interval = pick("max_interval_s", 60.0)
         spec = SeriesSpec(
-            profile=pick("profile", "A"),  # type: ignore[arg-type]
-            dedupe=bool(pick("dedupe", True)) if dedupe is None else dedupe,
-            deadband=float(pick("deadband", 0.0)),  # type: ignore[arg-type]
-            max_interval_s=float(interval) or None,  # type: ignore[arg-type]
-            last_min_interval_s=float(pick("last_min_interval_s", 0.0)),  # type: ignore[arg-type]
+            profile=pick("profile", "A"),
+            dedupe=pick("dedupe", True) if dedupe is None else dedupe,
+            deadband=pick("deadband", 0.0),
+            max_interval_s=interval or None,
+            last_min_interval_s=pick("last_min_interval_s", 0.0),
             description=row.description or (info.description if info else None),
             precision=getattr(row, "precision", None),
-            historian_mode=pick("historian_mode", "sample"),  # type: ignore[arg-type]
+            historian_mode=pick("historian_mode", "sample"),
         )
         return Checked(row.metric or "", kind, conversion, spec, lo, hi)
 

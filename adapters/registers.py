@@ -89,7 +89,7 @@ def decode_registers(
     if len(words) != spec.words or any(not 0 <= w <= 0xFFFF for w in words):
         raise SourceError("wrong_type", f"a {kind} takes {spec.words} registers of 0..65535")
     raw = _bytes(words, word_order, byte_order)
-    (value,) = struct.unpack(">" + spec.format, raw)
+    value: int | float = struct.unpack(">" + spec.format, raw)[0]
     if not_implemented:
         if spec.float_nan and math.isnan(value):
             return None
@@ -99,7 +99,7 @@ def decode_registers(
                 return None
     if spec.float_nan and not math.isfinite(value):
         raise SourceError("non_finite", f"a {kind} register holds an infinity")
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 def encode_registers(

@@ -87,8 +87,10 @@ class VenPlan(Plan):
         command_unit: str | None,
         command_convert: Any,
         command_spec: SeriesSpec,
+        command_range: tuple[float, float],
     ) -> None:
         self.entities = entities
+        self.command_range = command_range
         """Decodes metering, telemetry and load snapshots: the latter is a subset."""
         self.command = command
         self.command_unit = command_unit
@@ -202,6 +204,7 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
             command_unit=conversion.unit if conversion is not None else None,
             command_convert=conversion.fast() if conversion is not None else None,
             command_spec=spec,
+            command_range=(checked.lo, checked.hi),
         )
 
     # Translating ----------------------------------------------------------------------
@@ -248,8 +251,9 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
         )
         errors: list[SourceError] = []
         readings = self.plan.entities.read(message, ven.context, observed, quality, errors)
-        if seen_key is not None:
-            ven.remember(seen_key)  # only now: a refused message may come again, fixed
+        if seen_key is not None and not errors:
+            # Only now, and only whole: a message with a refused value may come again, fixed.
+            ven.remember(seen_key)
         if errors:
             return Normalized.refused(errors, topic, readings=readings)
         return Normalized(readings=readings)
@@ -277,6 +281,13 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
             plan = self.plan
             convert = plan.command_convert
             confirmed = value if convert is None else convert(value)
+            low, high = plan.command_range
+            if not low <= confirmed <= high:
+                raise SourceError(
+                    "implausible_value",
+                    f"{plan.command.metric} is outside its plausible range",
+                    path="$.actual_shed_kw",
+                )
             result.readings.append(
                 Reading(
                     ven.site,

@@ -128,6 +128,25 @@ def test_a_refused_message_does_not_mark_its_timestamp_seen() -> None:
     assert pipeline.rejected == {"bad_identifier": 1}
 
 
+def test_a_message_with_a_refused_value_can_come_again_fixed() -> None:
+    pipeline = Pipeline(create_adapter("ven"))
+    bad = {"venId": "v1", "timestamp": 7, "batterySOC": 50.0, "currentAmps": 1.2e29}
+    out = pipeline.feed("volttron/metering", msgspec.json.encode(bad), received_at=AT)
+    assert [r.code for r in out.rejections] == ["implausible_value"]
+    assert [s.metric for s in out.samples] == ["soc"]
+    fixed = {**bad, "currentAmps": 12.0}
+    wire = _feed(pipeline, "volttron/metering", fixed)
+    assert wire["v1/energy/grid/v1-panel/current/value"] == "12.0"
+
+
+def test_an_implausible_confirmation_is_refused() -> None:
+    pipeline = Pipeline(create_adapter("ven"))
+    ack = {"op": "event", "status": "ok", "actual_shed_kw": 1e29}
+    out = pipeline.feed("ven/ack/v1", msgspec.json.encode(ack), received_at=AT)
+    assert [(r.code, r.path) for r in out.rejections] == [("implausible_value", "$.actual_shed_kw")]
+    assert out.messages == []
+
+
 def _record(command_id: str, at: datetime, book: CommandBook) -> CommandRecord:
     return CommandRecord(
         id=command_id,
