@@ -12,7 +12,7 @@ __all__ = ["counter_energy", "counter_events"]
 
 
 async def counter_energy(
-    conn: asyncpg.Connection,
+    conn: asyncpg.Connection[asyncpg.Record],
     *,
     site: str | None,
     device: str,
@@ -30,7 +30,7 @@ async def counter_energy(
 
 
 async def counter_events(
-    conn: asyncpg.Connection,
+    conn: asyncpg.Connection[asyncpg.Record],
     *,
     site: str | None,
     device: str,

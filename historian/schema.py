@@ -51,7 +51,7 @@ def migrations() -> list[Migration]:
     return found
 
 
-async def migrate(connection: asyncpg.Connection) -> MigrationResult:
+async def migrate(connection: asyncpg.Connection[asyncpg.Record]) -> MigrationResult:
     """Bring the schema to the newest version; a no-op when it is there already."""
     await connection.execute("SELECT pg_advisory_lock($1)", _LOCK)
     try:

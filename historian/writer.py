@@ -82,7 +82,7 @@ class Historian:
     def __init__(self, dsn: str, *, connect_timeout: float = 5.0) -> None:
         self._dsn = dsn
         self._timeout = connect_timeout
-        self._conn: asyncpg.Connection | None = None
+        self._conn: asyncpg.Connection[asyncpg.Record] | None = None
         self._months: set[tuple[str, int, int]] = set()
 
     @property
@@ -147,7 +147,9 @@ class Historian:
             rows,
         )
 
-    async def _partitions(self, conn: asyncpg.Connection, table: str, rows: list[RowTuple]) -> None:
+    async def _partitions(
+        self, conn: asyncpg.Connection[asyncpg.Record], table: str, rows: list[RowTuple]
+    ) -> None:
         months: dict[tuple[str, int, int], datetime] = {}
         for row in rows:
             months.setdefault((table, row[4].year, row[4].month), row[4])
@@ -156,7 +158,9 @@ class Historian:
                 await conn.execute(f"SELECT {SCHEMA}.ensure_partition($1, $2)", table, at)
                 self._months.add(key)
 
-    async def _load(self, conn: asyncpg.Connection, table: str, rows: list[RowTuple]) -> int:
+    async def _load(
+        self, conn: asyncpg.Connection[asyncpg.Record], table: str, rows: list[RowTuple]
+    ) -> int:
         if not rows:
             return 0
         stage = _TABLES[table]

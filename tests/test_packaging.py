@@ -60,3 +60,34 @@ def test_import_energybus_loads_no_submodule_until_used() -> None:
         "print('energybus.render' in sys.modules)\n"
     )
     assert run_python(code).splitlines() == ["['energybus._version']", "True"]
+
+
+def test_the_lowest_constraints_are_the_declared_floors() -> None:
+    """constraints/lowest.txt pins every direct dependency at its floor, so the lowest
+    run tests exactly what pyproject.toml promises (lint tools excepted: they run at the
+    newest only)."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    floors = {}
+    for requirement in declared:
+        match = re.match(r"([A-Za-z0-9_.-]+)\s*>=\s*([0-9.]+)", requirement)
+        assert match is not None, f"{requirement!r} has no lower bound"
+        floors[match.group(1).lower()] = match.group(2)
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / "constraints" / "lowest.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+
+    def version(text: str) -> tuple[int, ...]:
+        parts = [int(part) for part in text.split(".")]
+        while parts and parts[-1] == 0:
+            parts.pop()
+        return tuple(parts)
+
+    lint = {"ruff", "mypy", "asyncpg-stubs"}
+    expected = {k: version(v) for k, v in floors.items() if k not in lint}
+    assert expected == {k: version(v) for k, v in pins.items()}
