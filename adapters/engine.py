@@ -59,10 +59,11 @@ Value = tuple[str, Scalar, str | None, SeriesSpec]
 """One value of a :class:`Reading`: ``(metric, value, unit, spec)``."""
 Special = Callable[[Any], list[Value]]
 Hot = tuple[
-    str, Callable[[float], float] | None, str | None, SeriesSpec, float, float, Special | None
+    str, Callable[[float], float] | None, str | None, SeriesSpec, float, float, Special | None, str
 ]
 """What the per-message loop reads per field: metric, convert, unit, spec, the plausible
-range, and the transform function for fields that are not a plain number or boolean."""
+range, the transform function for fields that are not a plain number or boolean, and
+the source field's name (for the path of a refusal)."""
 
 _BIG: Final = 1.7976931348623157e308  # the largest double: infinities are implausible
 _CACHE: Final = 4096  # bound of every per-value cache: a source that varies stays bounded
@@ -133,7 +134,7 @@ class Field:
                     "conflicting_field", "a bits field names its metrics per bit", path
                 )
             special = _bits(row.bits, compiler, path)
-            self.hot: Hot = ("", None, None, _NO_SPEC, -_BIG, _BIG, special)
+            self.hot: Hot = ("", None, None, _NO_SPEC, -_BIG, _BIG, special, name)
             self.metrics = [bit.metric for bit in row.bits.values()]
             self.rows = len(row.bits)
             self.decode_type: Any = int
@@ -168,14 +169,14 @@ class Field:
             spec = msgspec.structs.replace(spec, attributes={"states": names})
             special = _enum(states, checked.metric, spec)
             self.decode_type = int
-        self.hot = (checked.metric, convert, unit, spec, lo, hi, special)
+        self.hot = (checked.metric, convert, unit, spec, lo, hi, special, name)
         self.metrics = [checked.metric]
         self.rows = 1
 
     def read(self, raw: Any, path: str, out: list[Value], errors: list[SourceError]) -> None:
         """Read one raw value (already of the field's type) into ``out``; a value fault
         goes to ``errors``. The entity loop inlines the plain case of this."""
-        metric, convert, unit, spec, lo, hi, special = self.hot
+        metric, convert, unit, spec, lo, hi, special, _ = self.hot
         try:
             if special is not None:
                 out.extend(special(raw))
@@ -393,7 +394,6 @@ class _Group:
         "get",
         "hot",
         "key",
-        "names",
         "nfields",
         "template",
         "type",
@@ -411,7 +411,6 @@ class _Group:
         self.each = group.each
         self.key = group.key
         self.hot = [field.hot for field in fields]
-        self.names = [field.name for field in fields]
         self.attributes = attributes
         self.nfields = len(fields)
         self.cache: dict[tuple[Any, ...], list[Hot]] = {}
@@ -424,11 +423,8 @@ class _Group:
 
     def specs(self, values: tuple[Any, ...]) -> list[Hot]:
         """The hot rows with the static fields as meta attributes in the specs, built
-        once per distinct set of static values."""
+        once per distinct set of static values (the caller looks in ``cache`` first)."""
         static = values[self.nfields :]
-        found = self.cache.get(static)
-        if found is not None:
-            return found
         attributes: dict[str, str | int | float | bool] = {}
         for (name, convert), value in zip(self.attributes, static, strict=True):
             if value is None:
@@ -437,8 +433,8 @@ class _Group:
                 value = convert(value)
             attributes[name] = value
         hot = [
-            (m, c, u, _with_attributes(s, attributes), lo, hi, sp)
-            for m, c, u, s, lo, hi, sp in self.hot
+            (m, c, u, _with_attributes(s, attributes), lo, hi, sp, n)
+            for m, c, u, s, lo, hi, sp, n in self.hot
         ]
         if len(self.cache) >= _CACHE:
             self.cache.clear()
@@ -567,8 +563,10 @@ class Entities:
         site = context.site
         for group, entity_id in zip(self.root, context.root_ids, strict=True):
             values = group.get(message)
-            hot = group.specs(values) if group.attributes else group.hot
-            out = _read(values, hot, group.names, "$.", errors)
+            hot = group.hot
+            if group.attributes:
+                hot = group.cache.get(values[group.nfields :]) or group.specs(values)
+            out = _read(values, hot, errors, None, 0)
             if out:
                 readings.append(Reading(site, group.type, entity_id, observed, quality, out))
         for ai, (each, attr, key_attr, groups) in enumerate(self.arrays):
@@ -583,8 +581,10 @@ class Entities:
                 )
                 for group in groups:
                     values = group.get(item)
-                    hot = group.specs(values) if group.attributes else group.hot
-                    out = _read(values, hot, group.names, f"$.{each}[{index}].", errors)
+                    hot = group.hot
+                    if group.attributes:
+                        hot = group.cache.get(values[group.nfields :]) or group.specs(values)
+                    out = _read(values, hot, errors, each, index)
                     if out:
                         readings.append(
                             Reading(site, group.type, entity_id, observed, quality, out)
@@ -595,16 +595,15 @@ class Entities:
 def _read(
     values: tuple[Any, ...],
     hot: list[Hot],
-    names: list[str],
-    prefix: str,
     errors: list[SourceError],
+    each: str | None,
+    index: int,
 ) -> list[Value]:
-    """The per-message loop: plain numbers and booleans inline, transforms by call."""
+    """The per-message loop: plain numbers and booleans inline, transforms by call.
+    ``each`` and ``index`` place the object in the message, for the path of a refusal."""
     out: list[Value] = []
     add = out.append
-    for raw, (metric, convert, unit, spec, lo, hi, special), name in zip(
-        values, hot, names, strict=False
-    ):
+    for raw, (metric, convert, unit, spec, lo, hi, special, name) in zip(values, hot, strict=False):
         if raw is None:
             continue
         try:
@@ -613,13 +612,17 @@ def _read(
                 continue
             value = raw if convert is None else convert(raw)
         except EnergyBusError as error:
-            errors.append(refuse(error, prefix + name))
+            errors.append(refuse(error, _path(each, index, name)))
             continue
         if lo <= value <= hi:
             add((metric, value, unit, spec))
         else:
-            errors.append(_implausible(metric, lo, hi, unit, prefix + name))
+            errors.append(_implausible(metric, lo, hi, unit, _path(each, index, name)))
     return out
+
+
+def _path(each: str | None, index: int, name: str) -> str:
+    return f"$.{name}" if each is None else f"$.{each}[{index}].{name}"
 
 
 def _item_id(

@@ -13,6 +13,7 @@ source is dead rather than unchanged.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Final, Literal
 
@@ -26,6 +27,7 @@ from energybus.payloads import (
     HistorianMeta,
     HistorianMode,
     Meta,
+    Quality,
     Scalar,
     encode,
     encode_scalar,
@@ -156,15 +158,15 @@ class Renderer:
         cannot carry, having changed nothing."""
         if spec is None:
             spec = self.specs.get(sample.metric, self.default) if self.specs else self.default
-        reading = Reading(
+        refused = self._render(
             sample.site,
             sample.entity_type,
             sample.entity_id,
             sample.observed_at,
             sample.quality,
-            [(sample.metric, sample.value, sample.unit, spec)],
+            ((sample.metric, sample.value, sample.unit, spec),),
+            out,
         )
-        refused = self.render_reading(reading, out)
         if refused:
             raise refused[0][1]
 
@@ -177,21 +179,38 @@ class Renderer:
         any state or output; the refusals come back as ``(index, error)``, the other
         values are rendered.
         """
+        return self._render(
+            reading.site,
+            reading.entity_type,
+            reading.entity_id,
+            reading.observed_at,
+            reading.quality,
+            reading.values,
+            out,
+        )
+
+    def _render(
+        self,
+        site: str,
+        entity_type: str,
+        entity_id: str,
+        observed: datetime,
+        quality: Quality,
+        values: Sequence[tuple[str, Scalar, str | None, SeriesSpec]],
+        out: list[Message],
+    ) -> list[tuple[int, EnergyBusError]] | None:
         refused: list[tuple[int, EnergyBusError]] | None = None
-        quality = reading.quality
         tail = _QUALITY_TAIL.get(quality)
         if tail is None:
             error = PayloadError("invalid_value", f"quality {quality!r} is not one of {QUALITIES}")
-            return [(index, error) for index in range(len(reading.values))]
-        observed = reading.observed_at
+            return [(index, error) for index in range(len(values))]
         if observed.tzinfo is not UTC:
             try:
                 observed = utc(observed)
             except PayloadError as error:
-                return [(index, error) for index in range(len(reading.values))]
-        site, entity_type, entity_id = reading.site, reading.entity_type, reading.entity_id
+                return [(index, error) for index in range(len(values))]
         series_of = self._series
-        for index, (metric, value, unit, spec) in enumerate(reading.values):
+        for index, (metric, value, unit, spec) in enumerate(values):
             kind = type(value)
             scalar = _encode(value) if kind is float or kind is int or kind is bool else b"null"
             if scalar == b"null":

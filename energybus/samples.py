@@ -150,7 +150,7 @@ def decode_sample(
     )
 
 
-class Reading:
+class Reading(msgspec.Struct, gc=False):
     """The values of one entity observed at one moment: what adapters hand on.
 
     A source message usually describes a few entities with many metrics each. Keeping
@@ -160,23 +160,12 @@ class Reading:
     :class:`energybus.render.SeriesSpec`.
     """
 
-    __slots__ = ("entity_id", "entity_type", "observed_at", "quality", "site", "values")
-
-    def __init__(
-        self,
-        site: str,
-        entity_type: EntityType,
-        entity_id: str,
-        observed_at: datetime,
-        quality: Quality = "good",
-        values: list[tuple[str, Scalar, str | None, Any]] | None = None,
-    ) -> None:
-        self.site = site
-        self.entity_type: EntityType = entity_type
-        self.entity_id = entity_id
-        self.observed_at = observed_at
-        self.quality: Quality = quality
-        self.values: list[tuple[str, Scalar, str | None, Any]] = [] if values is None else values
+    site: str
+    entity_type: EntityType
+    entity_id: str
+    observed_at: datetime
+    quality: Quality = "good"
+    values: list[tuple[str, Scalar, str | None, Any]] = msgspec.field(default_factory=list)
 
     def samples(self) -> list[Sample]:
         """One :class:`Sample` per value, for code that thinks in samples."""
@@ -188,16 +177,3 @@ class Reading:
             self.quality,
         )
         return [Sample(site, etype, eid, m, v, at, quality, u) for m, v, u, _ in self.values]
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Reading):
-            return NotImplemented
-        return all(getattr(self, name) == getattr(other, name) for name in self.__slots__)
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return (
-            f"Reading({self.site!r}, {self.entity_type!r}, {self.entity_id!r}, "
-            f"{self.observed_at.isoformat()}, {self.quality!r}, {len(self.values)} values)"
-        )
