@@ -16,7 +16,7 @@ import msgspec
 from energybus.adapters import Adapter, Normalized, Plan, Rejection, SourceDeclaration
 from energybus.adapters.engine import DeviceTemplate, Template, compile_templates, decode
 from energybus.adapters.mapping import Compiler, Document, MappingDocument
-from energybus.errors import EnergyBusError, SourceError
+from energybus.errors import CommandError, EnergyBusError, SourceError
 from energybus.samples import Reading
 from energybus.topics import to_kebab
 
@@ -72,7 +72,8 @@ class AcmeAdapter(Adapter[AcmeOptions, AcmeMapping]):
             return Normalized(rejections=[Rejection.of(error, topic)])
 
     def format(self, topic: str, payload: bytes, *, received_at: datetime) -> Any:
-        raise NotImplementedError("acme devices take no commands")
+        # Never routed here (no command_filters); said plainly should anyone call it.
+        raise CommandError("not_commandable", "acme devices take no commands", topic=topic)
 
 
 if __name__ == "__main__":
