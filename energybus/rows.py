@@ -10,12 +10,16 @@ historians hold numbers.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 
 import msgspec
 
+from energybus.errors import PayloadError
+from energybus.metrics import metric_info
 from energybus.samples import Reading, Sample, decode_sample
 from energybus.topics import parse_topic
+from energybus.units import PLAUSIBLE
 
 __all__ = ["CounterRow", "MeasurementRow", "Row", "historian_row", "reading_rows", "to_row"]
 
@@ -69,9 +73,21 @@ def historian_row(topic: str | bytes, payload: bytes, *, received_at: datetime) 
     """The row a bus message becomes, or ``None`` for streams that are not ingested.
 
     Raises :class:`TopicError` or :class:`PayloadError` for a message that breaks the
-    contract, so the caller can dead-letter it.
+    contract, so the caller can dead-letter it; also (``implausible_value``) for a metric
+    of the vocabulary whose value is outside the plausible range of its unit, the same
+    bound the adapters apply, so another publisher cannot store 1e305 W either.
     """
     parsed = parse_topic(topic)
     if parsed.stream != "value":
         return None
-    return to_row(decode_sample(parsed, payload, received_at=received_at))
+    sample = decode_sample(parsed, payload, received_at=received_at)
+    info = metric_info(sample.metric)
+    if info is not None and info.unit is not None and type(sample.value) is not bool:
+        low, high = PLAUSIBLE.get(info.unit, (-math.inf, math.inf))
+        if not low <= sample.value <= high:
+            raise PayloadError(
+                "implausible_value",
+                f"{sample.metric} is outside its plausible range [{low:g}, {high:g}] {info.unit}",
+                path="$.value" if payload.lstrip().startswith(b"{") else "$",
+            )
+    return to_row(sample)

@@ -73,3 +73,20 @@ def test_bad_messages_raise_for_the_dead_letter_path() -> None:
     with pytest.raises(PayloadError) as info:
         decode_sample("vad/energy/load/x/active_power/meta", b"{}", received_at=NOW)
     assert info.value.code == "not_a_sample"
+
+
+def test_implausible_values_from_other_publishers_are_not_stored() -> None:
+    topic = "vad/energy/load/x/active_power/value"
+    for payload, path in [
+        (b"1e305", "$"),
+        (b'{"value": -2e10, "observed_at": "2026-03-08T10:15:12Z"}', "$.value"),
+    ]:
+        with pytest.raises(PayloadError) as info:
+            historian_row(topic, payload, received_at=NOW)
+        assert (info.value.code, info.value.path) == ("implausible_value", path)
+    current = "vad/energy/grid/main/current/value"
+    with pytest.raises(PayloadError):
+        historian_row(current, b"1.2e29", received_at=NOW)
+    assert historian_row(topic, b"5e9", received_at=NOW) is not None  # 5 GW: plausible
+    # A metric outside the vocabulary has no unit to judge by: only finite is required.
+    assert historian_row("vad/energy/load/x/custom_thing/value", b"1e300", received_at=NOW)

@@ -147,3 +147,16 @@ def test_an_adapter_fault_in_the_site_file_is_located_not_a_traceback(
     line = GOOD.count("\n") + 2
     assert f"{source}:{line}: no device template 'nope'" in result.output
     assert "(at $.adapters.cpi.plants.p1.template) [unknown_template]" in result.output
+
+
+def test_a_source_on_a_transport_the_worker_lacks_is_a_clear_error(tmp_path: Path) -> None:
+    from energybus.adapters import SourceDeclaration
+    from energybus.worker import Worker
+
+    config = load_config(_file(tmp_path, GOOD), environ=ENV)
+    adapter = config.built["ven"]
+    adapter.sources = (SourceDeclaration(transport="amqp", patterns=("vcp.acme.event.telemetry",)),)
+    with pytest.raises(MappingError) as caught:
+        Worker.plan(config)
+    assert caught.value.code == "unsupported_transport"
+    assert "declares a amqp source" in caught.value.message

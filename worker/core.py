@@ -17,7 +17,7 @@ import signal
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from energybus.adapters import Pipeline, create_adapter
 from energybus.errors import MappingError
@@ -36,6 +36,9 @@ from .sources import MqttSource, Source
 __all__ = ["Plan", "Worker", "run_worker"]
 
 log = logging.getLogger("energybus.worker")
+
+TRANSPORTS: Final = frozenset({"mqtt"})
+"""The transports this worker has sources for (adapters declare theirs)."""
 
 
 class Plan(NamedTuple):
@@ -65,6 +68,16 @@ class Worker:
         if pipelines is None:
             pipelines = _pipelines(config)
         share = f"$share/{w.shared_group}/" if w.shared_group else ""
+        for name, pipeline in pipelines.items():
+            for declaration in pipeline.sources:
+                if declaration.transport not in TRANSPORTS:
+                    raise MappingError(
+                        "unsupported_transport",
+                        f"adapter {name} declares a {declaration.transport} source, which this"
+                        f" worker cannot consume; it consumes {', '.join(sorted(TRANSPORTS))}",
+                        file=config.file,
+                        path=f"$.adapters.{name}",
+                    )
         return Plan(
             adapters=[
                 (
@@ -136,23 +149,11 @@ class Worker:
         carries the worker's status); other transports get their sources as they land."""
         dispatcher = self.dispatcher
         filters: list[str] = []
-        share = (
-            f"$share/{self.config.worker.shared_group}/" if self.config.worker.shared_group else ""
-        )
-        for name, pipeline in self.pipelines.items():
+        for name, sources, commands in plan.adapters:
+            pipeline = self.pipelines[name]
             mqtt = [f for d in pipeline.sources if d.transport == "mqtt" for f in d.patterns]
-            routed = [*mqtt, *pipeline.command_filters]
-            dispatcher.route("mqtt", routed, pipeline)
-            filters += [share + f for f in routed]
-            for declaration in pipeline.sources:
-                if declaration.transport != "mqtt":
-                    raise MappingError(
-                        "unsupported_transport",
-                        f"adapter {name} declares a {declaration.transport} source, which this"
-                        " worker cannot consume yet",
-                        file=self.config.file,
-                        path=f"$.adapters.{name}",
-                    )
+            dispatcher.route("mqtt", [*mqtt, *pipeline.command_filters], pipeline)
+            filters += [*sources, *commands]  # as subscribed: with $share/<group>/
         return [
             MqttSource(
                 config=self.config.mqtt,
