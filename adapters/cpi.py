@@ -409,6 +409,12 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
                 raise CommandError(
                     "invalid_value", f"action {action.key!r} takes a number", topic=topic
                 )
+            if not action.low <= value <= action.high:
+                raise CommandError(
+                    "invalid_value",
+                    f"action {action.key!r} takes values in [{action.low:g}, {action.high:g}]",
+                    topic=topic,
+                )
             assert action.to_source is not None
             body["payload"] = {action.param: action.to_source(value)}
         elif value is not True:

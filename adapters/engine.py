@@ -137,7 +137,8 @@ class Field:
             self.hot: Hot = ("", None, None, _NO_SPEC, -_BIG, _BIG, special, name)
             self.metrics = [bit.metric for bit in row.bits.values()]
             self.rows = len(row.bits)
-            self.decode_type: Any = int
+            # A float is taken too and judged per value (3.0 is a mask, 3.5 is refused).
+            self.decode_type: Any = int | float
             return
         if row.metric is None:
             raise compiler.error("missing_field", "a field needs a metric (or bits)", path)
@@ -168,27 +169,28 @@ class Field:
             names = ", ".join(f"{code}={name}" for code, name in sorted(states.items()))
             spec = msgspec.structs.replace(spec, attributes={"states": names})
             special = _enum(states, checked.metric, spec)
-            self.decode_type = int
+            self.decode_type = int | float
         self.hot = (checked.metric, convert, unit, spec, lo, hi, special, name)
         self.metrics = [checked.metric]
         self.rows = 1
 
-    def read(self, raw: Any, path: str, out: list[Value], errors: list[SourceError]) -> None:
+    def read(self, raw: Any, out: list[Value], errors: list[SourceError], prefix: str) -> None:
         """Read one raw value (already of the field's type) into ``out``; a value fault
-        goes to ``errors``. The entity loop inlines the plain case of this."""
-        metric, convert, unit, spec, lo, hi, special, _ = self.hot
+        goes to ``errors`` with the path ``<prefix>.<name>``. The entity loop inlines the
+        plain case of this."""
+        metric, convert, unit, spec, lo, hi, special, name = self.hot
         try:
             if special is not None:
                 out.extend(special(raw))
                 return
             value = raw if convert is None else convert(raw)
         except EnergyBusError as error:
-            errors.append(refuse(error, path))
+            errors.append(refuse(error, f"{prefix}.{name}"))
             return
         if lo <= value <= hi:
             out.append((metric, value, unit, spec))
         else:
-            errors.append(_implausible(metric, lo, hi, unit, path))
+            errors.append(_implausible(metric, lo, hi, unit, f"{prefix}.{name}"))
 
 
 _NO_SPEC: Final = SeriesSpec()
@@ -293,7 +295,7 @@ class Action:
     """A compiled :class:`ActionRow`: the command key, its value field and how a
     canonical value goes back to the device's unit."""
 
-    __slots__ = ("key", "param", "spec", "to_source", "unit")
+    __slots__ = ("high", "key", "low", "param", "spec", "to_source", "unit")
 
     def __init__(self, key: str, row: ActionRow, compiler: Compiler, path: str, etype: str) -> None:
         kind: ValueType = "number" if row.param else "boolean"
@@ -306,6 +308,8 @@ class Action:
         self.spec = checked.spec
         self.unit = checked.conversion.unit if checked.conversion is not None else None
         self.to_source = Conversion(row.unit, row.scale).inverse() if row.param else None
+        self.low, self.high = checked.lo, checked.hi
+        """The plausible values of a command, in the canonical unit (the row's ``range``)."""
 
 
 class Template:
@@ -366,7 +370,7 @@ class Template:
                 )
             if kind is int and field.hot[6] is None:
                 raw = float(raw)  # numbers on the bus are doubles, as in any JSON decoder
-            field.read(raw, f"{path}.{name}", out, errors)
+            field.read(raw, out, errors, path)
         return reading
 
 
@@ -397,13 +401,14 @@ class _Group:
         "nfields",
         "template",
         "type",
+        "typed",
     )
 
     def __init__(
         self,
         group: EntityGroup,
         fields: list[Field],
-        attributes: list[tuple[str, Conversion | None]],
+        attributes: list[tuple[str, Conversion | None, str]],
         attrs: list[str],
     ) -> None:
         self.type: EntityType = group.type
@@ -411,7 +416,10 @@ class _Group:
         self.each = group.each
         self.key = group.key
         self.hot = [field.hot for field in fields]
-        self.attributes = attributes
+        self.attributes = [(name, c.fast() if c else None, f) for name, c, f in attributes]
+        self.typed = any(c is None for _, c, _ in attributes)
+        """Static fields that may be booleans: 1, 1.0 and true are equal as dict keys, so
+        the cache key then carries the values' types too."""
         self.nfields = len(fields)
         self.cache: dict[tuple[Any, ...], list[Hot]] = {}
         """``hot`` with meta attributes in the specs, by the static fields' values."""
@@ -421,16 +429,20 @@ class _Group:
             getter if len(attrs) > 1 else (lambda obj: (getter(obj),))
         )
 
-    def specs(self, values: tuple[Any, ...]) -> list[Hot]:
+    def specs(self, static: tuple[Any, ...], key: Any, path: str) -> list[Hot]:
         """The hot rows with the static fields as meta attributes in the specs, built
-        once per distinct set of static values (the caller looks in ``cache`` first)."""
-        static = values[self.nfields :]
+        once per distinct set of static values (the caller looks in ``cache`` first).
+        A static field that cannot be converted rejects the message: it is no reading
+        of its own to refuse alone."""
         attributes: dict[str, str | int | float | bool] = {}
-        for (name, convert), value in zip(self.attributes, static, strict=True):
+        for (name, convert, field), value in zip(self.attributes, static, strict=True):
             if value is None:
                 continue
             if convert is not None and type(value) is not str and type(value) is not bool:
-                value = convert(value)
+                try:
+                    value = convert(value)
+                except EnergyBusError as error:
+                    raise refuse(error, f"{path}{field}") from None
             attributes[name] = value
         hot = [
             (m, c, u, _with_attributes(s, attributes), lo, hi, sp, n)
@@ -438,7 +450,7 @@ class _Group:
         ]
         if len(self.cache) >= _CACHE:
             self.cache.clear()
-        self.cache[static] = hot
+        self.cache[key] = hot
         return hot
 
 
@@ -499,10 +511,10 @@ class Entities:
                 field = Field(fname, row, compiler, at)
                 attrs.append(_declare(fields, fname, field.decode_type, compiler, at))
                 compiled.append(field)
-            attributes: list[tuple[str, Conversion | None]] = []
+            attributes: list[tuple[str, Conversion | None, str]] = []
             for fname, attribute in group.meta.items():
                 at = f"{path}.meta.{fname}"
-                attributes.append((attribute.attribute, compiler.attribute(attribute, at)))
+                attributes.append((attribute.attribute, compiler.attribute(attribute, at), fname))
                 attrs.append(_declare(fields, fname, str | int | float | bool, compiler, at))
             for fname in group.ignore:
                 if fname in group.fields or fname in group.meta:
@@ -565,7 +577,9 @@ class Entities:
             values = group.get(message)
             hot = group.hot
             if group.attributes:
-                hot = group.cache.get(values[group.nfields :]) or group.specs(values)
+                static = values[group.nfields :]
+                key = (static, tuple(map(type, static))) if group.typed else static
+                hot = group.cache.get(key) or group.specs(static, key, "$.")
             out = _read(values, hot, errors, None, 0)
             if out:
                 readings.append(Reading(site, group.type, entity_id, observed, quality, out))
@@ -583,7 +597,11 @@ class Entities:
                     values = group.get(item)
                     hot = group.hot
                     if group.attributes:
-                        hot = group.cache.get(values[group.nfields :]) or group.specs(values)
+                        static = values[group.nfields :]
+                        key = (static, tuple(map(type, static))) if group.typed else static
+                        hot = group.cache.get(key) or group.specs(
+                            static, key, f"$.{each}[{index}]."
+                        )
                     out = _read(values, hot, errors, each, index)
                     if out:
                         readings.append(

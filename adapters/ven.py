@@ -21,12 +21,19 @@ from typing import Any, ClassVar, Final
 
 import msgspec
 
-from energybus.errors import CommandError, EnergyBusError, IdentifierError, SourceError
+from energybus.errors import (
+    CommandError,
+    EnergyBusError,
+    IdentifierError,
+    MappingError,
+    SourceError,
+    TopicError,
+)
 from energybus.filters import canonical_filter
 from energybus.messages import Message
 from energybus.render import SeriesSpec
 from energybus.samples import Reading, observation
-from energybus.topics import EntityType, parse_topic, to_kebab
+from energybus.topics import EntityType, build_topic, parse_topic, to_kebab
 from energybus.units import Conversion
 
 from .base import Adapter, Formatted, Normalized, Plan, Rejection, SourceDeclaration
@@ -166,7 +173,15 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
         self._vens: dict[str, _Ven] = {}
         self._targets: dict[tuple[str, str], str] = {}
         for source_id in opts.vens:
-            self._ven(source_id)
+            try:
+                self._ven(source_id)
+            except SourceError as error:  # a listed VEN that can never publish: say so now
+                raise MappingError(error.code, error.message, path=f"$.vens.{source_id}") from None
+        if opts.site is not None:
+            try:
+                build_topic(opts.site, "load", "entity", "metric")
+            except TopicError as error:
+                raise MappingError(error.code, error.message, path="$.site") from None
 
     # Compiling ------------------------------------------------------------------------
 
@@ -316,6 +331,15 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
             raise SourceError("bad_identifier", exc.message, path="$.venId") from None
         site = (entry.site if entry is not None else None) or opts.site or kebab
         ven = _Ven(source_id, site, kebab, self.plan)
+        try:
+            # The VEN's own series must fit the bus, or nothing of it can be published:
+            # one clear rejection then, not one refusal per value.
+            command = self.plan.command
+            build_topic(site, command.type, ven.command_entity, command.metric, "availability")
+            for entity_id in ven.context.root_ids:
+                build_topic(site, "load", entity_id, "metric")
+        except TopicError as error:
+            raise SourceError(error.code, error.message, path="$.venId") from None
         self._targets[(site, ven.command_entity)] = source_id
         self._vens[source_id] = ven
         return ven
@@ -341,9 +365,11 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
                 "unknown_target", "no VEN is known under this site and entity", topic=topic
             )
         value, envelope = self.request(payload)
-        if type(value) is bool or value < 0:
+        if type(value) is bool or not 0 <= value <= self.plan.command_range[1]:
             raise CommandError(
-                "invalid_value", "shed power must be a number of watts >= 0", topic=topic
+                "invalid_value",
+                f"shed power must be a number of watts from 0 to {self.plan.command_range[1]:g}",
+                topic=topic,
             )
         command_id = self.new_id()
         body: dict[str, Any]

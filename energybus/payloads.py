@@ -117,6 +117,7 @@ _set_decoder: Final[msgspec.json.Decoder[Scalar | SetEnvelope]] = msgspec.json.D
 _last_decoder: Final = msgspec.json.Decoder(LastEnvelope)
 _meta_decoder: Final = msgspec.json.Decoder(Meta)
 _encoder: Final = msgspec.json.Encoder()
+_MAX_DOUBLE: Final = 1.7976931348623157e308
 _AVAILABILITY: Final[dict[bytes, Availability]] = {b"online": "online", b"offline": "offline"}
 
 encode: Final = _encoder.encode
@@ -154,8 +155,12 @@ def _decode_sample(
         decoded = decoder.decode(payload)
     except DECODE_ERRORS as exc:
         raise _payload_error(exc, "a JSON number, boolean, or Profile B object") from None
-    value = decoded.value if isinstance(decoded, envelope) else decoded
-    if type(value) is float and not math.isfinite(value):
+    value: Scalar = decoded.value if isinstance(decoded, envelope) else decoded  # type: ignore[assignment]
+    if (type(value) is float and not math.isfinite(value)) or (
+        type(value) is int and not -_MAX_DOUBLE <= value <= _MAX_DOUBLE
+    ):
+        # Bus values are doubles: a 400-digit integer is JSON, but no number a consumer
+        # (or the historian) can hold.
         path = "$.value" if isinstance(decoded, envelope) else "$"
         raise PayloadError("non_finite", "value is out of the range of a finite number", path=path)
     return decoded

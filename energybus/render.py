@@ -73,6 +73,8 @@ _META_QOS, _META_RETAIN = DELIVERY["meta"]
 _NEVER: Final = datetime.min.replace(tzinfo=UTC)
 _QUALITY_TAIL: Final = {q: b',"quality":"' + q.encode() + b'"}' for q in QUALITIES}
 _encode: Final = msgspec.json.Encoder().encode
+_MAX_DOUBLE: Final = 1.7976931348623157e308
+_BEYOND_DOUBLE: Final = "value is out of the range of a finite number"
 
 
 class _Series:
@@ -101,6 +103,9 @@ class _Series:
         self.value_topic = build_topic(site, entity_type, entity_id, metric, "value")
         self.last_topic = build_topic(site, entity_type, entity_id, metric, "last")
         self.meta_topic = build_topic(site, entity_type, entity_id, metric, "meta")
+        # The longest stream name: a series whose availability topic cannot exist is
+        # refused here, before anything of it is published.
+        build_topic(site, entity_type, entity_id, metric, "availability")
         self.spec: SeriesSpec | None = None
         self.unit: str | None = None
         self.profile_b = False
@@ -220,10 +225,20 @@ class Renderer:
                     refused = refused or []
                     refused.append((index, error))
                     continue
+            if kind is int and not -_MAX_DOUBLE <= value <= _MAX_DOUBLE:
+                refused = refused or []
+                refused.append((index, PayloadError("non_finite", _BEYOND_DOUBLE)))
+                continue
             key = (site, entity_type, entity_id, metric)
             series = series_of.get(key)
             if series is None:
-                series = series_of[key] = _Series(key)
+                try:
+                    series = _Series(key)
+                except EnergyBusError as error:  # ids too long or malformed for a topic
+                    refused = refused or []
+                    refused.append((index, error))
+                    continue
+                series_of[key] = series
             if series.spec is not spec or series.unit != unit:
                 self._configure(series, key, unit, spec, out)
 

@@ -130,14 +130,24 @@ class Conversion:
             factor = self._factor
 
             def multiply(value: float) -> float:
-                return value if type(value) is bool else _finite(value * factor)
+                if type(value) is bool:
+                    return value
+                try:
+                    return _finite(value * factor)
+                except OverflowError:  # an integer too large for a double
+                    raise PayloadError("non_finite", _OVERFLOW) from None
 
             return multiply
         if exponent < 0:
             divisor = self._power
 
             def scale_down(value: float) -> float:
-                return value if type(value) is bool else value / divisor
+                if type(value) is bool:
+                    return value
+                try:
+                    return value / divisor
+                except OverflowError:  # an integer too large for a double
+                    raise PayloadError("non_finite", _OVERFLOW) from None
 
             return scale_down
         power = self._power
@@ -185,6 +195,9 @@ class Conversion:
 
     def __repr__(self) -> str:
         return f"Conversion(unit={self.unit!r}, exponent={self._exponent}, factor={self._factor})"
+
+
+_OVERFLOW: Final = "value is out of the range of a finite number once converted"
 
 
 def _finite(value: float) -> float:

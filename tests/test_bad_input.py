@@ -50,6 +50,12 @@ CORPUS: list[bytes] = [
     b'{"ts": %d, "target": "B1", "values": {"soc": "high"}}' % MS,
     b'{"ts": %d, "cmdId": "\\ud800", "status": "ok"}' % MS,
     b'{"op": "event", "status": "ok", "correlationId": "\\ud800", "actual_shed_kw": 1e308}',
+    b"1" + b"0" * 400,
+    b'{"value": 1%s, "observed_at": "2026-03-08T10:15:12Z"}' % (b"0" * 400),
+    b'{"venId": "%s", "usedPowerKw": 1}' % (b"a" * 32750),
+    b'{"venId": "v", "circuits": [{"id": "%s", "currentKw": 1}]}' % (b"c" * 70000),
+    b'{"venId": "v", "circuits": [{"id": "c", "currentKw": 1, "breakerAmps": 1%s}]}' % (b"0" * 400),
+    b'{"ts": %d, "target": "B1", "code": "%s", "active": true}' % (MS, b"A" * 70000),
 ]
 
 

@@ -198,3 +198,117 @@ def test_the_gate_is_closed_without_a_bus_and_a_memory_source_waits_for_it() -> 
         return source.acked
 
     assert asyncio.run(main()) == [1]
+
+
+def _pubacks(dispatcher: Dispatcher, bus: FakeBus) -> None:
+    tokens, bus.tokens = bus.tokens, []
+    for token in tokens:
+        dispatcher.on_puback(token, 0)
+
+
+def test_no_message_can_stop_a_source(caplog: pytest.LogCaptureFixture) -> None:
+    """Messages that once escaped the dispatcher (a venId whose topics are too long; a
+    defect after translation) become dead letters and are acknowledged."""
+    dispatcher, bus, sink, _ = _dispatcher()
+    acked: list[int] = []
+    acks = AckQueue(acked.append)
+    long_ven = msgspec.json.encode({"venId": "a" * 32750, "usedPowerKw": 1})
+    dispatcher.handle(Delivery("mqtt", "volttron/metering", long_ven, AT, acks.add(1)))
+    long_circuit = msgspec.json.encode(
+        {"venId": "v2", "circuits": [{"id": "c" * 70000, "currentKw": 1, "currentAmps": 2}]}
+    )
+    dispatcher.handle(Delivery("mqtt", "volttron/metering", long_circuit, AT, acks.add(2)))
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("a defect after translation")
+
+    dispatcher.availability.seen = broken  # type: ignore[method-assign,assignment]
+    dispatcher.handle(Delivery("mqtt", "volttron/metering", METERING, AT, acks.add(3)))
+    letters = [json.loads(p) for t, p, _, _ in bus.published if "dead_letter" in t]
+    assert [x["reason"] for x in letters] == ["too_long", "too_long", "worker_error"]
+    # One dead letter for the circuit's two refused values, both listed.
+    assert [r["reason"] for r in letters[1]["refusals"]] == ["too_long", "too_long"]
+    assert "a defect after translation" in caplog.text
+    _pubacks(dispatcher, bus)
+    sink.commit()
+    assert acked == [1, 2, 3]
+
+
+def test_bus_ingest_refuses_what_the_historian_cannot_hold() -> None:
+    dispatcher, bus, sink, _ = _dispatcher()
+    acked: list[int] = []
+    acks = AckQueue(acked.append)
+    huge = b"1" + b"0" * 400
+    dispatcher.ingest("s/energy/load/x/custom_thing/value", huge, acks.add(1))
+    dispatcher.ingest("s/energy/load/x/active_power/value", b"1e305", acks.add(2))
+    dispatcher.ingest("s/energy/load/x/active_power/value", b"1500", acks.add(3))
+    reasons = [json.loads(p)["reason"] for _, p, _, _ in bus.published]
+    assert reasons == ["non_finite", "implausible_value"]
+    assert [r.value for r in sink.rows] == [1500.0]
+    _pubacks(dispatcher, bus)
+    sink.commit()
+    assert acked == [1, 2, 3]
+
+
+def test_commands_outside_the_plausible_range_are_refused() -> None:
+    dispatcher, bus, sink, _ = _dispatcher()
+    acks = AckQueue(lambda mid: None)
+    dispatcher.handle(Delivery("mqtt", "volttron/metering", METERING, AT, acks.add(1)))
+    bus.published.clear()
+    for value in (b"1" + b"0" * 400, b"1e308"):
+        topic = "v1/energy/load/v1/shed_power/set"
+        dispatcher.handle(Delivery("mqtt", topic, value, datetime.now(UTC), acks.add(2)))
+    reasons = [json.loads(p)["reason"] for _, p, _, _ in bus.published]
+    assert reasons == ["non_finite", "invalid_value"]  # not a double; beyond 10 GW
+    assert sink.commands == []
+
+
+def test_the_gate_does_not_wait_on_a_dead_bus() -> None:
+    from energybus.worker.bus import BusError
+
+    class DeadBus(FakeBus):
+        async def wait_room(self) -> None:
+            raise BusError("bus connection lost")
+
+    async def main() -> None:
+        dispatcher, _, _, _ = _dispatcher()
+        dead = DeadBus()
+        dead.room = False
+        dispatcher.attach(dead)
+        await asyncio.wait_for(dispatcher.wait_open(), 1)  # returns; the caller checks again
+        assert not dispatcher.is_open()
+
+    asyncio.run(main())
+
+
+def test_a_paused_memory_source_keeps_what_it_did_not_hand_over() -> None:
+    async def main() -> tuple[int, list[int]]:
+        dispatcher, _, _, _ = _dispatcher()
+        dispatcher.detach()
+        source = MemorySource(name="mem", deliver=dispatcher.handle, gate=dispatcher)
+        task = asyncio.create_task(source.run())
+        source.put("volttron/metering", METERING)
+        await asyncio.sleep(0.02)
+        source.pause()
+        await asyncio.sleep(0.02)
+        task.cancel()
+        return len(source.pending), source.acked
+
+    assert asyncio.run(main()) == (1, [])
+
+
+def test_static_fields_keep_their_type_across_vens() -> None:
+    """1, 1.0 and true are equal as dict keys; meta must still say what each VEN sent."""
+    pipeline = Pipeline(create_adapter("ven"))
+
+    def meta(ven: str, critical: object) -> Any:
+        body = {"venId": ven, "circuits": [{"id": "c", "currentKw": 1.0, "critical": critical}]}
+        out = pipeline.feed("volttron/metering", msgspec.json.encode(body), received_at=AT)
+        return next(
+            json.loads(m.payload)["attributes"]["critical"]
+            for m in out.messages
+            if m.topic == f"{ven}/energy/load/c/active_power/meta"
+        )
+
+    assert meta("w1", 1) == 1
+    assert meta("w2", True) is True

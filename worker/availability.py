@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+from energybus.errors import EnergyBusError
 from energybus.samples import Reading
 from energybus.topics import build_topic
 
@@ -74,4 +75,8 @@ def _announce(
 ) -> None:
     site, entity_type, entity_id = key
     for metric in metrics:
-        publish(build_topic(site, entity_type, entity_id, metric, "availability"), state)
+        try:
+            topic = build_topic(site, entity_type, entity_id, metric, "availability")
+        except EnergyBusError:  # the renderer refuses such series first; never publish one
+            continue
+        publish(topic, state)

@@ -202,11 +202,13 @@ class BusClient(asyncio.Protocol):
         return self.inflight < self.max_inflight
 
     async def wait_room(self) -> None:
+        """Until a publish fits; raises :class:`BusError` once the connection is gone
+        (never waits on a dead connection)."""
         while self.inflight >= self.max_inflight:
-            self._room.clear()
-            await self._room.wait()
             if not self._alive:
                 raise BusError("bus connection lost")
+            self._room.clear()
+            await self._room.wait()
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool, token: Any) -> None:
         """Queue a PUBLISH; it leaves with the next :meth:`flush`. Never blocks: the caller

@@ -78,6 +78,9 @@ class BusConnection:
                     session_expiry=m.session_expiry_s,
                     receive_maximum=m.receive_maximum,
                 )
+                # Everything published from now on (resends, dead letters of ingested
+                # messages) goes through the new connection, never the dead one.
+                self.dispatcher.use(client)
                 if previous is not None:
                     resent = client.resend(previous)
                     if resent:
@@ -85,6 +88,8 @@ class BusConnection:
                 await client.subscribe(self.ingest_filters)
             except (OSError, BusError, TimeoutError) as error:
                 client.abort()
+                if client.inflight:
+                    previous = client  # it took the resends: the next connection resends them
                 connected.set(0)
                 state.change("down", logging.WARNING, "bus: cannot connect: %s", error)
                 await asyncio.sleep(backoff.next())

@@ -2,13 +2,15 @@
 
 Dead letters go to ``<topic_prefix>/dead_letter/<source>`` at QoS 1, not retained: the
 original topic and payload (as text, or base64 when it is not UTF-8) with the reason
-code, the message and the path of the fault, so a refused message can be read, fixed
-and sent again. They are counted by source and reason.
+code, the message and the path of the fault (and every refusal, when several values of
+one message were refused), so a refused message can be read, fixed and sent again.
+Each refusal is counted by source and reason.
 """
 
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Final
 
@@ -16,9 +18,15 @@ import msgspec
 
 from energybus.adapters import Rejection
 
-__all__ = ["DeadLetter", "dead_letter"]
+__all__ = ["DeadLetter", "Refusal", "dead_letter"]
 
 _encode: Final = msgspec.json.Encoder().encode
+
+
+class Refusal(msgspec.Struct, omit_defaults=True):
+    reason: str
+    message: str
+    path: str | None = None
 
 
 class DeadLetter(msgspec.Struct, omit_defaults=True):
@@ -29,12 +37,13 @@ class DeadLetter(msgspec.Struct, omit_defaults=True):
     received_at: datetime
     worker: str
     path: str | None = None
+    refusals: list[Refusal] | None = None
     payload: str | None = None
     payload_base64: str | None = None
 
 
 def dead_letter(
-    rejection: Rejection,
+    rejections: Sequence[Rejection],
     *,
     source: str,
     topic: str,
@@ -42,21 +51,28 @@ def dead_letter(
     received_at: datetime,
     worker: str,
 ) -> bytes:
-    """The dead letter's payload."""
+    """The dead letter's payload: one per message, however many of its values were
+    refused (the first gives ``reason``; all are in ``refusals`` when there are several),
+    so a message with many bad values is not copied once per value."""
     try:
         text: str | None = payload.decode("utf-8")
         raw = None
     except UnicodeDecodeError:
         text, raw = None, base64.b64encode(payload).decode()
+    first = rejections[0]
+    refusals = (
+        [Refusal(r.code, r.message, r.path) for r in rejections] if len(rejections) > 1 else None
+    )
     return _encode(
         DeadLetter(
-            reason=rejection.code,
-            message=rejection.message,
+            reason=first.code,
+            message=first.message,
             source=source,
             topic=topic,
             received_at=received_at,
             worker=worker,
-            path=rejection.path,
+            path=first.path,
+            refusals=refusals,
             payload=text,
             payload_base64=raw,
         )

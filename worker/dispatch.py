@@ -27,6 +27,7 @@ from energybus.rows import Row, historian_row, reading_rows
 
 from .acks import Entry
 from .availability import Availability
+from .bus import BusError
 from .deadletter import dead_letter
 from .metrics import Metrics
 from .sources.base import Delivery
@@ -138,8 +139,13 @@ class Dispatcher:
         """Every message of ``source`` goes to ``pipeline`` (a queue or device source)."""
         self._bound[source] = pipeline
 
+    def use(self, bus: Publisher) -> None:
+        """Publish through ``bus`` from now on (a new connection, not yet subscribed:
+        the gate stays as it is, so sources hand over nothing yet)."""
+        self.bus = bus
+
     def attach(self, bus: Publisher) -> None:
-        """The bus is connected: open the gate."""
+        """The bus is connected and subscribed: open the gate."""
         self.bus = bus
         self._up.set()
 
@@ -154,11 +160,16 @@ class Dispatcher:
         return bus is not None and self._up.is_set() and bus.room
 
     async def wait_open(self) -> None:
+        """Until the gate may be open; the caller checks :meth:`is_open` again."""
         bus = self.bus
         if bus is None or not self._up.is_set():
             await self._up.wait()
-        else:
+            return
+        try:
             await bus.wait_room()
+        except BusError:
+            # Lost while full: the connection's loop detaches it in a moment.
+            await asyncio.sleep(0.01)
 
     # Per message ------------------------------------------------------------------------
 
@@ -177,7 +188,29 @@ class Dispatcher:
         return found
 
     def handle(self, delivery: Delivery) -> None:
-        """Translate and hand on one message; releases the delivery's entry."""
+        """Translate and hand on one message; releases the delivery's entry. Never
+        raises: a defect anywhere on the way is logged and the message dead-lettered
+        (``worker_error``), so no message can stop a source or come back to do it again."""
+        try:
+            self._handle(delivery)
+        except Exception:
+            log.exception("failed on a message from %s", delivery.topic)
+            self._fail(delivery.entry, delivery.source, delivery.topic, delivery.payload)
+
+    def _fail(self, entry: Entry, source: str, topic: str, payload: bytes) -> None:
+        rejection = Rejection(
+            code="worker_error",
+            message="the worker failed on this message; see the log",
+            topic=topic,
+        )
+        try:
+            self.dead_letter(entry, source, topic, payload, datetime.now(UTC), [rejection])
+            if self.bus is not None:
+                self.bus.flush()
+        finally:
+            entry.release()
+
+    def _handle(self, delivery: Delivery) -> None:
         born = time.perf_counter()
         bus = self.bus
         entry = delivery.entry
@@ -188,7 +221,7 @@ class Dispatcher:
             rejection = Rejection(
                 code="unrouted", message="no adapter consumes this topic", topic=topic
             )
-            self.dead_letter(entry, "router", topic, payload, now, rejection)
+            self.dead_letter(entry, "router", topic, payload, now, [rejection])
             bus.flush()
             entry.release()
             return
@@ -202,12 +235,12 @@ class Dispatcher:
             rejection = Rejection(
                 code="adapter_error", message="the adapter failed; see the log", topic=topic
             )
-            self.dead_letter(entry, name, topic, payload, now, rejection)
+            self.dead_letter(entry, name, topic, payload, now, [rejection])
             bus.flush()
             entry.release()
             return
-        for rejection in out.rejections:
-            self.dead_letter(entry, name, topic, payload, now, rejection)
+        if out.rejections:
+            self.dead_letter(entry, name, topic, payload, now, out.rejections)
         publish = bus.publish
         messages = out.messages
         if messages:
@@ -247,13 +280,18 @@ class Dispatcher:
         entry.release()
 
     def ingest(self, topic: str, payload: bytes, entry: Entry) -> None:
-        """Canonical traffic from other publishers: validate, then into the historians."""
+        """Canonical traffic from other publishers: validate, then into the historians.
+        Never raises, like :meth:`handle`."""
         now = datetime.now(UTC)
         try:
             row = historian_row(topic, payload, received_at=now)
         except EnergyBusError as error:
-            self.dead_letter(entry, "bus", topic, payload, now, Rejection.of(error, topic))
+            self.dead_letter(entry, "bus", topic, payload, now, [Rejection.of(error, topic)])
             entry.release()
+            return
+        except Exception:
+            log.exception("failed on a bus message on %s", topic)
+            self._fail(entry, "bus", topic, payload)
             return
         if row is not None and self.sink is not None:
             self.sink.add([row], (), entry)
@@ -272,13 +310,16 @@ class Dispatcher:
         topic: str,
         payload: bytes,
         now: datetime,
-        rejection: Rejection,
+        rejections: Sequence[Rejection],
     ) -> None:
+        """One dead letter for the message, whatever number of refusals it had; each
+        refusal is counted."""
         bus = self.bus
         assert bus is not None
-        self.metrics.rejections.labels(source, rejection.code).inc()
+        for rejection in rejections:
+            self.metrics.rejections.labels(source, rejection.code).inc()
         letter = dead_letter(
-            rejection,
+            rejections,
             source=source,
             topic=topic,
             payload=payload,
@@ -288,7 +329,8 @@ class Dispatcher:
         if entry is not None:
             entry.hold()
         bus.publish(f"{self.dead_letter_prefix}/{source}", letter, 1, False, entry)
-        log.debug("dead letter from %s: %s (%s)", topic, rejection.code, rejection.message)
+        first = rejections[0]
+        log.debug("dead letter from %s: %s (%s)", topic, first.code, first.message)
 
     # Housekeeping -----------------------------------------------------------------------
 

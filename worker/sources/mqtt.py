@@ -150,9 +150,11 @@ class MqttSource(Source):
     def _hand_over(self, message: Any, acks: AckQueue) -> None:
         topic = message.topic.value
         payload = bytes(message.payload)
-        key = (topic, payload)
+        # Only QoS 1 messages are redelivered, so only they are matched against the
+        # previous connection's unfinished work.
+        key = (topic, payload) if message.qos else None
         entry = acks.add(message.mid if message.qos else 0, key)
-        if key in self._redelivered:
+        if key is not None and key in self._redelivered:
             self._redelivered.discard(key)
             entry.release()
             return
