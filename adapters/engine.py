@@ -393,15 +393,14 @@ class _Group:
 
     __slots__ = (
         "attributes",
-        "cache",
         "each",
         "get",
+        "gid",
         "hot",
         "key",
         "nfields",
         "template",
         "type",
-        "typed",
     )
 
     def __init__(
@@ -417,23 +416,23 @@ class _Group:
         self.key = group.key
         self.hot = [field.hot for field in fields]
         self.attributes = [(name, c.fast() if c else None, f) for name, c, f in attributes]
-        self.typed = any(c is None for _, c, _ in attributes)
-        """Static fields that may be booleans: 1, 1.0 and true are equal as dict keys, so
-        the cache key then carries the values' types too."""
         self.nfields = len(fields)
-        self.cache: dict[tuple[Any, ...], list[Hot]] = {}
-        """``hot`` with meta attributes in the specs, by the static fields' values."""
+        self.gid = 0
+        """The group's place among all of its mapping's groups (for per-context caches)."""
         getter = operator.attrgetter(*attrs)
         # attrgetter gives a bare value for one name; the loop wants a tuple always.
         self.get: Callable[[Any], tuple[Any, ...]] = (
             getter if len(attrs) > 1 else (lambda obj: (getter(obj),))
         )
 
-    def specs(self, static: tuple[Any, ...], key: Any, path: str) -> list[Hot]:
+    def specs(
+        self, static: tuple[Any, ...], cache: dict[tuple[Any, ...], list[Hot]], path: str
+    ) -> list[Hot]:
         """The hot rows with the static fields as meta attributes in the specs, built
-        once per distinct set of static values (the caller looks in ``cache`` first).
-        A static field that cannot be converted rejects the message: it is no reading
-        of its own to refuse alone."""
+        once per distinct set of static values and kept in ``cache`` (the caller looks
+        there first). The cache is the source device's own, so one device's ``1`` is
+        never another's ``true`` (equal as dict keys). A static field that cannot be
+        converted rejects the message: it is no reading of its own to refuse alone."""
         attributes: dict[str, str | int | float | bool] = {}
         for (name, convert, field), value in zip(self.attributes, static, strict=True):
             if value is None:
@@ -448,9 +447,9 @@ class _Group:
             (m, c, u, _with_attributes(s, attributes), lo, hi, sp, n)
             for m, c, u, s, lo, hi, sp, n in self.hot
         ]
-        if len(self.cache) >= _CACHE:
-            self.cache.clear()
-        self.cache[key] = hot
+        if len(cache) >= _CACHE:
+            cache.clear()
+        cache[static] = hot
         return hot
 
 
@@ -465,13 +464,15 @@ class EntityContext:
     """What one source device's messages share: its site, its placeholders, the root
     entity ids filled in once, and the array items' ids as they are first seen."""
 
-    __slots__ = ("item_ids", "placeholders", "root_ids", "site")
+    __slots__ = ("caches", "item_ids", "placeholders", "root_ids", "site")
 
     def __init__(self, site: str, placeholders: dict[str, str], entities: Entities) -> None:
         self.site = site
         self.placeholders = placeholders
         self.root_ids = [group.template.format(**placeholders) for group in entities.root]
         self.item_ids: list[dict[object, str]] = [{} for _ in entities.arrays]
+        self.caches: list[dict[tuple[Any, ...], list[Hot]]] = [{} for _ in range(entities.groups)]
+        """Per group: the hot rows with this device's static fields in the specs."""
 
 
 class Entities:
@@ -525,6 +526,7 @@ class Entities:
                 raise compiler.error("no_fields", "an entity needs at least one field", path)
             self.rows += sum(f.rows for f in compiled)
             built = _Group(group, compiled, attributes, attrs)
+            built.gid = gi
             if group.each is None:
                 self.root.append(built)
                 continue
@@ -555,6 +557,7 @@ class Entities:
             )
             message_fields[each] = (_attr(each), list[item] | None)  # type: ignore[valid-type]
             self.arrays.append((each, _attr(each), key_attr, array_groups))
+        self.groups = len(groups)
         self.decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(
             _struct(name, message_fields, required=required)
         )
@@ -573,13 +576,14 @@ class Entities:
         """The readings of a decoded message: one per group and entity with values."""
         readings: list[Reading] = []
         site = context.site
+        caches = context.caches
         for group, entity_id in zip(self.root, context.root_ids, strict=True):
             values = group.get(message)
             hot = group.hot
             if group.attributes:
                 static = values[group.nfields :]
-                key = (static, tuple(map(type, static))) if group.typed else static
-                hot = group.cache.get(key) or group.specs(static, key, "$.")
+                cache = caches[group.gid]
+                hot = cache.get(static) or group.specs(static, cache, "$.")
             out = _read(values, hot, errors, None, 0)
             if out:
                 readings.append(Reading(site, group.type, entity_id, observed, quality, out))
@@ -598,10 +602,8 @@ class Entities:
                     hot = group.hot
                     if group.attributes:
                         static = values[group.nfields :]
-                        key = (static, tuple(map(type, static))) if group.typed else static
-                        hot = group.cache.get(key) or group.specs(
-                            static, key, f"$.{each}[{index}]."
-                        )
+                        cache = caches[group.gid]
+                        hot = cache.get(static) or group.specs(static, cache, f"$.{each}[{index}].")
                     out = _read(values, hot, errors, each, index)
                     if out:
                         readings.append(
