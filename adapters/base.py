@@ -20,15 +20,16 @@ from uuid import uuid4
 
 import msgspec
 
+from energybus.admission import CommandPolicy, Gate
 from energybus.commands import CommandBook, CommandRecord
 from energybus.documents import Located, expand_env, load_document, read_toml
-from energybus.errors import EnergyBusError, SourceError
+from energybus.errors import EnergyBusError, FilterError, MappingError, SourceError
 from energybus.messages import Message
 from energybus.payloads import Scalar, SetEnvelope, decode_set
 from energybus.samples import Reading
 from energybus.topics import Topic
 
-from .mapping import Compiler, Document, MappingDocument
+from .mapping import CommandOptions, Compiler, Document, MappingDocument
 
 __all__ = [
     "Adapter",
@@ -147,6 +148,8 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
         self.plan: Plan = self.compile(document, compiler)
         self.new_id = new_id or (lambda: str(uuid4()))
         self.commands = CommandBook(timeout_s=getattr(self.options, "command_timeout_s", 60.0))
+        self.gate = _gate(self.options)
+        """Every ``set`` passes it before :meth:`format` (``Pipeline`` runs it)."""
         self.start()
 
     def start(self) -> None:
@@ -267,3 +270,24 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
         )
         self.commands.accept(record)
         return Formatted(record=record, messages=messages)
+
+
+def _gate(options: Document) -> Gate:
+    """The admission gate an adapter's options describe (the defaults without any)."""
+    if not isinstance(options, CommandOptions):
+        return Gate()
+    try:
+        return Gate(
+            policy=CommandPolicy(
+                max_age_s=options.command_max_age_s, max_future_s=options.command_max_future_s
+            ),
+            series=options.command_series,
+            interlocks=options.interlocks,
+        )
+    except FilterError as error:
+        rules = [("command_series", r.filter) for r in options.command_series]
+        rules += [("interlocks", r.filter) for r in options.interlocks]
+        where = next(
+            (f"$.{key}[{i}].filter" for i, (key, f) in enumerate(rules) if f == error.filter), "$"
+        )
+        raise MappingError(error.code, error.message, path=where) from None

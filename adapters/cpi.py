@@ -37,7 +37,7 @@ from energybus.topics import EntityType, build_topic, parse_topic, to_kebab, to_
 
 from .base import Adapter, Formatted, Normalized, Plan, Rejection, SourceDeclaration
 from .engine import DeviceTemplate, Template, compile_templates
-from .mapping import Compiler, Document, MappingDocument, Positive
+from .mapping import CommandOptions, Compiler, Document, MappingDocument, Positive
 from .signing import ReplayGuard, Signer
 
 __all__ = [
@@ -84,7 +84,7 @@ class CpiPlant(Document, frozen=True, kw_only=True):
     targets: dict[str, CpiTarget] = {}
 
 
-class CpiOptions(Document, frozen=True, kw_only=True):
+class CpiOptions(CommandOptions, frozen=True, kw_only=True):
     """The ``[adapters.cpi]`` section of a site configuration."""
 
     site: str | None = None
@@ -362,7 +362,7 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
         record = self.commands.acked(command_id, ok=ok, status=status, at=received_at)
         assert record is not None
         result = Normalized(commands=[record])
-        if ok:
+        if ok and record.value is not None:  # a record in the book was accepted: it has one
             device = self._devices[(record.site, record.entity_type, record.entity_id)]
             action = device.template.actions[record.metric]
             value = (record.metric, record.value, action.unit, action.spec)

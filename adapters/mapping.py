@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from energybus.admission import Interlock, SeriesPolicy
 from energybus.documents import Located
 from energybus.errors import MappingError, TopicError, UnitError
 from energybus.metrics import MetricInfo, metric_info
@@ -29,6 +30,7 @@ from energybus.units import PLAUSIBLE, Conversion
 __all__ = [
     "AttributeRow",
     "BitRow",
+    "CommandOptions",
     "Compiler",
     "Document",
     "EntityGroup",
@@ -115,6 +117,18 @@ class EntityGroup(Document, frozen=True, kw_only=True):
     fields: dict[str, SeriesRow] = {}
     meta: dict[str, AttributeRow] = {}
     ignore: dict[str, str] = {}
+
+
+class CommandOptions(Document, frozen=True, kw_only=True):
+    """The admission gate's settings, in the options of every adapter that takes commands
+    (docs/commands.md): how old a timed ``set`` may be, per adapter and per series, and
+    the interlocks no command may cross."""
+
+    command_max_age_s: NonNegative = 30.0
+    command_max_future_s: NonNegative = 5.0
+    command_series: list[SeriesPolicy] = []
+    """Other ages for the ``set`` topics a filter matches (first match wins)."""
+    interlocks: list[Interlock] = []
 
 
 class MappingDocument(Document, frozen=True, kw_only=True):

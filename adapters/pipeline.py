@@ -18,9 +18,11 @@ import msgspec
 from energybus.commands import CommandRecord
 from energybus.errors import EnergyBusError
 from energybus.filters import matches
-from energybus.messages import Message, check_delivery
+from energybus.messages import Message
+from energybus.payloads import Scalar, SetEnvelope, decode_set
 from energybus.render import Renderer
 from energybus.samples import Reading, Sample
+from energybus.topics import parse_topic
 
 from .base import Adapter, Rejection, SourceDeclaration
 
@@ -127,12 +129,42 @@ class Pipeline:
         return new
 
     def _command(self, topic: str, payload: bytes, received_at: datetime, retain: bool) -> Output:
+        """The admission gate, then the adapter; a refusal from either is a rejection
+        (for the dead-letter stream) and a ``refused`` record (for ``command_logs``)."""
+        if retain and not payload:
+            # The deletion of a retained set (ours, after refusing it, or anyone's): no
+            # command, nothing to refuse.
+            return Output()
+        adapter = self.adapter
         try:
-            # A retained command would run again for every new subscriber: refuse it.
-            check_delivery(topic, retain=retain)
-            formatted = self.adapter.format(topic, payload, received_at=received_at)
+            adapter.gate.admit(topic, payload, retain=retain, received_at=received_at)
+            formatted = adapter.format(topic, payload, received_at=received_at)
         except EnergyBusError as error:
             rejection = Rejection.of(error, topic)
             self.rejected[rejection.code] += 1
-            return Output(rejections=[rejection])
+            record = self._refusal(topic, payload, error, received_at)
+            return Output(rejections=[rejection], commands=[] if record is None else [record])
         return Output(messages=list(formatted.messages), commands=[formatted.record])
+
+    def _refusal(
+        self, topic: str, payload: bytes, error: EnergyBusError, at: datetime
+    ) -> CommandRecord | None:
+        """The record of a refused ``set``; ``None`` when its topic names no series."""
+        try:
+            parsed = parse_topic(topic)
+        except EnergyBusError:
+            return None
+        try:
+            request = decode_set(payload)
+            value: Scalar | None = request.value if isinstance(request, SetEnvelope) else request
+        except EnergyBusError:
+            value = None
+        return CommandRecord.refusal(
+            command_id=self.adapter.new_id(),
+            adapter=self.name,
+            topic=parsed,
+            value=value,
+            code=error.code,
+            reason=error.message,
+            at=at,
+        )

@@ -38,7 +38,15 @@ from energybus.units import Conversion
 
 from .base import Adapter, Formatted, Normalized, Plan, Rejection, SourceDeclaration
 from .engine import Entities, EntityContext, decode
-from .mapping import Compiler, Document, EntityGroup, MappingDocument, Positive, SeriesRow
+from .mapping import (
+    CommandOptions,
+    Compiler,
+    Document,
+    EntityGroup,
+    MappingDocument,
+    Positive,
+    SeriesRow,
+)
 
 __all__ = ["VenAdapter", "VenCommand", "VenEntry", "VenMapping", "VenOptions"]
 
@@ -66,7 +74,7 @@ class VenEntry(Document, frozen=True, kw_only=True):
     site: str | None = None
 
 
-class VenOptions(Document, frozen=True, kw_only=True):
+class VenOptions(CommandOptions, frozen=True, kw_only=True):
     """The ``[adapters.ven]`` section of a site configuration."""
 
     site: str | None = None

@@ -18,11 +18,12 @@ from typing import Any, Final, Literal
 import msgspec
 
 from energybus.payloads import Scalar
+from energybus.topics import Topic
 
 __all__ = ["FINAL_STATES", "CommandBook", "CommandRecord", "CommandState"]
 
-CommandState = Literal["accepted", "sent", "confirmed", "rejected", "expired"]
-FINAL_STATES: Final = frozenset({"confirmed", "rejected", "expired"})
+CommandState = Literal["refused", "accepted", "sent", "confirmed", "rejected", "expired"]
+FINAL_STATES: Final = frozenset({"refused", "confirmed", "rejected", "expired"})
 
 # An ACK may overtake the broker's PUBACK for the command it answers, so an outcome is
 # allowed straight from ``accepted``.
@@ -46,7 +47,8 @@ class CommandRecord(msgspec.Struct, frozen=True, kw_only=True):
     entity_type: str
     entity_id: str
     metric: str
-    value: Scalar
+    value: Scalar | None
+    """The requested value; ``None`` only for a refused ``set`` whose payload had none."""
     target: str
     action: str
     payload: dict[str, Any] | None
@@ -58,7 +60,41 @@ class CommandRecord(msgspec.Struct, frozen=True, kw_only=True):
     response_status: str | None = None
     """The status text of the source's ACK, as sent (``accepted``, ``ok``, ``error``)."""
     reason: str | None = None
-    """Why a command ended ``rejected`` or ``expired``, for people."""
+    """Why a command ended ``refused``, ``rejected`` or ``expired``, for people."""
+    code: str | None = None
+    """The stable code of a refusal (``stale_command``, ``interlock`` ...), to count and
+    query by; docs/errors.md lists them."""
+
+    @classmethod
+    def refusal(
+        cls,
+        *,
+        command_id: str,
+        adapter: str,
+        topic: Topic,
+        value: Scalar | None,
+        code: str,
+        reason: str,
+        at: datetime,
+    ) -> CommandRecord:
+        """The record of a ``set`` refused before it reached the source: final at once."""
+        return cls(
+            id=command_id,
+            adapter=adapter,
+            site=topic.site,
+            entity_type=topic.entity_type,
+            entity_id=topic.entity_id,
+            metric=topic.metric,
+            value=value,
+            target="",
+            action="",
+            payload=None,
+            state="refused",
+            accepted_at=at,
+            expires_at=at,
+            reason=reason,
+            code=code,
+        )
 
 
 class CommandBook:

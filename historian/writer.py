@@ -33,7 +33,7 @@ _COLS: Final = ", ".join(COLUMNS)
 _COMMAND_FIELDS: Final = (
     "id", "adapter", "site", "entity_type", "entity_id", "metric", "value", "target",
     "action", "payload", "state", "accepted_at", "expires_at", "sent_at", "acked_at",
-    "response_status", "reason",
+    "response_status", "reason", "code",
 )  # fmt: skip
 _MOVABLE: Final = [f for f in _COMMAND_FIELDS if f not in ("id", "accepted_at")]
 _COMMAND_SQL: Final = (
@@ -45,7 +45,7 @@ _COMMAND_SQL: Final = (
     + ") ON CONFLICT (id) DO UPDATE SET "
     + ", ".join(
         f"{name} = coalesce(EXCLUDED.{name}, command_logs.{name})"
-        if name.endswith("_at") or name in ("response_status", "reason")
+        if name.endswith("_at") or name in ("response_status", "reason", "code")
         else f"{name} = EXCLUDED.{name}"
         for name in _MOVABLE
     )

@@ -260,7 +260,11 @@ def test_commands_outside_the_plausible_range_are_refused() -> None:
         dispatcher.handle(Delivery("mqtt", topic, value, datetime.now(UTC), acks.add(2)))
     reasons = [json.loads(p)["reason"] for _, p, _, _ in bus.published]
     assert reasons == ["non_finite", "invalid_value"]  # not a double; beyond 10 GW
-    assert sink.commands == []
+    # Nothing was sent, and both are on the record.
+    assert [(c.state, c.code, c.value) for c in sink.commands] == [
+        ("refused", "non_finite", None),
+        ("refused", "invalid_value", 1e308),
+    ]
 
 
 def test_the_gate_does_not_wait_on_a_dead_bus() -> None:

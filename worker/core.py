@@ -149,15 +149,18 @@ class Worker:
         carries the worker's status); other transports get their sources as they land."""
         dispatcher = self.dispatcher
         filters: list[str] = []
+        command_filters: list[str] = []
         for name, sources, commands in plan.adapters:
             pipeline = self.pipelines[name]
             mqtt = [f for d in pipeline.sources if d.transport == "mqtt" for f in d.patterns]
             dispatcher.route("mqtt", [*mqtt, *pipeline.command_filters], pipeline)
-            filters += [*sources, *commands]  # as subscribed: with $share/<group>/
+            filters += sources  # as subscribed: with $share/<group>/
+            command_filters += commands
         return [
             MqttSource(
                 config=self.config.mqtt,
                 filters=filters,
+                commands=command_filters,
                 status_topic=plan.status_topic,
                 metrics=self.metrics,
                 deliver=dispatcher.handle,

@@ -241,6 +241,14 @@ class Dispatcher:
             return
         if out.rejections:
             self.dead_letter(entry, name, topic, payload, now, out.rejections)
+            if delivery.retain and out.rejections[0].code == "retained_set":
+                # Delete it at the broker, once, so it fires nowhere later (the deletion
+                # comes back as an empty retained set, which the pipeline ignores).
+                bus.publish(topic, b"", 1, True, None)
+                log.info("cleared the retained set on %s at the broker", topic)
+        for record in out.commands:
+            if record.state == "refused":
+                self.metrics.command_refusals.labels(name, record.code or "").inc()
         publish = bus.publish
         messages = out.messages
         if messages:

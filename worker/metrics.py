@@ -34,6 +34,12 @@ class Metrics:
             ["source", "reason"],
             registry=r,
         )
+        self.command_refusals = Counter(
+            "energybus_command_refusals",
+            "Canonical set commands refused before reaching a source, by adapter and reason",
+            ["adapter", "reason"],
+            registry=r,
+        )
         self.suppressed = Counter(
             "energybus_dedupe_suppressed",
             "Value messages held back by dedupe, by adapter",

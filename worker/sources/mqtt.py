@@ -45,6 +45,7 @@ class MqttSource(Source):
         *,
         config: MqttConfig,
         filters: list[str],
+        commands: list[str],
         status_topic: str,
         metrics: Metrics,
         deliver: Callable[[Delivery], None],
@@ -53,6 +54,9 @@ class MqttSource(Source):
         super().__init__(deliver=deliver, gate=gate)
         self.config = config
         self.filters = filters
+        self.commands = commands
+        """Canonical ``set`` filters, subscribed with Retain As Published so that a ``set``
+        published retained shows its flag even when delivered live (and is refused)."""
         self.status_topic = status_topic
         self.metrics = metrics
         self._acks: AckQueue | None = None
@@ -61,7 +65,8 @@ class MqttSource(Source):
 
     def describe(self) -> list[str]:
         m = self.config
-        return [f"{m.client_id}-src subscribes to {len(self.filters)} filters at QoS 1"]
+        count = len(self.filters) + len(self.commands)
+        return [f"{m.client_id}-src subscribes to {count} filters at QoS 1"]
 
     def _new_client(self) -> aiomqtt.Client:
         m = self.config
@@ -103,7 +108,13 @@ class MqttSource(Source):
                     self._acks = acks
                     self._client = client
                     await client.publish(self.status_topic, b"online", qos=1, retain=True)
-                    await client.subscribe([(f, SubscribeOptions(qos=1)) for f in self.filters])
+                    await client.subscribe(
+                        [(f, SubscribeOptions(qos=1)) for f in self.filters]
+                        + [
+                            (f, SubscribeOptions(qos=1, retainAsPublished=True))
+                            for f in self.commands
+                        ]
+                    )
                     if not first:
                         self.metrics.reconnects.labels("source").inc()
                     first = False
@@ -116,7 +127,7 @@ class MqttSource(Source):
                         m.host,
                         m.port,
                         m.client_id,
-                        len(self.filters),
+                        len(self.filters) + len(self.commands),
                     )
                     await self._consume(client, acks)
             except aiomqtt.MqttError as error:
