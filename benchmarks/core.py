@@ -4,7 +4,7 @@ Each figure is per core: the loops run in one process on one core. Output is one
 object per figure, so runs can be compared over time.
 
     ./dev bench                      # all figures
-    ./dev bench --only render        # one of: validate, render, startup, ven, cpi
+    ./dev bench --only render        # one of: validate, render, startup, admission, ven, cpi
 """
 
 from __future__ import annotations
@@ -160,10 +160,44 @@ def bench_startup(runs: int) -> dict[str, object]:
     }
 
 
+def bench_admission(seconds: float) -> dict[str, object]:
+    """Microseconds per command through the admission gate (one core): a Profile B set
+    with the retained, payload, unit and age checks, then the same with 100 interlock
+    rules, every one matching the topic (the worst case a site's table can give)."""
+    from energybus.admission import Gate, Interlock
+
+    topic = "vad/energy/storage/battery-main/power_setpoint/set"
+    now = datetime.now(UTC)
+    payload = json.dumps(
+        {"value": 1500, "unit": "W", "observed_at": now.isoformat().replace("+00:00", "Z")}
+    ).encode()
+    locks = [
+        Interlock(filter="+/energy/storage/+/power_setpoint/set", min=-1e6 - i, max=1e6 + i)
+        for i in range(100)
+    ]
+
+    def per_command(gate: Gate) -> float:
+        admit = gate.admit
+
+        def loop() -> int:
+            for _ in range(1000):
+                admit(topic, payload, retain=False, received_at=now)
+            return 1000
+
+        return 1e6 / _rate(loop, seconds / 2)
+
+    return {
+        "figure": "admission gate, microseconds per command (Profile B set, one core)",
+        "value": round(per_command(Gate()), 2),
+        "with_100_interlocks": round(per_command(Gate(interlocks=locks)), 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--only", choices=["validate", "render", "startup", "ven", "cpi", "worker", "historian"]
+        "--only",
+        choices=["validate", "render", "startup", "admission", "ven", "cpi", "worker", "historian"],
     )
     parser.add_argument(
         "--rates", default="500,1000,1500", help="worker: VEN messages/s to try, comma-separated"
@@ -179,6 +213,7 @@ def main() -> None:
         "validate": lambda: bench_validate(args.seconds),
         "render": lambda: bench_render(args.seconds),
         "startup": lambda: bench_startup(args.runs),
+        "admission": lambda: bench_admission(args.seconds),
         "ven": lambda: bench_ven(args.seconds, _rate),
         "cpi": lambda: bench_cpi(args.seconds, _rate),
         "worker": lambda: bench_worker([int(r) for r in args.rates.split(",")], 4 * args.seconds),

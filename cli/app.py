@@ -12,6 +12,7 @@ from energybus._version import __version__
 # name -> "module:attribute"; a new command is one line here and one module.
 COMMANDS: Final = {
     "check": "energybus.cli.run:check",
+    "commands": "energybus.cli.commands:commands",
     "historian": "energybus.cli.historian:historian",
     "mappings": "energybus.cli.mappings:mappings",
     "normalize": "energybus.cli.normalize:normalize",

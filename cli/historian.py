@@ -4,28 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sys
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import timedelta
 
 import click
 
-_DSN = click.option(
-    "--dsn",
-    envvar="ENERGYBUS_DSN",
-    required=True,
-    help="PostgreSQL connection string (or ENERGYBUS_DSN).",
-)
+from energybus.cli.database import DSN, connect, parse_time
+
 _EVERY = re.compile(r"(\d+)\s*(s|m|h|d)")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
-def _when(value: str) -> datetime:
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not an ISO 8601 time") from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _every(value: str) -> timedelta:
@@ -35,29 +21,19 @@ def _every(value: str) -> timedelta:
     return timedelta(**{_UNITS[match[2]]: int(match[1])})
 
 
-async def _connect(dsn: str) -> Any:
-    import asyncpg
-
-    try:
-        return await asyncpg.connect(dsn, timeout=10)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as error:
-        click.echo(f"cannot connect to the database: {error}", err=True)
-        sys.exit(2)
-
-
 @click.group()
 def historian() -> None:
     """The PostgreSQL historians: schema and counter energy."""
 
 
 @historian.command()
-@_DSN
+@DSN
 def init(dsn: str) -> None:
     """Create or migrate the schema; safe to run again, or from several places at once."""
     from energybus.historian import migrate
 
     async def main() -> None:
-        conn = await _connect(dsn)
+        conn = await connect(dsn)
         try:
             result = await migrate(conn)
         finally:
@@ -72,7 +48,7 @@ def init(dsn: str) -> None:
 
 
 @historian.command()
-@_DSN
+@DSN
 @click.option("--device", required=True, help="device_id, <entity_type>.<entity_id>")
 @click.option("--metric", required=True, help="A *_total counter metric.")
 @click.option("--from", "start", required=True, help="ISO 8601 start (inclusive).")
@@ -96,13 +72,13 @@ def energy(
 
     from energybus.historian import counter_energy, counter_events
 
-    begin, finish = _when(start), _when(end)
+    begin, finish = parse_time(start), parse_time(end)
     if finish <= begin:
         raise click.BadParameter("--to must be after --from")
     step = _every(every) if every else finish - begin
 
     async def main() -> None:
-        conn = await _connect(dsn)
+        conn = await connect(dsn)
         try:
             rows = await counter_energy(
                 conn, site=site, device=device, metric=metric, start=begin, end=finish, every=step

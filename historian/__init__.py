@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from .batch import Batch, RowTuple, decode_batch, encode_batch
 from .outbox import Outbox, OutboxFull
-from .queries import counter_energy, counter_events
+from .queries import COMMAND_COLUMNS, counter_energy, counter_events, recent_commands
 from .schema import SCHEMA, MigrationResult, migrate, migrations
 from .writer import Historian, WriteResult, unique_rows
 
 __all__ = [
+    "COMMAND_COLUMNS",
     "SCHEMA",
     "Batch",
     "Historian",
@@ -28,5 +29,6 @@ __all__ = [
     "encode_batch",
     "migrate",
     "migrations",
+    "recent_commands",
     "unique_rows",
 ]

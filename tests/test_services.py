@@ -72,6 +72,8 @@ async def _round_trip(port: int) -> None:
                 topic = str(incoming.topic)
                 assert matches("+/energy/+/+/+/+", topic)
                 assert isinstance(incoming.payload, bytes)
+                if not topic.startswith("vad/energy/storage/battery-main/soc/"):
+                    continue  # the shared test broker holds other tests' retained series
                 received[topic.rsplit("/", 1)[1]] = (incoming.payload, incoming.retain)
                 if {"meta", "last"} <= received.keys():
                     break

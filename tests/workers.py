@@ -16,6 +16,8 @@ from typing import Any
 import asyncpg
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from tools.services import Service
 
@@ -76,17 +78,33 @@ class WorkerProcess:
 
 
 def publish(
-    mqtt: Service, messages: Iterable[tuple[str, bytes]], *, qos: int = 1, pace: float = 0
+    mqtt: Service,
+    messages: Iterable[tuple[str, bytes]],
+    *,
+    qos: int = 1,
+    pace: float = 0,
+    retain: bool = False,
+    expiry_s: int | None = None,
 ) -> int:
-    """Publish and wait for every PUBACK; the count published."""
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{os.getpid()}-{time.time()}")
+    """Publish and wait for every PUBACK; the count published. ``expiry_s`` sets the
+    MQTT 5 Message Expiry Interval (the client then speaks MQTT 5)."""
+    client_id = f"pub-{os.getpid()}-{time.time()}"
+    properties = None
+    if expiry_s is not None:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        properties.MessageExpiryInterval = expiry_s
+    else:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
     client.max_inflight_messages_set(1000)
     client.connect(mqtt.host, mqtt.port)
     client.loop_start()
     infos = []
     try:
         for topic, payload in messages:
-            infos.append(client.publish(topic, payload, qos=qos))
+            infos.append(
+                client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+            )
             if pace:
                 time.sleep(pace)
         for info in infos:

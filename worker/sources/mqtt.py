@@ -56,7 +56,9 @@ class MqttSource(Source):
         self.filters = filters
         self.commands = commands
         """Canonical ``set`` filters, subscribed with Retain As Published so that a ``set``
-        published retained shows its flag even when delivered live (and is refused)."""
+        published retained shows its flag even when delivered live (and is refused), and
+        Retain Handling 1, so a retained ``set`` the session already queued is not sent a
+        second time when the subscription is renewed."""
         self.status_topic = status_topic
         self.metrics = metrics
         self._acks: AckQueue | None = None
@@ -111,7 +113,7 @@ class MqttSource(Source):
                     await client.subscribe(
                         [(f, SubscribeOptions(qos=1)) for f in self.filters]
                         + [
-                            (f, SubscribeOptions(qos=1, retainAsPublished=True))
+                            (f, SubscribeOptions(qos=1, retainAsPublished=True, retainHandling=1))
                             for f in self.commands
                         ]
                     )

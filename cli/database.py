@@ -1,0 +1,35 @@
+"""What the commands that read or write the database share: the DSN option, the
+connection (a refusal is one line, never a traceback) and ISO 8601 times."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+DSN = click.option(
+    "--dsn",
+    envvar="ENERGYBUS_DSN",
+    required=True,
+    help="PostgreSQL connection string (or ENERGYBUS_DSN).",
+)
+
+
+def parse_time(value: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 time") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+async def connect(dsn: str) -> Any:
+    import asyncpg
+
+    try:
+        return await asyncpg.connect(dsn, timeout=10)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+        click.echo(f"cannot connect to the database: {error}", err=True)
+        sys.exit(2)
