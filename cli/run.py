@@ -82,7 +82,14 @@ def check(config_path: str) -> None:
         for f in filters:
             out(f"  source   {f}  (QoS 1)")
         for f in commands:
-            out(f"  command  {f}  (QoS 1)")
+            out(f"  command  {f}  (QoS 1, retain as published)")
+        gate = config.built[name].gate if name in config.built else None
+        if commands and gate is not None:
+            policy = gate.policy
+            out(
+                f"  gate     sets older than {policy.max_age_s:g} s or {policy.max_future_s:g} s "
+                f"ahead refused; {len(gate.series)} series ages, {len(gate.interlocks)} interlocks"
+            )
     for f in plan.ingest:
         out(f"ingest     {f}  (QoS 1, no local) -> historians")
     out("publish    canonical value/last/meta/availability per the delivery policy")

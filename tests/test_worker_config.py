@@ -160,3 +160,18 @@ def test_a_source_on_a_transport_the_worker_lacks_is_a_clear_error(tmp_path: Pat
         Worker.plan(config)
     assert caught.value.code == "unsupported_transport"
     assert "declares a amqp source" in caught.value.message
+
+
+def test_the_command_gate_is_in_the_plan_and_a_bad_interlock_is_located(tmp_path: Path) -> None:
+    rule = '[[adapters.ven.interlocks]]\nfilter = "+/energy/load/+/shed_power/set"\nmax = 5000\n'
+    good = _file(tmp_path, GOOD + rule)
+    result = CliRunner().invoke(main, ["check", "--config", str(good)], env=ENV)
+    assert result.exit_code == 0, result.output
+    assert "gate     sets older than 30 s or 5 s ahead refused; 0 series ages, 1 interlocks" in (
+        result.output
+    )
+    bad = _file(tmp_path, GOOD + rule.replace("max = 5000", "min = 2\nmax = 1"))
+    result = CliRunner().invoke(main, ["check", "--config", str(bad)], env=ENV)
+    assert result.exit_code == 2
+    line = GOOD.count("\n") + 2
+    assert f"{bad}:{line}: an interlock's min is above its max" in result.output
