@@ -11,7 +11,7 @@ from .batch import Batch, RowTuple, decode_batch, encode_batch
 from .outbox import Outbox, OutboxFull
 from .queries import COMMAND_COLUMNS, counter_energy, counter_events, recent_commands
 from .schema import SCHEMA, MigrationResult, migrate, migrations
-from .writer import Historian, WriteResult, unique_rows
+from .writer import Historian, SchemaBehind, WriteResult, unique_rows
 
 __all__ = [
     "COMMAND_COLUMNS",
@@ -22,6 +22,7 @@ __all__ = [
     "Outbox",
     "OutboxFull",
     "RowTuple",
+    "SchemaBehind",
     "WriteResult",
     "counter_energy",
     "counter_events",

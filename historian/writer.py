@@ -18,9 +18,9 @@ import msgspec
 from energybus.commands import CommandRecord
 
 from .batch import Batch, RowTuple
-from .schema import SCHEMA
+from .schema import SCHEMA, migrations
 
-__all__ = ["COLUMNS", "Historian", "WriteResult", "unique_rows"]
+__all__ = ["COLUMNS", "Historian", "SchemaBehind", "WriteResult", "unique_rows"]
 
 COLUMNS: Final = ("site", "device_id", "metric_name", "value", "observed_at", "quality")
 _TABLES: Final = {"measurements": "stage_measurements", "counter_readings": "stage_counters"}
@@ -64,6 +64,29 @@ class WriteResult(msgspec.Struct, frozen=True):
     """Rows of the batch that were already stored or repeated inside it."""
 
 
+class SchemaBehind(RuntimeError):
+    """The database's historian schema is older than this energybus (or missing)."""
+
+    def __init__(self, current: int, needed: int) -> None:
+        super().__init__(
+            f"the historian schema is at version {current}, this energybus needs {needed}: "
+            "run `energybus historian init`"
+        )
+        self.current = current
+        self.needed = needed
+
+
+async def _check_version(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    needed = len(migrations())
+    current = 0
+    if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{SCHEMA}.schema_migrations"):
+        current = await conn.fetchval(
+            f"SELECT coalesce(max(version), 0) FROM {SCHEMA}.schema_migrations"
+        )
+    if int(current) < needed:
+        raise SchemaBehind(int(current), needed)
+
+
 def unique_rows(rows: list[RowTuple]) -> list[RowTuple]:
     """``rows`` without repeats of a key (site, device_id, metric_name, observed_at)."""
     seen: dict[tuple[str, str, str, datetime], RowTuple] = {}
@@ -90,9 +113,13 @@ class Historian:
         return self._conn is not None and not self._conn.is_closed()
 
     async def connect(self) -> None:
+        """Connect, and check that the schema is the one this code writes: a database
+        left behind an upgrade is a :class:`SchemaBehind` naming the fix, not a failed
+        insert per batch (the batches wait in the outbox meanwhile)."""
         await self.close()
         conn = await asyncpg.connect(self._dsn, timeout=self._timeout)
         try:
+            await _check_version(conn)
             await conn.execute(_STAGE_SQL)
         except BaseException:
             await conn.close()
