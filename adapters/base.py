@@ -20,12 +20,12 @@ from uuid import uuid4
 
 import msgspec
 
-from energybus.admission import CommandPolicy, Gate
+from energybus.admission import Admitted, CommandPolicy, Gate
 from energybus.commands import CommandBook, CommandRecord
 from energybus.documents import Located, expand_env, load_document, read_toml
 from energybus.errors import EnergyBusError, FilterError, MappingError, SourceError
 from energybus.messages import Message
-from energybus.payloads import Scalar, SetEnvelope, decode_set
+from energybus.payloads import Scalar
 from energybus.samples import Reading
 from energybus.topics import Topic
 
@@ -51,15 +51,11 @@ class SourceDeclaration(msgspec.Struct, frozen=True, kw_only=True):
     """Where an adapter's source messages come from: a transport and what to take on it.
 
     For ``mqtt``, ``patterns`` are topic filters; for ``amqp``, queue names; for
-    ``modbus``, device names. ``options`` is the transport's own configuration (an
-    AMQP URI, a serial port), already validated by the adapter's options schema.
+    ``modbus``, device names.
     """
 
     transport: Transport
     patterns: tuple[str, ...]
-    name: str = ""
-    """Distinguishes several connections of one transport (one per Voke org)."""
-    options: Any = None
 
 
 class Rejection(msgspec.Struct, frozen=True, kw_only=True):
@@ -96,9 +92,9 @@ class Normalized(msgspec.Struct, kw_only=True):
     duplicate: bool = False
 
     @classmethod
-    def refused(cls, errors: list[SourceError], topic: str, **fields: Any) -> Normalized:
-        """A result with ``errors`` as rejections."""
-        return cls(rejections=[Rejection.of(e, topic) for e in errors], **fields)
+    def of(cls, readings: list[Reading], errors: list[SourceError], topic: str) -> Normalized:
+        """Readings, with the values refused on the way (``errors``) as rejections."""
+        return cls(readings=readings, rejections=[Rejection.of(e, topic) for e in errors])
 
 
 class Formatted(msgspec.Struct, frozen=True, kw_only=True):
@@ -219,8 +215,10 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
         """Translate one source message. Never raises on bad input: it rejects."""
 
     @abstractmethod
-    def format(self, topic: str, payload: bytes, *, received_at: datetime) -> Formatted:
-        """Turn one canonical ``set`` into source command(s); raises on refusal.
+    def format(self, command: Admitted, *, received_at: datetime) -> Formatted:
+        """Turn one canonical ``set``, already through the admission gate (its topic
+        parsed, its payload decoded and checked), into source command(s); raises on
+        refusal.
 
         The record is registered in :attr:`commands` as ``accepted``; the caller marks
         it ``sent`` once the broker has the command.
@@ -231,14 +229,6 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
         return self.commands.expire(now)
 
     # What every ``format`` shares ---------------------------------------------------------
-
-    @staticmethod
-    def request(payload: bytes) -> tuple[Scalar, SetEnvelope | None]:
-        """A ``set`` payload's value, and its envelope for Profile B."""
-        request = decode_set(payload)
-        if isinstance(request, SetEnvelope):
-            return request.value, request
-        return request, None
 
     def command(
         self,

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Final
 
 import msgspec
 
+from energybus.admission import Admitted
 from energybus.errors import (
     CommandError,
     EnergyBusError,
@@ -33,7 +34,7 @@ from energybus.messages import Message
 from energybus.payloads import DECODE_ERRORS, explain
 from energybus.render import SeriesSpec
 from energybus.samples import Reading
-from energybus.topics import EntityType, build_topic, parse_topic, to_kebab, to_snake
+from energybus.topics import EntityType, build_topic, to_kebab, to_snake
 
 from .base import Adapter, Formatted, Normalized, Plan, Rejection, SourceDeclaration
 from .engine import DeviceTemplate, Template, compile_templates
@@ -304,9 +305,7 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
         errors: list[SourceError] = []
         device.template.read(values, reading, errors)
         readings = [reading] if reading.values else []
-        if errors:
-            return Normalized.refused(errors, topic, readings=readings)
-        return Normalized(readings=readings)
+        return Normalized.of(readings, errors, topic)
 
     def _alarm(self, plant: _Plant, document: dict[str, Any]) -> Normalized:
         device = self._device_for(plant, document)
@@ -380,8 +379,9 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
 
     # Commands -------------------------------------------------------------------------
 
-    def format(self, topic: str, payload: bytes, *, received_at: datetime) -> Formatted:
-        parsed = parse_topic(topic)
+    def format(self, command: Admitted, *, received_at: datetime) -> Formatted:
+        parsed = command.topic
+        topic = str(parsed)
         device = self._devices.get((parsed.site, parsed.entity_type, parsed.entity_id))
         if parsed.stream != "set" or device is None:
             raise CommandError(
@@ -396,7 +396,7 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
                 f"template {device.template.name!r} declares no action for {parsed.metric!r}",
                 topic=topic,
             )
-        value, _ = self.request(payload)
+        value = command.value
         command_id = self.new_id()
         plant = device.plant
         body: dict[str, Any] = {

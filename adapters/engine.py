@@ -21,7 +21,7 @@ the message's structure is the adapter's to raise, and rejects the whole message
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -116,7 +116,7 @@ class Field:
     ``rows`` counts the metrics it can produce (``mappings check`` reports them).
     """
 
-    __slots__ = ("decode_type", "hot", "metrics", "name", "rows", "words")
+    __slots__ = ("decode_type", "hot", "name", "rows", "words")
 
     def __init__(self, name: str, row: SeriesRow, compiler: Compiler, path: str) -> None:
         self.name = name
@@ -135,7 +135,6 @@ class Field:
                 )
             special = _bits(row.bits, compiler, path)
             self.hot: Hot = ("", None, None, _NO_SPEC, -_BIG, _BIG, special, name)
-            self.metrics = [bit.metric for bit in row.bits.values()]
             self.rows = len(row.bits)
             # A float is taken too and judged per value (3.0 is a mask, 3.5 is refused).
             self.decode_type: Any = int | float
@@ -171,33 +170,16 @@ class Field:
             special = _enum(states, checked.metric, spec)
             self.decode_type = int | float
         self.hot = (checked.metric, convert, unit, spec, lo, hi, special, name)
-        self.metrics = [checked.metric]
         self.rows = 1
-
-    def read(self, raw: Any, out: list[Value], errors: list[SourceError], prefix: str) -> None:
-        """Read one raw value (already of the field's type) into ``out``; a value fault
-        goes to ``errors`` with the path ``<prefix>.<name>``. The entity loop inlines the
-        plain case of this."""
-        metric, convert, unit, spec, lo, hi, special, name = self.hot
-        try:
-            if special is not None:
-                out.extend(special(raw))
-                return
-            value = raw if convert is None else convert(raw)
-        except EnergyBusError as error:
-            errors.append(refuse(error, f"{prefix}.{name}"))
-            return
-        if lo <= value <= hi:
-            out.append((metric, value, unit, spec))
-        else:
-            errors.append(_implausible(metric, lo, hi, unit, f"{prefix}.{name}"))
 
 
 _NO_SPEC: Final = SeriesSpec()
 _WORDS: Final = (str, bool)
 
 
-def _implausible(metric: str, lo: float, hi: float, unit: str | None, path: str) -> SourceError:
+def _implausible(
+    metric: str, lo: float, hi: float, unit: str | None, path: str = "$"
+) -> SourceError:
     shown = f" {unit}" if unit else ""
     return SourceError(
         "implausible_value",
@@ -237,7 +219,7 @@ def _key(raw: Any) -> str:
     """A source value as a lookup key: TOML keys are text, so 3 and 3.0 are ``"3"``."""
     kind = type(raw)
     if kind is str:
-        return str(raw)
+        return raw  # type: ignore[no-any-return]
     if kind is bool:
         return "true" if raw else "false"
     if kind is float and raw.is_integer():
@@ -260,7 +242,7 @@ def _lookup(
             raise SourceError("unknown_code", f"a value the mapping's lookup for {metric} lacks")
         value: Scalar = found if convert is None or type(found) is bool else convert(found)
         if type(value) is not bool and not lo <= value <= hi:
-            raise SourceError("implausible_value", f"{metric} is outside its plausible range")
+            raise _implausible(metric, lo, hi, unit)
         return [(metric, value, unit, spec)]
 
     return read_lookup
@@ -297,7 +279,11 @@ class Action:
 
     __slots__ = ("high", "key", "low", "param", "spec", "to_source", "unit")
 
-    def __init__(self, key: str, row: ActionRow, compiler: Compiler, path: str, etype: str) -> None:
+    def __init__(self, key: str, row: ActionRow, compiler: Compiler, path: str) -> None:
+        if row.lookup is not None or row.enum is not None or row.bits is not None:
+            raise compiler.error(
+                "conflicting_field", "an action takes no lookup, enum or bits", path
+            )
         kind: ValueType = "number" if row.param else "boolean"
         # A confirmation is news even when it repeats a value, so it is never deduped.
         checked = compiler.check(
@@ -336,7 +322,7 @@ class Template:
                 raise compiler.error(
                     "conflicting_field", f"two actions are sent by {action.metric!r}", at
                 )
-            self.actions[action.metric] = Action(key, action, compiler, at, self.entity_type)
+            self.actions[action.metric] = Action(key, action, compiler, at)
         for name_ in template.ignore:
             if name_ in template.signals:
                 raise compiler.error(
@@ -355,7 +341,8 @@ class Template:
         A signal the template does not know is skipped (firmware adds signals); a
         signal that is not a number rejects the message, since its sender is broken.
         """
-        out = reading.values
+        raws: list[Any] = []
+        hot: list[Hot] = []
         fields = self.fields
         for name, raw in values.items():
             field = fields.get(name)
@@ -370,7 +357,9 @@ class Template:
                 )
             if kind is int and field.hot[6] is None:
                 raw = float(raw)  # numbers on the bus are doubles, as in any JSON decoder
-            field.read(raw, out, errors, path)
+            raws.append(raw)
+            hot.append(field.hot)
+        reading.values += _values(raws, hot, errors, path[2:], -1)
         return reading
 
 
@@ -409,6 +398,7 @@ class _Group:
         fields: list[Field],
         attributes: list[tuple[str, Conversion | None, str]],
         attrs: list[str],
+        gid: int,
     ) -> None:
         self.type: EntityType = group.type
         self.template = group.id
@@ -417,7 +407,7 @@ class _Group:
         self.hot = [field.hot for field in fields]
         self.attributes = [(name, c.fast() if c else None, f) for name, c, f in attributes]
         self.nfields = len(fields)
-        self.gid = 0
+        self.gid = gid
         """The group's place among all of its mapping's groups (for per-context caches)."""
         getter = operator.attrgetter(*attrs)
         # attrgetter gives a bare value for one name; the loop wants a tuple always.
@@ -426,7 +416,11 @@ class _Group:
         )
 
     def specs(
-        self, static: tuple[Any, ...], cache: dict[tuple[Any, ...], list[Hot]], path: str
+        self,
+        static: tuple[Any, ...],
+        cache: dict[tuple[Any, ...], list[Hot]],
+        each: str | None,
+        index: int,
     ) -> list[Hot]:
         """The hot rows with the static fields as meta attributes in the specs, built
         once per distinct set of static values and kept in ``cache`` (the caller looks
@@ -441,7 +435,7 @@ class _Group:
                 try:
                     value = convert(value)
                 except EnergyBusError as error:
-                    raise refuse(error, f"{path}{field}") from None
+                    raise refuse(error, _path(each, index, field)) from None
             attributes[name] = value
         hot = [
             (m, c, u, _with_attributes(s, attributes), lo, hi, sp, n)
@@ -525,8 +519,7 @@ class Entities:
             if not compiled:
                 raise compiler.error("no_fields", "an entity needs at least one field", path)
             self.rows += sum(f.rows for f in compiled)
-            built = _Group(group, compiled, attributes, attrs)
-            built.gid = gi
+            built = _Group(group, compiled, attributes, attrs, gi)
             if group.each is None:
                 self.root.append(built)
                 continue
@@ -583,8 +576,8 @@ class Entities:
             if group.attributes:
                 static = values[group.nfields :]
                 cache = caches[group.gid]
-                hot = cache.get(static) or group.specs(static, cache, "$.")
-            out = _read(values, hot, errors, None, 0)
+                hot = cache.get(static) or group.specs(static, cache, None, 0)
+            out = _values(values, hot, errors, None, 0)
             if out:
                 readings.append(Reading(site, group.type, entity_id, observed, quality, out))
         for ai, (each, attr, key_attr, groups) in enumerate(self.arrays):
@@ -603,8 +596,8 @@ class Entities:
                     if group.attributes:
                         static = values[group.nfields :]
                         cache = caches[group.gid]
-                        hot = cache.get(static) or group.specs(static, cache, f"$.{each}[{index}].")
-                    out = _read(values, hot, errors, each, index)
+                        hot = cache.get(static) or group.specs(static, cache, each, index)
+                    out = _values(values, hot, errors, each, index)
                     if out:
                         readings.append(
                             Reading(site, group.type, entity_id, observed, quality, out)
@@ -612,15 +605,16 @@ class Entities:
         return readings
 
 
-def _read(
-    values: tuple[Any, ...],
+def _values(
+    values: Sequence[Any],
     hot: list[Hot],
     errors: list[SourceError],
     each: str | None,
     index: int,
 ) -> list[Value]:
-    """The per-message loop: plain numbers and booleans inline, transforms by call.
-    ``each`` and ``index`` place the object in the message, for the path of a refusal."""
+    """The per-message loop, for entity groups and device templates alike: plain numbers
+    and booleans inline, transforms by call. ``each`` and ``index`` place the object in
+    the message, for the path of a refusal (:func:`_path`)."""
     out: list[Value] = []
     add = out.append
     for raw, (metric, convert, unit, spec, lo, hi, special, name) in zip(values, hot, strict=False):
@@ -642,7 +636,11 @@ def _read(
 
 
 def _path(each: str | None, index: int, name: str) -> str:
-    return f"$.{name}" if each is None else f"$.{each}[{index}].{name}"
+    """``$.name`` (the message itself), ``$.each.name`` (an object in it, index -1) or
+    ``$.each[index].name`` (an item of an array)."""
+    if each is None:
+        return f"$.{name}"
+    return f"$.{each}.{name}" if index < 0 else f"$.{each}[{index}].{name}"
 
 
 def _item_id(

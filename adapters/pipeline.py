@@ -38,6 +38,8 @@ class Output(msgspec.Struct, kw_only=True):
     rejections: list[Rejection] = msgspec.field(default_factory=list)
     commands: list[CommandRecord] = msgspec.field(default_factory=list)
     readings: list[Reading] = msgspec.field(default_factory=list)
+    values: int = 0
+    """How many values the readings hold (counted while rendering them)."""
     duplicate: bool = False
 
     @property
@@ -89,28 +91,23 @@ class Pipeline:
         render = self.renderer.render_reading
         messages = out.messages
         count = 0
+        emptied = False
         for index, reading in enumerate(result.readings):
             refused = render(reading, messages)
             if refused:
                 # A value the mapping let through but JSON cannot carry (a plug-in's NaN).
-                for _, error in refused:
-                    out.rejections.append(Rejection.of(error, topic))
+                out.rejections += [Rejection.of(error, topic) for _, error in refused]
                 skip = {i for i, _ in refused}
                 kept = [v for i, v in enumerate(reading.values) if i not in skip]
-                out.readings[index] = Reading(
-                    reading.site,
-                    reading.entity_type,
-                    reading.entity_id,
-                    reading.observed_at,
-                    reading.quality,
-                    kept,
-                )
-            count += len(out.readings[index].values)
-        if len(out.readings) != sum(1 for r in out.readings if r.values):
+                reading = out.readings[index] = msgspec.structs.replace(reading, values=kept)
+                emptied = emptied or not kept
+            count += len(reading.values)
+        if emptied:
             out.readings = [r for r in out.readings if r.values]
         for rejection in out.rejections:
             self.rejected[rejection.code] += 1
         self.samples += count
+        out.values = count
         return out
 
     def expire(self, now: datetime) -> Output:
@@ -137,8 +134,8 @@ class Pipeline:
             return Output()
         adapter = self.adapter
         try:
-            adapter.gate.admit(topic, payload, retain=retain, received_at=received_at)
-            formatted = adapter.format(topic, payload, received_at=received_at)
+            admitted = adapter.gate.admit(topic, payload, retain=retain, received_at=received_at)
+            formatted = adapter.format(admitted, received_at=received_at)
         except EnergyBusError as error:
             rejection = Rejection.of(error, topic)
             self.rejected[rejection.code] += 1

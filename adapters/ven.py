@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Final
 
 import msgspec
 
+from energybus.admission import Admitted
 from energybus.errors import (
     CommandError,
     EnergyBusError,
@@ -33,7 +34,7 @@ from energybus.filters import canonical_filter
 from energybus.messages import Message
 from energybus.render import SeriesSpec
 from energybus.samples import Reading, observation
-from energybus.topics import EntityType, build_topic, parse_topic, to_kebab
+from energybus.topics import EntityType, build_topic, to_kebab
 from energybus.units import Conversion
 
 from .base import Adapter, Formatted, Normalized, Plan, Rejection, SourceDeclaration
@@ -277,9 +278,7 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
         if seen_key is not None and not errors:
             # Only now, and only whole: a message with a refused value may come again, fixed.
             ven.remember(seen_key)
-        if errors:
-            return Normalized.refused(errors, topic, readings=readings)
-        return Normalized(readings=readings)
+        return Normalized.of(readings, errors, topic)
 
     def _ack(self, source_id: str, payload: bytes, received_at: datetime) -> Normalized:
         ack = decode(_ack_decoder, payload)
@@ -354,17 +353,14 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
 
     # Commands -------------------------------------------------------------------------
 
-    def format(self, topic: str, payload: bytes, *, received_at: datetime) -> Formatted:
-        parsed = parse_topic(topic)
-        command = self.plan.command
-        if (
-            parsed.stream != "set"
-            or parsed.entity_type != command.type
-            or (parsed.metric != command.metric)
-        ):
+    def format(self, command: Admitted, *, received_at: datetime) -> Formatted:
+        parsed = command.topic
+        topic = str(parsed)
+        series = self.plan.command
+        if parsed.entity_type != series.type or parsed.metric != series.metric:
             raise CommandError(
                 "not_commandable",
-                f"the ven adapter takes commands on {command.type}/<ven>/{command.metric}/set",
+                f"the ven adapter takes commands on {series.type}/<ven>/{series.metric}/set",
                 topic=topic,
             )
         source_id = self._targets.get((parsed.site, parsed.entity_id))
@@ -372,7 +368,7 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
             raise CommandError(
                 "unknown_target", "no VEN is known under this site and entity", topic=topic
             )
-        value, envelope = self.request(payload)
+        value, envelope = command.value, command.envelope
         if type(value) is bool or not 0 <= value <= self.plan.command_range[1]:
             raise CommandError(
                 "invalid_value",

@@ -140,9 +140,9 @@ def test_an_adapter_bug_is_a_dead_letter_not_a_crash(caplog: pytest.LogCaptureFi
     acks = AckQueue(lambda mid: None)
     dispatcher.handle(Delivery("mqtt", "volttron/metering", METERING, AT, acks.add(1)))
     assert bus.topics() == ["energybus/dead_letter/ven"]
-    assert json.loads(bus.published[0][1])["reason"] == "adapter_error"
-    assert _count(metrics, "energybus_rejections_total", source="ven", reason="adapter_error") == 1
-    assert "adapter ven failed" in caplog.text
+    assert json.loads(bus.published[0][1])["reason"] == "worker_error"
+    assert _count(metrics, "energybus_rejections_total", source="ven", reason="worker_error") == 1
+    assert "ven failed on a message from volttron/metering" in caplog.text
 
 
 def test_availability_online_on_first_sight_offline_after_silence() -> None:

@@ -97,14 +97,7 @@ class Worker:
             ],
         )
 
-    def __init__(
-        self,
-        config: Config,
-        *,
-        sources: Callable[[Worker], list[Source]] | None = None,
-    ) -> None:
-        """``sources`` adds sources of the caller's (built once the dispatcher exists,
-        e.g. a :class:`~.sources.MemorySource` bound to an adapter)."""
+    def __init__(self, config: Config) -> None:
         self.config = config
         w, h = config.worker, config.historian
         self.metrics = Metrics()
@@ -139,8 +132,6 @@ class Worker:
             on_ingest=self._ingest,
         )
         self.sources = self._sources(plan)
-        if sources is not None:
-            self.sources += sources(self)
         self._stop = asyncio.Event()
         self._consuming = True
 

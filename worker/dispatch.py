@@ -4,7 +4,7 @@ Route it to its adapter's pipeline (by topic for the MQTT source, by source for 
 source bound to one adapter), translate it, publish the result on the bus with a
 token per QoS 1 publish, dead-letter every refusal, hand the readings to the historian
 sink and availability, and count it. It never awaits and never raises on a message: an
-adapter bug becomes a dead letter (``adapter_error``) and a log line.
+adapter bug becomes a dead letter (``worker_error``) and a log line.
 
 Its bus side is a :class:`Publisher`, its historian side a :class:`RowSink`; both are
 protocols so that tests drive the dispatcher without a broker or a database.
@@ -193,14 +193,16 @@ class Dispatcher:
         (``worker_error``), so no message can stop a source or come back to do it again."""
         try:
             self._handle(delivery)
-        except Exception:
-            log.exception("failed on a message from %s", delivery.topic)
-            self._fail(delivery.entry, delivery.source, delivery.topic, delivery.payload)
+        except Exception:  # an adapter's or the worker's defect: logged, never fatal
+            pipeline = self._pipeline(delivery.source, delivery.topic)
+            source = pipeline.name if pipeline is not None else "router"
+            log.exception("%s failed on a message from %s", source, delivery.topic)
+            self._fail(delivery.entry, source, delivery.topic, delivery.payload)
 
     def _fail(self, entry: Entry, source: str, topic: str, payload: bytes) -> None:
         rejection = Rejection(
             code="worker_error",
-            message="the worker failed on this message; see the log",
+            message="handling this message failed (a defect); see the log",
             topic=topic,
         )
         try:
@@ -228,17 +230,7 @@ class Dispatcher:
         name = pipeline.name
         messages_in, samples_out, suppressed_out = self._counters[name]
         messages_in.inc()
-        try:
-            out = pipeline.feed(topic, payload, received_at=now, retain=delivery.retain)
-        except Exception:  # an adapter bug must not stop the worker or lose the message
-            log.exception("adapter %s failed on a message from %s", name, topic)
-            rejection = Rejection(
-                code="adapter_error", message="the adapter failed; see the log", topic=topic
-            )
-            self.dead_letter(entry, name, topic, payload, now, [rejection])
-            bus.flush()
-            entry.release()
-            return
+        out = pipeline.feed(topic, payload, received_at=now, retain=delivery.retain)
         if out.rejections:
             self.dead_letter(entry, name, topic, payload, now, out.rejections)
             if delivery.retain and out.rejections[0].code == "retained_set":
@@ -274,7 +266,7 @@ class Dispatcher:
         readings = out.readings
         sink = self.sink
         if readings:
-            samples_out.inc(sum(len(r.values) for r in readings))
+            samples_out.inc(out.values)
             self.availability.seen(readings, self._publish_availability)
             if sink is not None:
                 rows = [row for reading in readings for row in reading_rows(reading)]

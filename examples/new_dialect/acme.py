@@ -16,6 +16,7 @@ import msgspec
 from energybus.adapters import Adapter, Normalized, Plan, Rejection, SourceDeclaration
 from energybus.adapters.engine import DeviceTemplate, Template, compile_templates, decode
 from energybus.adapters.mapping import Compiler, Document, MappingDocument
+from energybus.admission import Admitted
 from energybus.errors import CommandError, EnergyBusError, SourceError
 from energybus.samples import Reading
 from energybus.topics import to_kebab
@@ -67,13 +68,15 @@ class AcmeAdapter(Adapter[AcmeOptions, AcmeMapping]):
             reading = Reading(self.options.site, template.entity_type, to_kebab(device), at)
             errors: list[SourceError] = []
             template.read(message.values, reading, errors)
-            return Normalized.refused(errors, topic, readings=[reading] if reading.values else [])
+            return Normalized.of([reading] if reading.values else [], errors, topic)
         except EnergyBusError as error:
             return Normalized(rejections=[Rejection.of(error, topic)])
 
-    def format(self, topic: str, payload: bytes, *, received_at: datetime) -> Any:
+    def format(self, command: Admitted, *, received_at: datetime) -> Any:
         # Never routed here (no command_filters); said plainly should anyone call it.
-        raise CommandError("not_commandable", "acme devices take no commands", topic=topic)
+        raise CommandError(
+            "not_commandable", "acme devices take no commands", topic=str(command.topic)
+        )
 
 
 if __name__ == "__main__":

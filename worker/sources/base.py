@@ -70,10 +70,6 @@ class Source(ABC):
     async def run(self) -> None:
         """Connect, consume and reconnect until cancelled."""
 
-    def describe(self) -> list[str]:
-        """Lines for ``energybus check``: what this source connects to and takes."""
-        return []
-
     def pause(self) -> None:
         """Hand over nothing more (shutdown). What was not acknowledged is delivered
         again, by the broker or queue, to the next run."""

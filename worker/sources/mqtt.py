@@ -65,11 +65,6 @@ class MqttSource(Source):
         self._client: aiomqtt.Client | None = None
         self._redelivered: set[tuple[str, bytes]] = set()
 
-    def describe(self) -> list[str]:
-        m = self.config
-        count = len(self.filters) + len(self.commands)
-        return [f"{m.client_id}-src subscribes to {count} filters at QoS 1"]
-
     def _new_client(self) -> aiomqtt.Client:
         m = self.config
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
