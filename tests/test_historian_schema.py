@@ -31,6 +31,15 @@ async def _fresh_database(postgres: Service) -> str:
     return postgres.url.rsplit("/", 1)[0] + "/" + name
 
 
+async def _drop(postgres: Service, dsn: str) -> None:
+    """Leave the test server as the test found it."""
+    admin = await asyncpg.connect(postgres.url)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {dsn.rsplit('/', 1)[1]} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
 async def _version_one(dsn: str) -> None:
     """The schema as `historian init` of the previous release left it."""
     first = migrations()[0]
@@ -61,6 +70,12 @@ def test_a_version_one_database_is_refused_clearly_then_migrated_without_loss(
 ) -> None:
     async def main() -> None:
         dsn = await _fresh_database(postgres)
+        try:
+            await scenario(dsn)
+        finally:
+            await _drop(postgres, dsn)
+
+    async def scenario(dsn: str) -> None:
         await _version_one(dsn)
         historian = Historian(dsn)
         with pytest.raises(SchemaBehind) as behind:
@@ -105,8 +120,11 @@ def test_a_version_one_database_is_refused_clearly_then_migrated_without_loss(
 def test_a_database_without_the_schema_is_behind_too(postgres: Service) -> None:
     async def main() -> None:
         dsn = await _fresh_database(postgres)
-        with pytest.raises(SchemaBehind) as behind:
-            await Historian(dsn).connect()
-        assert behind.value.current == 0
+        try:
+            with pytest.raises(SchemaBehind) as behind:
+                await Historian(dsn).connect()
+            assert behind.value.current == 0
+        finally:
+            await _drop(postgres, dsn)
 
     asyncio.run(main())

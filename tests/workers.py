@@ -33,7 +33,11 @@ def write_config(
     path.write_text(
         f'[worker]\ndata_dir = "{path.parent / "data"}"\nshutdown_timeout_s = 20\n'
         f'[mqtt]\nhost = "{mqtt.host}"\nport = {mqtt.port}\nclient_id = "{client_id}"\n'
-        f"reconnect_min_s = 0.2\nreconnect_max_s = 2\n{historian}{extra}"
+        # Sessions outlive a worker by two minutes, not a week: a worker a test is done
+        # with must not leave the shared broker queuing canonical values for the rest of
+        # the run (restarts inside a test take seconds).
+        f"reconnect_min_s = 0.2\nreconnect_max_s = 2\nsession_expiry_s = 120\n"
+        f"{historian}{extra}"
     )
     return path
 
