@@ -386,6 +386,7 @@ class _Group:
         "get",
         "gid",
         "hot",
+        "interned",
         "key",
         "nfields",
         "template",
@@ -408,6 +409,11 @@ class _Group:
         self.attributes = [(name, c.fast() if c else None, f) for name, c, f in attributes]
         self.nfields = len(fields)
         self.gid = gid
+        self.interned: dict[tuple[Any, ...], SeriesSpec] = {}
+        """Specs with attributes, one object per distinct content across devices: the
+        renderer tells a series' spec unchanged by identity, and entities that several
+        devices report (the same circuit id under one site) must not look reconfigured
+        at every message."""
         """The group's place among all of its mapping's groups (for per-context caches)."""
         getter = operator.attrgetter(*attrs)
         # attrgetter gives a bare value for one name; the loop wants a tuple always.
@@ -437,10 +443,17 @@ class _Group:
                 except EnergyBusError as error:
                     raise refuse(error, _path(each, index, field)) from None
             attributes[name] = value
-        hot = [
-            (m, c, u, _with_attributes(s, attributes), lo, hi, sp, n)
-            for m, c, u, s, lo, hi, sp, n in self.hot
-        ]
+        # The value's type is part of the key: 1 and true are equal as dict keys.
+        content = tuple((k, type(v), v) for k, v in attributes.items())
+        interned = self.interned
+        if len(interned) >= _CACHE:
+            interned.clear()
+        hot = []
+        for row, (m, c, u, s, lo, hi, sp, n) in enumerate(self.hot):
+            spec = interned.get((row, content))
+            if spec is None:
+                spec = interned[(row, content)] = _with_attributes(s, attributes)
+            hot.append((m, c, u, spec, lo, hi, sp, n))
         if len(cache) >= _CACHE:
             cache.clear()
         cache[static] = hot

@@ -239,7 +239,14 @@ class Renderer:
                     refused.append((index, error))
                     continue
                 series_of[key] = series
-            if series.spec is not spec or series.unit != unit:
+            if series.spec is not spec:
+                # An equal spec from another object (a second device reporting the same
+                # entity) changes nothing: only a different one reconfigures the series.
+                if series.spec != spec or series.unit != unit:
+                    self._configure(series, key, unit, spec, out)
+                else:
+                    series.spec = spec
+            elif series.unit != unit:
                 self._configure(series, key, unit, spec, out)
 
             emit = True

@@ -172,3 +172,24 @@ def test_register_word_and_byte_order() -> None:
     assert caught.value.code == "out_of_range"
     with pytest.raises(SourceError):
         decode_registers("u32", [1])
+
+
+def test_devices_reporting_the_same_entity_share_one_spec_object() -> None:
+    """The renderer tells an unchanged spec by identity; two VENs under one site that
+    both report circuit_0 must hand it the same object, or every message would look
+    like a reconfiguration of the series."""
+    adapter = create_adapter("ven")
+    specs = []
+    for ven in ("ven-a", "ven-b"):
+        payload = msgspec.json.encode(
+            {
+                "venId": ven,
+                "timestamp": 1729700000,
+                "circuits": [{"id": "circuit_0", "name": "Main", "currentKw": 1.5}],
+            }
+        )
+        result = adapter.normalize("volttron/metering", payload, AT)
+        (reading,) = [r for r in result.readings if r.entity_id == "circuit-0"]
+        specs.append(reading.values[0][3])
+    assert specs[0].attributes == {"name": "Main"}
+    assert specs[0] is specs[1]
