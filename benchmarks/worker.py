@@ -175,14 +175,17 @@ def bench_historian(rows_total: int = 500_000, batch: int = 5000) -> dict[str, o
 
     async def ours() -> float:
         conn = await asyncpg.connect(pg.url)
-        await migrate(conn)
-        await conn.execute("DELETE FROM energybus.measurements WHERE metric_name = 'active_power'"
-                           " AND site LIKE 'load-%'")  # fmt: skip
+        await conn.execute("DROP DATABASE IF EXISTS bench_historian WITH (FORCE)")
+        await conn.execute("CREATE DATABASE bench_historian")
         await conn.close()
-        historian = Historian(pg.url)
+        dsn = pg.url.rsplit("/", 1)[0] + "/bench_historian"
+        conn = await asyncpg.connect(dsn)
+        await migrate(conn)
+        await conn.close()
+        historian = Historian(dsn)
         await historian.write(Batch(measurements=rows[:1]))  # partitions and connection warm
         start = time.perf_counter()
-        for i in range(0, len(rows), batch):
+        for i in range(1, len(rows), batch):
             await historian.write(Batch(measurements=rows[i : i + batch]))
         elapsed = time.perf_counter() - start
         await historian.close()

@@ -11,10 +11,11 @@ from .batch import Batch, RowTuple, decode_batch, encode_batch
 from .outbox import Outbox, OutboxFull
 from .queries import COMMAND_COLUMNS, counter_energy, counter_events, recent_commands
 from .schema import SCHEMA, MigrationResult, migrate, migrations
-from .writer import Historian, SchemaBehind, WriteResult, unique_rows
+from .writer import QUALITY_CODES, Historian, SchemaBehind, WriteResult
 
 __all__ = [
     "COMMAND_COLUMNS",
+    "QUALITY_CODES",
     "SCHEMA",
     "Batch",
     "Historian",
@@ -31,5 +32,4 @@ __all__ = [
     "migrate",
     "migrations",
     "recent_commands",
-    "unique_rows",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -40,9 +40,8 @@ async def _drop(postgres: Service, dsn: str) -> None:
         await admin.close()
 
 
-async def _version_one(dsn: str) -> None:
-    """The schema as `historian init` of the previous release left it."""
-    first = migrations()[0]
+async def _at_version(dsn: str, version: int) -> None:
+    """The schema as `historian init` of an earlier release left it."""
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(
@@ -50,10 +49,21 @@ async def _version_one(dsn: str) -> None:
             " version integer PRIMARY KEY, name text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        await conn.execute(first.sql)
-        await conn.execute(
-            f"INSERT INTO {SCHEMA}.schema_migrations (version, name) VALUES (1, $1)", first.name
-        )
+        for migration in migrations()[:version]:
+            await conn.execute(migration.sql)
+            await conn.execute(
+                f"INSERT INTO {SCHEMA}.schema_migrations (version, name) VALUES ($1, $2)",
+                migration.version,
+                migration.name,
+            )
+    finally:
+        await conn.close()
+
+
+async def _version_one(dsn: str) -> None:
+    await _at_version(dsn, 1)
+    conn = await asyncpg.connect(dsn)
+    try:
         await conn.execute(
             f"INSERT INTO {SCHEMA}.command_logs (id, adapter, site, entity_type, entity_id,"
             " metric, value, target, action, state, accepted_at, expires_at)"
@@ -85,7 +95,7 @@ def test_a_version_one_database_is_refused_clearly_then_migrated_without_loss(
         conn = await asyncpg.connect(dsn)
         try:
             result = await migrate(conn)
-            assert [m.version for m in result.applied] == [2]
+            assert [m.version for m in result.applied] == list(range(2, len(migrations()) + 1))
             old = await conn.fetchrow(f"SELECT * FROM {SCHEMA}.command_logs WHERE id = 'old-1'")
             assert old is not None and old["state"] == "confirmed" and old["code"] is None
         finally:
@@ -126,5 +136,147 @@ def test_a_database_without_the_schema_is_behind_too(postgres: Service) -> None:
             assert behind.value.current == 0
         finally:
             await _drop(postgres, dsn)
+
+    asyncio.run(main())
+
+
+# Rows a version-2 historian holds: two sites, two months, every quality, a device
+# whose counter resets and rolls over, and one declared wrap.
+_MONTH_EDGE = datetime(2026, 11, 30, 23, 30, tzinfo=UTC)
+
+
+_V2Row = tuple[str, str, str, datetime, float, str]
+
+
+def _v2_rows() -> tuple[list[_V2Row], list[_V2Row]]:
+    qualities = ["good", "degraded", "stale", "bad"]
+    measurements = [
+        (site, f"load.c-{c}", metric, _MONTH_EDGE + timedelta(minutes=15 * i),
+         float(i * 10 + c), qualities[(i + c) % 4])
+        for site in ("vad", "north")
+        for c in range(3)
+        for metric in ("active_power", "voltage")
+        for i in range(8)
+    ]  # fmt: skip
+    wh = [100.0, 200.0, 300.0, 50.0, 150.0, 999_990.0, 20.0, 5e6, 5e6 + 100]
+    counters = [
+        (site, "source.meter-1", "energy_total", _MONTH_EDGE + timedelta(minutes=15 * i),
+         value, "good")
+        for site in ("vad", "north")
+        for i, value in enumerate(wh)
+    ]  # fmt: skip
+    return measurements, counters
+
+
+async def _answers(conn: asyncpg.Connection[asyncpg.Record]) -> dict[str, list[tuple[object, ...]]]:
+    """Everything a reader of the historian can ask, as plain tuples."""
+    start, end = _MONTH_EDGE - timedelta(hours=1), _MONTH_EDGE + timedelta(hours=3)
+    answers: dict[str, list[tuple[object, ...]]] = {}
+    for view in ("measurements", "counter_readings"):
+        rows = await conn.fetch(
+            f"SELECT * FROM {SCHEMA}.{view} ORDER BY site, device_id, metric_name, observed_at"
+        )
+        answers[view] = [tuple(r) for r in rows]
+        answers[view + " columns"] = [tuple(rows[0].keys())]
+    for site in ("vad", "north", None):
+        for label, sql in (
+            ("energy", f"SELECT * FROM {SCHEMA}.counter_energy($1, $2, $3, $4, $5, $6)"),
+            ("events", f"SELECT * FROM {SCHEMA}.counter_events($1, $2, $3, $4, $5)"),
+        ):
+            args: list[object] = [site, "source.meter-1", "energy_total", start, end]
+            if label == "energy":
+                args.append(timedelta(minutes=30))
+            rows = await conn.fetch(sql, *args)
+            answers[f"{label} {site}"] = [tuple(r) for r in rows]
+    return answers
+
+
+def test_a_version_two_historian_migrates_to_series_keys_without_losing_a_row(
+    postgres: Service,
+) -> None:
+    async def main() -> None:
+        dsn = await _fresh_database(postgres)
+        try:
+            await scenario(dsn)
+        finally:
+            await _drop(postgres, dsn)
+
+    async def scenario(dsn: str) -> None:
+        await _at_version(dsn, 2)
+        measurements, counters = _v2_rows()
+        conn = await asyncpg.connect(dsn)
+        try:
+            for table, rows in (("measurements", measurements), ("counter_readings", counters)):
+                for month in {(r[3].year, r[3].month): r[3] for r in rows}.values():
+                    await conn.execute(f"SELECT {SCHEMA}.ensure_partition($1, $2)", table, month)
+                await conn.executemany(
+                    f"INSERT INTO {SCHEMA}.{table}"
+                    " (site, device_id, metric_name, observed_at, value, quality)"
+                    " VALUES ($1, $2, $3, $4, $5, $6)",
+                    rows,
+                )
+            await conn.execute(
+                f"INSERT INTO {SCHEMA}.counter_series (site, device_id, metric_name, wrap_at)"
+                " VALUES ('vad', '*', 'energy_total', 1000000)"
+            )
+            before = await _answers(conn)
+            result = await migrate(conn)
+            assert [m.version for m in result.applied] == list(range(3, len(migrations()) + 1))
+            after = await _answers(conn)
+            series = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.series")
+        finally:
+            await conn.close()
+
+        assert len(before["measurements"]) == len(measurements) == 96
+        assert len(before["counter_readings"]) == len(counters) == 18
+        assert [r[0] for r in before["events vad"]] and before["energy None"]  # not empty
+        for key in before:
+            assert after[key] == before[key], key
+        assert series == 2 * 3 * 2 + 2
+
+        # Idempotent across the migration: the same rows again add nothing, and a row
+        # already stored keeps its first value.
+        historian = Historian(dsn)
+        again = Batch(
+            measurements=[
+                (site, device, metric, value + 1000, at, quality)
+                for site, device, metric, at, value, quality in measurements
+            ],
+            counters=[
+                (site, device, metric, value, at, quality)
+                for site, device, metric, at, value, quality in counters
+            ],
+        )
+        written = await historian.write(again)
+        assert (written.measurements, written.counters, written.duplicates) == (0, 0, 96 + 18)
+        await historian.close()
+        # A writer that has seen no conflict yet tries a plain COPY first; a repeat
+        # inside the batch fails it whole, and the batch goes in conflict-safe.
+        historian = Historian(dsn)
+        new_at = _MONTH_EDGE + timedelta(days=40)
+        fresh = Batch(
+            measurements=[
+                ("vad", "load.c-0", "active_power", 1.0, new_at, "good"),
+                ("vad", "load.c-0", "active_power", 2.0, new_at, "good"),
+                ("vad", "load.new", "active_power", 3.0, new_at, "stale"),
+            ]
+        )
+        written = await historian.write(fresh)
+        await historian.close()
+        assert (written.measurements, written.duplicates) == (2, 1)
+        conn = await asyncpg.connect(dsn)
+        try:
+            stored = await conn.fetch(
+                f"SELECT device_id, value, quality FROM {SCHEMA}.measurements"
+                " WHERE observed_at = $1 ORDER BY device_id",
+                new_at,
+            )
+            unchanged = await conn.fetchval(
+                f"SELECT count(*) FROM {SCHEMA}.measurements WHERE value >= 1000"
+            )
+        finally:
+            await conn.close()
+        assert [tuple(r) for r in stored] == [("load.c-0", 1.0, "good"), ("load.new", 3.0, "stale")]
+        assert unchanged == 0
 
     asyncio.run(main())
