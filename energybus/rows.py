@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
+from typing import TypeAlias
 
 import msgspec
 
@@ -21,7 +22,19 @@ from energybus.samples import Reading, Sample, decode_sample
 from energybus.topics import parse_topic
 from energybus.units import PLAUSIBLE
 
-__all__ = ["CounterRow", "MeasurementRow", "Row", "historian_row", "reading_rows", "to_row"]
+__all__ = [
+    "CounterRow",
+    "MeasurementRow",
+    "Row",
+    "RowTuple",
+    "append_rows",
+    "historian_row",
+    "reading_rows",
+    "to_row",
+]
+
+RowTuple: TypeAlias = tuple[str, str, str, float, datetime, str]
+"""A row as a plain tuple: (site, device_id, metric_name, value, observed_at, quality)."""
 
 
 class _RowBase(msgspec.Struct, frozen=True, gc=False):
@@ -67,6 +80,17 @@ def reading_rows(reading: Reading) -> list[Row]:
         )
         for metric, value, _, _ in reading.values
     ]
+
+
+def append_rows(reading: Reading, measurements: list[RowTuple], counters: list[RowTuple]) -> None:
+    """:func:`reading_rows` as plain tuples appended to the two lists: the worker's path,
+    where a row object per sample would be built only to be taken apart again."""
+    site, at, quality = reading.site, reading.observed_at, reading.quality
+    device = f"{reading.entity_type}.{reading.entity_id}"
+    for metric, value, _, _ in reading.values:
+        (counters if metric.endswith("_total") else measurements).append(
+            (site, device, metric, float(value), at, quality)
+        )
 
 
 def historian_row(topic: str | bytes, payload: bytes, *, received_at: datetime) -> Row | None:

@@ -6,18 +6,15 @@ exact float and timestamp of every row through a stay on disk.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Final, TypeAlias
+from typing import Final
 
 import msgspec
 
 from energybus.commands import CommandRecord
-from energybus.rows import CounterRow, Row
+from energybus.rows import CounterRow, Row, RowTuple, append_rows
+from energybus.samples import Reading
 
 __all__ = ["Batch", "RowTuple", "decode_batch", "encode_batch"]
-
-RowTuple: TypeAlias = tuple[str, str, str, float, datetime, str]
-"""(site, device_id, metric_name, value, observed_at, quality), the COPY column order."""
 
 
 class Batch(msgspec.Struct, kw_only=True, array_like=True):
@@ -28,6 +25,9 @@ class Batch(msgspec.Struct, kw_only=True, array_like=True):
     def add(self, row: Row) -> None:
         target = self.counters if type(row) is CounterRow else self.measurements
         target.append(msgspec.structs.astuple(row))  # type: ignore[arg-type,unused-ignore]
+
+    def add_reading(self, reading: Reading) -> None:
+        append_rows(reading, self.measurements, self.counters)
 
     def __len__(self) -> int:
         return len(self.measurements) + len(self.counters) + len(self.commands)

@@ -64,3 +64,43 @@ def test_a_broker_that_is_not_there_refuses_the_connection() -> None:
 
     with pytest.raises(ConnectionRefusedError):
         asyncio.run(main())
+
+
+class _Transport(asyncio.Transport):
+    """Records each write: how many syscalls the client would make."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_a_burst_leaves_in_one_write_and_a_long_burst_does_not_wait_for_its_end() -> None:
+    async def main() -> list[int]:
+        client = BusClient(on_message=lambda _: None, on_puback=lambda *_: None)
+        transport = _Transport()
+        client.connection_made(transport)
+        for message in range(10):  # ten source messages of five publishes each
+            for i in range(5):
+                client.publish(f"s/energy/load/x{message}/m{i}/value", b"1", 1, False, None)
+            client.flush_soon()
+        assert transport.writes == []  # not before the loop iteration ends
+        await asyncio.sleep(0)
+        small = len(transport.writes)
+        for message in range(1000):
+            client.publish(f"s/energy/load/y{message}/m/value", b"2", 1, False, None)
+            client.flush_soon()
+        assert len(transport.writes) > small  # flushed before the long burst's end
+        await asyncio.sleep(0)
+        sizes = [w.count(b"s/energy/load/") for w in transport.writes]
+        assert sum(sizes) == 1050
+        return [small, *sizes]
+
+    small, *sizes = asyncio.run(main())
+    assert small == 1 and sizes[0] == 50
+    assert all(size <= 400 for size in sizes)

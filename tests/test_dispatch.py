@@ -14,7 +14,8 @@ import pytest
 
 from energybus.adapters import Pipeline, create_adapter
 from energybus.commands import CommandRecord
-from energybus.rows import Row
+from energybus.rows import Row, reading_rows
+from energybus.samples import Reading
 from energybus.worker.acks import AckQueue, Entry
 from energybus.worker.availability import Availability
 from energybus.worker.dispatch import Dispatcher
@@ -44,6 +45,9 @@ class FakeBus:
     def flush(self) -> None:
         pass
 
+    def flush_soon(self) -> None:
+        pass
+
     def topics(self) -> list[str]:
         return [p[0] for p in self.published]
 
@@ -55,8 +59,13 @@ class FakeSink:
         self.held: list[Entry] = []
 
     def add(
-        self, rows: Sequence[Row], commands: Sequence[CommandRecord], entry: Entry | None
+        self,
+        readings: Sequence[Reading],
+        commands: Sequence[CommandRecord],
+        entry: Entry | None,
+        rows: Sequence[Row] = (),
     ) -> None:
+        self.rows += [row for reading in readings for row in reading_rows(reading)]
         self.rows += rows
         self.commands += commands
         if entry is not None:

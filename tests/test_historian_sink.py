@@ -83,13 +83,13 @@ def test_database_down_sends_batches_to_the_outbox_then_replays_them_in_order(
         task = asyncio.create_task(sink.run())
         for i in range(1, 7):
             entry = queue.add(i)
-            sink.add([_row(i)], (), entry)
+            sink.add((), (), entry, [_row(i)])
             entry.release()
         assert await sink.flush(5)
         in_outbox = sink.outbox.rows
         assert acked == [1, 2, 3, 4, 5, 6]  # acknowledged once on disk
         historian.down = False
-        sink.add([_row(7)], (), None)
+        sink.add((), (), None, [_row(7)])
         await sink.flush(5)
         for _ in range(200):
             if not sink.outbox and 7.0 in historian.stored:
@@ -114,7 +114,7 @@ def test_full_outbox_holds_the_batch_and_its_acks_until_the_database_returns(
         task = asyncio.create_task(sink.run())
         for i in range(1, 5):
             entry = queue.add(i)
-            sink.add([_row(i)], (), entry)
+            sink.add((), (), entry, [_row(i)])
             entry.release()
         await sink.flush(0.5)
         acked_while_full = list(acked)

@@ -30,6 +30,7 @@ _PINGREQ: Final = b"\xc0\x00"
 _PINGRESP: Final = 0xD0
 _DISCONNECT: Final = 0xE0
 MAX_PACKET_ID: Final = 65535
+_FLUSH_PIECES: Final = 2000  # about 400 publishes, 60 kB of a VEN burst
 
 
 class BusError(Exception):
@@ -264,6 +265,18 @@ class BusClient(asyncio.Protocol):
         if self._out and self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"".join(self._out))
         self._out.clear()
+
+    def flush_soon(self) -> None:
+        """Flush at the end of this loop iteration, or now once ``_FLUSH_PIECES`` pieces
+        are queued. The source hands over a burst of messages in one iteration; one
+        write for the burst costs the kernel (and the broker) one wake-up instead of
+        one per message, and the size bound keeps the first message of a long burst
+        from waiting for the last."""
+        if len(self._out) >= _FLUSH_PIECES:
+            self.flush()
+        elif not self._flush_soon:
+            self._flush_soon = True
+            asyncio.get_running_loop().call_soon(self.flush)
 
     def _take_id(self, token: Any) -> int:
         busy = self._busy

@@ -23,7 +23,8 @@ from energybus.adapters import Pipeline, Rejection
 from energybus.commands import CommandRecord
 from energybus.errors import EnergyBusError
 from energybus.filters import matches
-from energybus.rows import Row, historian_row, reading_rows
+from energybus.rows import Row, historian_row
+from energybus.samples import Reading
 
 from .acks import Entry
 from .availability import Availability
@@ -50,13 +51,19 @@ class Publisher(Protocol):
 
     def flush(self) -> None: ...
 
+    def flush_soon(self) -> None: ...
+
 
 class RowSink(Protocol):
     """The historian side (:class:`~.sink.HistorianSink`): holds ``entry`` until the
-    rows and records are committed or in the outbox."""
+    rows of ``readings`` and ``rows``, and the records, are committed or in the outbox."""
 
     def add(
-        self, rows: Sequence[Row], commands: Sequence[CommandRecord], entry: Entry | None
+        self,
+        readings: Sequence[Reading],
+        commands: Sequence[CommandRecord],
+        entry: Entry | None,
+        rows: Sequence[Row] = (),
     ) -> None: ...
 
 
@@ -251,16 +258,18 @@ class Dispatcher:
                     sent = _CommandSent(entry, pipeline, command_id, self.sink)
                     publish(message.topic, message.payload, message.qos, message.retain, sent)
             else:
-                last = len(messages) - 1
+                # The broker acknowledges QoS 1 publishes in the order it received them
+                # (MQTT 5, 4.6), and a resend keeps that order: the PUBACK of the
+                # message's last QoS 1 publish is also that of every one before it, so
+                # only that publish carries a token.
+                probe = len(messages) - 1
+                while probe >= 0 and not messages[probe].qos:
+                    probe -= 1
                 for index, message in enumerate(messages):
                     token: Any = None
-                    if message.qos:
+                    if index == probe:
                         entry.hold()
-                        token = (
-                            entry
-                            if index < last
-                            else _Probe(entry, born, self.metrics.publish_latency)
-                        )
+                        token = _Probe(entry, born, self.metrics.publish_latency)
                     publish(message.topic, message.payload, message.qos, message.retain, token)
             self.metrics.published.inc(len(messages))
         readings = out.readings
@@ -269,14 +278,13 @@ class Dispatcher:
             samples_out.inc(out.values)
             self.availability.seen(readings, self._publish_availability)
             if sink is not None:
-                rows = [row for reading in readings for row in reading_rows(reading)]
-                sink.add(rows, out.commands, entry)
+                sink.add(readings, out.commands, entry)
         elif out.commands and sink is not None:
             sink.add((), out.commands, entry)
         suppressed = pipeline.take_suppressed()
         if suppressed:
             suppressed_out.inc(suppressed)
-        bus.flush()
+        bus.flush_soon()
         entry.release()
 
     def ingest(self, topic: str, payload: bytes, entry: Entry) -> None:
@@ -294,7 +302,7 @@ class Dispatcher:
             self._fail(entry, "bus", topic, payload)
             return
         if row is not None and self.sink is not None:
-            self.sink.add([row], (), entry)
+            self.sink.add((), (), entry, (row,))
         entry.release()
 
     def on_puback(self, token: Any, reason: int) -> None:

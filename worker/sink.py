@@ -26,6 +26,7 @@ from energybus.historian import (
     encode_batch,
 )
 from energybus.rows import Row
+from energybus.samples import Reading
 
 from .acks import Entry
 from .logs import StateLog
@@ -72,10 +73,16 @@ class HistorianSink:
     # Producer side (called on the event loop, never awaits) -----------------------------
 
     def add(
-        self, rows: Sequence[Row], commands: Sequence[CommandRecord], entry: Entry | None
+        self,
+        readings: Sequence[Reading],
+        commands: Sequence[CommandRecord],
+        entry: Entry | None,
+        rows: Sequence[Row] = (),
     ) -> None:
         current = self._open
         batch = current.batch
+        for reading in readings:
+            batch.add_reading(reading)
         for row in rows:
             batch.add(row)
         batch.commands += commands
