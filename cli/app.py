@@ -16,6 +16,7 @@ COMMANDS: Final = {
     "historian": "energybus.cli.historian:historian",
     "mappings": "energybus.cli.mappings:mappings",
     "normalize": "energybus.cli.normalize:normalize",
+    "retire": "energybus.cli.retire:retire",
     "run": "energybus.cli.run:run",
     "validate": "energybus.cli.validate:validate",
 }

@@ -73,8 +73,9 @@ def check(config_path: str) -> None:
     tls = "tls" if m.tls else "plain tcp"
     out(
         f"mqtt       {m.host}:{m.port} ({tls}, {auth}), MQTT 5, session expiry "
-        f"{m.session_expiry_s} s, receive maximum {m.receive_maximum}, "
-        f"max in flight {m.max_inflight}"
+        f"{m.session_expiry_s} s (source), {config.bus_session_expiry_s} s "
+        f"({'bus ingest' if w.bus_ingest else 'bus, no ingest'}), "
+        f"receive maximum {m.receive_maximum}, max in flight {m.max_inflight}"
     )
     out(f"           {m.client_id}-src subscribes to sources, {m.client_id}-bus publishes")
     for name, filters, commands in plan.adapters:

@@ -37,6 +37,7 @@ def write_config(
         # with must not leave the shared broker queuing canonical values for the rest of
         # the run (restarts inside a test take seconds).
         f"reconnect_min_s = 0.2\nreconnect_max_s = 2\nsession_expiry_s = 120\n"
+        "ingest_session_expiry_s = 120\n"
         f"{historian}{extra}"
     )
     return path

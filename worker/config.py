@@ -44,6 +44,9 @@ __all__ = [
 ]
 
 
+_NEVER = 0xFFFFFFFF
+"""The largest MQTT 5 Session Expiry Interval (four bytes); it means "never"."""
+
 FilePath = Annotated[Path, Strict(False)]
 """A path from a TOML string (strict mode would refuse the conversion)."""
 
@@ -86,8 +89,15 @@ class MqttConfig(_Section):
     password: SecretStr | None = None
     tls: TlsConfig | None = None
     keepalive_s: int = Field(default=30, ge=5, le=3600)
-    session_expiry_s: int = Field(default=7 * 86400, ge=0)
-    """How long the broker keeps the session and queues messages while the worker is away."""
+    session_expiry_s: int = Field(default=7 * 86400, ge=0, le=_NEVER)
+    """How long the broker keeps the source session (``<client_id>-src``: source topics
+    and command filters) and queues source messages while the worker is away."""
+    ingest_session_expiry_s: int = Field(default=3600, ge=0, le=_NEVER)
+    """How long the broker keeps the bus session (``<client_id>-bus``) and queues other
+    publishers' canonical values for the bus ingest while the worker is away. That is the
+    whole bus, and a worker gone for good must not leave the broker hoarding it: an hour
+    covers a restart or an upgrade. Not used when ``worker.bus_ingest`` is empty (the bus
+    connection then keeps no session)."""
     receive_maximum: int = Field(default=2000, ge=1, le=65535)
     """Unacknowledged source messages the broker may send at once (MQTT 5 Receive Maximum)."""
     max_inflight: int = Field(default=20000, ge=1, le=60000)
@@ -168,6 +178,13 @@ class Config:
         if changes:
             self.worker = self.worker.model_copy(update=changes)
         return self
+
+    @property
+    def bus_session_expiry_s(self) -> int:
+        """The session expiry of ``<client_id>-bus``: ``mqtt.ingest_session_expiry_s``, or
+        0 when there is no bus ingest (a connection that only publishes has nothing the
+        broker must keep for it)."""
+        return self.mqtt.ingest_session_expiry_s if self.worker.bus_ingest else 0
 
     def redacted_dsn(self) -> str | None:
         """The DSN without its password, for logs and plans."""

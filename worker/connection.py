@@ -5,6 +5,13 @@ ingest, and reconnect with backoff when it drops.
 subscription, with No Local so that the worker never ingests its own output. Its
 received messages are acknowledged through their own :class:`AckQueue`, which, like a
 source's, waits behind the previous connection's before acknowledging anything.
+
+Its session has an expiry of its own (``mqtt.ingest_session_expiry_s``, an hour by
+default), shorter than the source session's: what waits in it is other publishers'
+canonical values, the whole bus, which a worker gone for good must not leave the broker
+queuing for a week. Without bus ingest it subscribes to nothing, so its session expiry
+is 0 and it starts clean: nothing to keep, and no subscription left over from an earlier
+configuration.
 """
 
 from __future__ import annotations
@@ -32,12 +39,14 @@ class BusConnection:
         *,
         config: MqttConfig,
         ingest_filters: list[str],
+        session_expiry_s: int,
         dispatcher: Dispatcher,
         metrics: Metrics,
         on_ingest: Callable[[Received, Entry], None],
     ) -> None:
         self.config = config
         self.ingest_filters = ingest_filters
+        self.session_expiry_s = session_expiry_s
         self.dispatcher = dispatcher
         self.metrics = metrics
         self.on_ingest = on_ingest
@@ -75,7 +84,8 @@ class BusConnection:
                     password=m.password.get_secret_value() if m.password else None,
                     tls=m.tls.context() if m.tls else None,
                     keepalive=m.keepalive_s,
-                    session_expiry=m.session_expiry_s,
+                    clean_start=self.session_expiry_s == 0,
+                    session_expiry=self.session_expiry_s,
                     receive_maximum=m.receive_maximum,
                 )
                 # Everything published from now on (resends, dead letters of ingested

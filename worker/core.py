@@ -127,6 +127,7 @@ class Worker:
         self.bus = BusConnection(
             config=config.mqtt,
             ingest_filters=plan.ingest,
+            session_expiry_s=config.bus_session_expiry_s,
             dispatcher=self.dispatcher,
             metrics=self.metrics,
             on_ingest=self._ingest,

@@ -1,10 +1,13 @@
 """The MQTT source: the worker's ``<client_id>-src`` connection.
 
 aiomqtt, MQTT 5, a persistent session (so the broker queues what arrives while the
-worker is away) and QoS 1 subscriptions acknowledged by hand: aiomqtt 2.x has no
-manual-ack option, so paho's is reached through the client it wraps (pinned in
-pyproject and held by tests/test_worker_acks.py). The connection also carries the
-worker's retained status topic and its last will, since the broker must see it die.
+worker is away; it keeps it for ``mqtt.session_expiry_s``, a week by default, since what
+waits there is source data the worker must not lose) and QoS 1 subscriptions
+acknowledged by hand: aiomqtt 2.x has no manual-ack option, so paho's is reached through
+the client it wraps (pinned in pyproject and held by tests/test_worker_acks.py). The
+connection also carries the worker's retained status topic and its last will, since the
+broker must see it die (``energybus retire`` reads that status before it drops the
+sessions of a worker that is gone).
 
 It reconnects on its own, whatever the bus connection does: a broker restart is noticed
 at once, even while the bus is down and nothing is being handed over.
