@@ -5,6 +5,8 @@ when missing), run as plain child processes on loopback ports, keep their data u
 project-local run directory, and are stopped by the PID this module recorded: cleanly
 (PostgreSQL with its fast shutdown), or on purpose abruptly with ``crash`` for tests of
 faults. Nothing touches the system's own service instances or their configuration.
+Node-RED, for the benchmark beside it, comes with its own Node.js from the npm registry
+(tools/nodered.py).
 
 Standard library only, so it runs before the project's virtualenv exists::
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -32,6 +35,11 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+try:
+    from tools import nodered
+except ImportError:  # python3 tools/services.py: tools/ itself is sys.path[0]
+    import nodered  # type: ignore[no-redef, import-not-found]
+
 __all__ = [
     "SERVICES",
     "Service",
@@ -45,7 +53,7 @@ __all__ = [
 ]
 
 DEFAULT_RUN_DIR = Path(__file__).resolve().parent.parent / ".run"
-DEFAULT_PORTS = {"mosquitto": 18830, "postgres": 15432, "rabbitmq": 15672}
+DEFAULT_PORTS = {"mosquitto": 18830, "postgres": 15432, "rabbitmq": 15672, "nodered": 18880}
 HOST = "127.0.0.1"
 # How a service is asked to stop cleanly, when not with SIGTERM. PostgreSQL takes SIGTERM
 # as a "smart" shutdown, which waits for every client to disconnect; SIGINT is its fast
@@ -186,16 +194,26 @@ def _start_mosquitto(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes],
     data = _data_dir(run_dir, "mosquitto", "mosquitto")
     log = data / "mosquitto.log"
     conf = data / "mosquitto.conf"
+    # As a production broker would run (docs/worker.md, "Broker settings"). Persistence,
+    # saved every 5 minutes and at a clean stop (SIGTERM): each save rewrites the whole
+    # file, so saving every second rewrites everything queued every second. Queues
+    # bounded per client, whichever bound comes first: 256 MiB is ~40 s of a worker's
+    # source session at 2,000 VEN messages/s of 3 KB (its own canonical output is never
+    # queued for it: No Local); 200,000 canonical values (~30 MB) are 2 s of the whole
+    # bus at that rate for another subscriber. Sessions that ask never to expire go after
+    # 14 days, longer than any session the worker asks for.
     conf.write_text(
         f"listener {port} {HOST}\n"
         "allow_anonymous true\n"
         "persistence true\n"
         f"persistence_location {data}/\n"
-        "autosave_interval 1\n"
+        "autosave_interval 300\n"
         f"log_dest file {log}\n"
         "log_type error\nlog_type warning\nlog_type notice\n"
-        "max_queued_messages 1000000\n"
+        "max_queued_messages 200000\n"
+        "max_queued_bytes 268435456\n"
         "max_inflight_messages 0\n"
+        "persistent_client_expiration 14d\n"
     )
     process = subprocess.Popen(
         [binary, "-c", str(conf)],
@@ -321,6 +339,8 @@ SERVICES: dict[str, Callable[[Path, int], tuple[subprocess.Popen[bytes], str]]] 
     "mosquitto": _start_mosquitto,
     "postgres": _start_postgres,
     "rabbitmq": _start_rabbitmq,
+    # Node.js and Node-RED from npm, for the benchmark beside Node-RED (tools/nodered.py).
+    "nodered": functools.partial(nodered.start_nodered, error=ServiceError),
 }
 
 
