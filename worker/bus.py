@@ -30,7 +30,8 @@ _PINGREQ: Final = b"\xc0\x00"
 _PINGRESP: Final = 0xD0
 _DISCONNECT: Final = 0xE0
 MAX_PACKET_ID: Final = 65535
-_FLUSH_PIECES: Final = 2000  # about 400 publishes, 60 kB of a VEN burst
+_FLUSH_PIECES: Final = 8000  # about 1,600 publishes, some 240 kB of VEN output
+_FLUSH_DELAY_S: Final = 0.005
 
 
 class BusError(Exception):
@@ -267,16 +268,19 @@ class BusClient(asyncio.Protocol):
         self._out.clear()
 
     def flush_soon(self) -> None:
-        """Flush at the end of this loop iteration, or now once ``_FLUSH_PIECES`` pieces
-        are queued. The source hands over a burst of messages in one iteration; one
-        write for the burst costs the kernel (and the broker) one wake-up instead of
-        one per message, and the size bound keeps the first message of a long burst
-        from waiting for the last."""
+        """Flush within ``_FLUSH_DELAY_S``, or now once ``_FLUSH_PIECES`` pieces are queued.
+
+        Measured here (a 2-core VM, broker on loopback), one write costs about 100 µs
+        whatever its size up to tens of kB: mostly waking the broker, not copying bytes.
+        One write per source message was a quarter of the worker's CPU at 1,000 VEN
+        messages/s; writing every 5 ms instead puts several messages in one write. The
+        size bound keeps a burst from waiting for its end.
+        """
         if len(self._out) >= _FLUSH_PIECES:
             self.flush()
         elif not self._flush_soon:
             self._flush_soon = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            asyncio.get_running_loop().call_later(_FLUSH_DELAY_S, self.flush)
 
     def _take_id(self, token: Any) -> int:
         busy = self._busy
