@@ -200,7 +200,20 @@ def main() -> None:
         choices=["validate", "render", "startup", "admission", "ven", "cpi", "worker", "historian"],
     )
     parser.add_argument(
-        "--rates", default="500,1000,1500", help="worker: VEN messages/s to try, comma-separated"
+        "--rates",
+        default="500,1000,1500,2000,2500",
+        help="worker: VEN messages/s to try, comma-separated",
+    )
+    parser.add_argument(
+        "--modes",
+        default="historian,bus,nodered",
+        help="worker: which of historian, bus, nodered to run at each rate",
+    )
+    parser.add_argument(
+        "--drain", type=float, default=60.0, help="worker: seconds to wait for the output"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="also append each figure as a JSON line to this file"
     )
     parser.add_argument("--seconds", type=float, default=5.0, help="time per throughput figure")
     parser.add_argument("--runs", type=int, default=41, help="process starts per start-up figure")
@@ -216,14 +229,23 @@ def main() -> None:
         "admission": lambda: bench_admission(args.seconds),
         "ven": lambda: bench_ven(args.seconds, _rate),
         "cpi": lambda: bench_cpi(args.seconds, _rate),
-        "worker": lambda: bench_worker([int(r) for r in args.rates.split(",")], 4 * args.seconds),
+        "worker": lambda: bench_worker(
+            [int(r) for r in args.rates.split(",")],
+            4 * args.seconds,
+            args.drain,
+            args.modes.split(","),
+        ),
         "historian": lambda: bench_historian(),
     }
     for name, run in figures.items():
         if args.only in (None, name):
             result = run()
             for figure in result if isinstance(result, list) else [result]:
-                print(json.dumps({"benchmark": name, "cores": cores, **figure}), flush=True)
+                line = json.dumps({"benchmark": name, "machine_cores": cores, **figure})
+                print(line, flush=True)
+                if args.out is not None:
+                    with args.out.open("a") as out:
+                        out.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+"""The load generator, a process of its own so that its CPU is counted apart.
+
+Publishes VEN metering messages (10 circuits, 10 loads) on ``volttron/metering`` at QoS 1
+at a fixed rate: each message from one of 200 VENs, with its own timestamp (the publish
+time, which is what latency is measured from) and new circuit readings. Prints the
+number sent, the time it took and its own CPU time as JSON once every publish has its
+PUBACK.
+
+    python -m benchmarks.load --port 1883 --rate 1000 --seconds 20 --tag run-1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from benchmarks.adapters import ven_messages
+
+
+def template() -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(ven_messages(1, circuits=10)[0])
+    return body
+
+
+def publish_at(port: int, rate: int, seconds: float, tag: str) -> tuple[int, float]:
+    """Messages sent, and the seconds from the first publish to the last PUBACK."""
+    body = template()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-load-{tag}")
+    client.max_inflight_messages_set(0)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    rnd = random.Random(rate)
+    sent = 0
+    start = time.perf_counter()
+    infos = []
+    while True:
+        now = time.perf_counter()
+        if now - start >= seconds:
+            break
+        due = int((now - start) * rate)
+        while sent < due:
+            body["venId"] = f"ven-{tag}-{sent % 200}"
+            body["timestamp"] = time.time()
+            for circuit in body["circuits"]:
+                circuit["currentKw"] = round(rnd.uniform(0, 8), 3)
+            infos.append(client.publish("volttron/metering", json.dumps(body), qos=1))
+            sent += 1
+        time.sleep(0.001)
+    for info in infos:
+        info.wait_for_publish(120)
+    elapsed = time.perf_counter() - start
+    client.loop_stop()
+    client.disconnect()
+    return sent, elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--rate", type=int, required=True)
+    parser.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("--tag", required=True)
+    args = parser.parse_args()
+    sent, elapsed = publish_at(args.port, args.rate, args.seconds, args.tag)
+    cpu = time.process_time()  # this process's CPU, import and all: it is counted apart
+    print(json.dumps({"sent": sent, "seconds": elapsed, "cpu_seconds": cpu}))
+
+
+if __name__ == "__main__":
+    main()
