@@ -1,17 +1,12 @@
-"""Acknowledgement: the ack queue's order, and paho's manual ack under aiomqtt (pinned)."""
+"""Acknowledgement: the ack queue's order, and manual acknowledgement against a real broker."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 
-import aiomqtt
-import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
 from energybus.worker.acks import AckQueue
+from energybus.worker.bus import BusClient, Received
 from tests.workers import publish
 from tools.services import Service
 
@@ -42,61 +37,45 @@ def test_a_new_queue_waits_for_the_old_one() -> None:
     assert old_sent == [7] and new_sent == [1]
 
 
-def _client(service: Service, identifier: str) -> aiomqtt.Client:
-    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    properties.SessionExpiryInterval = 300
-    client = aiomqtt.Client(
-        service.host,
-        service.port,
-        identifier=identifier,
-        protocol=aiomqtt.ProtocolVersion.V5,
-        clean_start=False,
-        properties=properties,
+async def _session(
+    service: Service, identifier: str, topic: str, *, ack: bool, wait: float = 1.0
+) -> list[bytes]:
+    """One connection of a persistent session: what it receives in ``wait`` seconds,
+    acknowledged by hand or not at all."""
+    got: list[bytes] = []
+    client: BusClient
+
+    def on_message(message: Received) -> None:
+        got.append(message.payload)
+        if ack:
+            client.ack(message.packet_id)
+
+    client = BusClient(on_message=on_message, on_puback=lambda *_: None)
+    await client.connect(
+        host=service.host, port=service.port, client_id=identifier, session_expiry=300
     )
-    client._client.manual_ack_set(True)
-    return client
-
-
-async def _receive(client: aiomqtt.Client, timeout: float) -> list[aiomqtt.Message]:
-    got: list[aiomqtt.Message] = []
-
-    async def take() -> None:
-        # A loop, not a comprehension: the iterator never ends, and the messages taken
-        # before the timeout are the result.
-        async for message in client.messages:
-            got.append(message)  # noqa: PERF401
-
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(take(), timeout)
+    await client.subscribe([topic], no_local=False)
+    await asyncio.sleep(wait)
+    if not ack:
+        client.abort()  # no DISCONNECT either: as a crash would leave it
+        await asyncio.shield(client.closed)
+    else:
+        await client.disconnect()
     return got
 
 
-@pytest.mark.services
-def test_paho_manual_ack_under_aiomqtt_redelivers_only_what_was_not_acked(
-    mosquitto: Service,
-) -> None:
-    """The worker relies on exactly this; a change in aiomqtt or paho shows up here."""
+def test_manual_ack_redelivers_only_what_was_not_acked(mosquitto: Service) -> None:
+    """The worker relies on exactly this for its source connection (worker/bus.py)."""
     identifier = f"ack-{uuid.uuid4().hex[:8]}"
     topic = f"acktest/{identifier}"
 
     async def main() -> tuple[list[bytes], list[bytes], list[bytes]]:
-        async with _client(mosquitto, identifier) as client:
-            await client.subscribe(topic, qos=1)
+        await _session(mosquitto, identifier, topic, ack=True, wait=0)
         publish(mosquitto, [(topic, b"one"), (topic, b"two")])
-        async with _client(mosquitto, identifier) as client:
-            first = await _receive(client, 1.0)  # received, never acknowledged
-        async with _client(mosquitto, identifier) as client:
-            second = await _receive(client, 1.0)
-            for message in second:
-                client._client.ack(message.mid, 1)
-            await asyncio.sleep(0.2)
-        async with _client(mosquitto, identifier) as client:
-            third = await _receive(client, 1.0)
-        return (
-            [bytes(m.payload) for m in first],
-            [bytes(m.payload) for m in second],
-            [bytes(m.payload) for m in third],
-        )
+        first = await _session(mosquitto, identifier, topic, ack=False)  # never acknowledged
+        second = await _session(mosquitto, identifier, topic, ack=True)
+        third = await _session(mosquitto, identifier, topic, ack=True)
+        return first, second, third
 
     first, second, third = asyncio.run(main())
     assert first == [b"one", b"two"]

@@ -1,14 +1,17 @@
-"""The bus connection: a small MQTT 5 client built for the publish hot path.
+"""The worker's MQTT 5 client, for both of its connections, built for the hot path.
 
-Why not paho under aiomqtt for this: measured here, paho's ``publish`` at QoS 1 moves
-about 23,000 messages/s at best (one socketpair wake-up and one ``send`` per message,
-several objects per message), while one VEN message becomes about 100 QoS 1 publishes.
-This client encodes PUBLISH packets into one buffer per source message and hands it to
-the transport in one write, tracks packet ids in a flat table, and lets the caller
-acknowledge received messages itself. It speaks just what the worker needs: CONNECT
-(session expiry, receive maximum, will), SUBSCRIBE with No Local (so the worker does
-not ingest its own canonical publishes), PUBLISH and PUBACK both ways, PINGREQ, DISCONNECT.
-QoS 2 is never requested, so never received.
+Why not paho under aiomqtt: measured here, paho's ``publish`` at QoS 1 moves about
+23,000 messages/s at best (one socketpair wake-up and one ``send`` per message, several
+objects per message), while one VEN message becomes about 100 QoS 1 publishes; and on
+the receiving side paho builds a ``Properties`` object per PUBLISH and a message-info
+object with a ``threading.Condition`` per acknowledgement (a quarter of the worker's CPU
+at 1,500 VEN messages/s, docs/worker.md). This client encodes PUBLISH packets into one
+buffer for many messages and hands it to the transport in one write, tracks packet ids
+in a flat table, parses received PUBLISH packets from the buffer they arrived in, and
+lets the caller acknowledge received messages itself. It speaks just what the worker
+needs: CONNECT (clean start, session expiry, receive maximum, will), SUBSCRIBE with
+No Local, Retain As Published and Retain Handling, PUBLISH and PUBACK both ways,
+PINGREQ, DISCONNECT. QoS 2 is never requested, so never received.
 """
 
 from __future__ import annotations
@@ -168,12 +171,25 @@ class BusClient(asyncio.Protocol):
         if keepalive:
             self._ping_task = loop.create_task(self._ping(keepalive))
 
-    async def subscribe(self, filters: list[str], *, no_local: bool = True) -> None:
-        """Subscribe at QoS 1; raises :class:`BusError` when the broker refuses a filter."""
+    async def subscribe(
+        self,
+        filters: list[str],
+        *,
+        no_local: bool = True,
+        retain_as_published: bool = False,
+        retain_handling: int = 0,
+    ) -> None:
+        """Subscribe at QoS 1 with MQTT 5's subscription options; raises
+        :class:`BusError` when the broker refuses a filter."""
         if not filters:
             return
         packet_id = self._take_id(None)
-        options = 0x01 | (0x04 if no_local else 0)
+        options = (
+            0x01
+            | (0x04 if no_local else 0)
+            | (0x08 if retain_as_published else 0)
+            | (retain_handling & 0x03) << 4
+        )
         body = packet_id.to_bytes(2, "big") + b"\x00"
         for topic_filter in filters:
             body += _string(topic_filter.encode()) + bytes([options])
@@ -195,6 +211,17 @@ class BusClient(asyncio.Protocol):
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
+
+    def pause_reading(self) -> None:
+        """Read nothing more until :meth:`resume_reading`: the broker's sends back up in
+        TCP. The keep-alive check waits too (the broker is not silent, just unread)."""
+        if self._transport is not None and self._transport.is_reading():
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None and not self._transport.is_reading():
+            self._heard = asyncio.get_running_loop().time()
+            self._transport.resume_reading()
 
     # Publishing -------------------------------------------------------------------------
 
@@ -416,7 +443,10 @@ class BusClient(asyncio.Protocol):
         self._heard = loop.time()
         while self._alive and self._transport is not None:
             await asyncio.sleep(keepalive / 2)
-            if loop.time() - self._heard > keepalive * 1.5:
+            reading = self._transport.is_reading() if self._transport is not None else False
+            if not reading:
+                self._heard = loop.time()
+            elif loop.time() - self._heard > keepalive * 1.5:
                 self.connection_lost(BusError("broker silent past the keep-alive"))
                 self.abort()
                 return
