@@ -9,12 +9,20 @@ from pathlib import Path
 import pytest
 
 from energybus.historian import Batch, Outbox, OutboxFull, WriteResult, decode_batch, encode_batch
+from energybus.render import DEFAULT_SPEC
 from energybus.rows import MeasurementRow
+from energybus.samples import Reading
 from energybus.worker.acks import AckQueue
 from energybus.worker.metrics import Metrics
 from energybus.worker.sink import HistorianSink
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def _reading(i: int) -> Reading:
+    """The same sample as :func:`_row`, as the worker hands it over."""
+    at = T0 + timedelta(seconds=i)
+    return Reading("s", "load", "a", at, "good", [("active_power", float(i), "W", DEFAULT_SPEC)])
 
 
 def _row(i: int) -> MeasurementRow:
@@ -83,13 +91,22 @@ def test_database_down_sends_batches_to_the_outbox_then_replays_them_in_order(
         task = asyncio.create_task(sink.run())
         for i in range(1, 7):
             entry = queue.add(i)
-            sink.add((), (), entry, [_row(i)])
+            if i % 2:
+                sink.add((), (), entry, [_row(i)])  # a row, as the bus ingest gives
+            else:
+                sink.add([_reading(i)], (), entry)  # a reading, as an adapter gives
             entry.release()
         assert await sink.flush(5)
         in_outbox = sink.outbox.rows
         assert acked == [1, 2, 3, 4, 5, 6]  # acknowledged once on disk
+        head = sink.outbox.head()
+        assert head is not None
+        assert decode_batch(head[2]).measurements == [
+            ("s", "load.a", "active_power", 1.0, T0 + timedelta(seconds=1), "good"),
+            ("s", "load.a", "active_power", 2.0, T0 + timedelta(seconds=2), "good"),
+        ]  # the reading is in the outbox as its row
         historian.down = False
-        sink.add((), (), None, [_row(7)])
+        sink.add([_reading(7)], (), None)
         await sink.flush(5)
         for _ in range(200):
             if not sink.outbox and 7.0 in historian.stored:

@@ -62,6 +62,10 @@ def _string(value: bytes) -> bytes:
 
 
 _LENGTHS: Final = [_varint(n) for n in range(16384)]
+_HEADS: Final = [b"\x32" + length for length in _LENGTHS]
+"""Fixed headers of QoS 1 PUBLISH packets by remaining length (retain off, then on)."""
+_HEADS_RETAIN: Final = [b"\x33" + length for length in _LENGTHS]
+_PACKET_IDS: Final = [n.to_bytes(2, "big") for n in range(MAX_PACKET_ID + 1)]
 
 
 class Received:
@@ -248,14 +252,23 @@ class BusClient(asyncio.Protocol):
                 self._topics.clear()
             encoded = self._topics[topic] = _string(topic.encode())
         if qos:
-            packet_id = self._take_id(token)
+            # _take_id inline, and the fixed header and packet id from tables: this runs
+            # for every sample's value and last.
+            busy = self._busy
+            packet_id = self._next_id
+            while busy[packet_id]:
+                packet_id = packet_id + 1 if packet_id < MAX_PACKET_ID else 1
+            busy[packet_id] = 1
+            self._tokens[packet_id] = token
+            self._next_id = packet_id + 1 if packet_id < MAX_PACKET_ID else 1
             self._sent[packet_id] = (topic, payload, retain)
             self.inflight += 1
             length = len(encoded) + 3 + len(payload)
-            head = bytes((0x32 | retain,)) + (
-                _LENGTHS[length] if length < 16384 else _varint(length)
-            )
-            self._out += (head, encoded, packet_id.to_bytes(2, "big"), b"\x00", payload)
+            if length < 16384:
+                head = (_HEADS_RETAIN if retain else _HEADS)[length]
+            else:
+                head = bytes((0x32 | retain,)) + _varint(length)
+            self._out += (head, encoded, _PACKET_IDS[packet_id], b"\x00", payload)
         else:
             length = len(encoded) + 1 + len(payload)
             head = bytes((0x30 | retain,)) + (
@@ -355,6 +368,18 @@ class BusClient(asyncio.Protocol):
         try:
             while end - pos >= 2:
                 kind = view[pos]
+                if kind == _PUBACK and view[pos + 1] == 2 and end - pos >= 4:
+                    # A PUBACK with no reason code: success, the bulk of what arrives.
+                    packet_id = (view[pos + 2] << 8) | view[pos + 3]
+                    pos += 4
+                    if busy[packet_id]:
+                        busy[packet_id] = 0
+                        acked += 1
+                        token = tokens[packet_id]
+                        if token is not None:
+                            tokens[packet_id] = None
+                            on_puback(token, 0)
+                    continue
                 # Remaining length: 1 to 4 bytes.
                 length = 0
                 shift = 0
