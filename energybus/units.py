@@ -162,9 +162,15 @@ class Conversion:
                 # which doubles keep apart. Otherwise go through the decimal text.
                 scaled = value * scale
                 if -1e12 < scaled < 1e12:
-                    whole = round(scaled)
-                    if whole / scale == value:
-                        return float(whole)
+                    if scaled.is_integer():
+                        # Already whole (1.5 kW): no round() and int on the way. + 0.0
+                        # makes -0.0 the 0.0 that the path below gives.
+                        if scaled / scale == value:
+                            return scaled + 0.0
+                    else:
+                        whole = round(scaled)
+                        if whole / scale == value:
+                            return float(whole)
                 text = repr(value)
                 if "e" not in text:
                     return _finite(float(text + suffix))
