@@ -28,8 +28,9 @@ def template() -> dict[str, Any]:
     return body
 
 
-def publish_at(port: int, rate: int, seconds: float, tag: str) -> tuple[int, float]:
-    """Messages sent, and the seconds from the first publish to the last PUBACK."""
+def publish_at(port: int, rate: int, seconds: float, tag: str) -> tuple[int, float, float]:
+    """Messages sent, the seconds from the first publish to the last PUBACK, and the
+    wall-clock time of the first publish."""
     body = template()
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-load-{tag}")
     client.max_inflight_messages_set(0)
@@ -38,6 +39,7 @@ def publish_at(port: int, rate: int, seconds: float, tag: str) -> tuple[int, flo
     client.loop_start()
     rnd = random.Random(rate)
     sent = 0
+    started_at = time.time()
     start = time.perf_counter()
     infos = []
     while True:
@@ -58,7 +60,7 @@ def publish_at(port: int, rate: int, seconds: float, tag: str) -> tuple[int, flo
     elapsed = time.perf_counter() - start
     client.loop_stop()
     client.disconnect()
-    return sent, elapsed
+    return sent, elapsed, started_at
 
 
 def main() -> None:
@@ -68,9 +70,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--tag", required=True)
     args = parser.parse_args()
-    sent, elapsed = publish_at(args.port, args.rate, args.seconds, args.tag)
+    sent, elapsed, started_at = publish_at(args.port, args.rate, args.seconds, args.tag)
     cpu = time.process_time()  # this process's CPU, import and all: it is counted apart
-    print(json.dumps({"sent": sent, "seconds": elapsed, "cpu_seconds": cpu}))
+    report = {"sent": sent, "seconds": elapsed, "started_at": started_at, "cpu_seconds": cpu}
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

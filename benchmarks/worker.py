@@ -90,6 +90,9 @@ class _BusMeter:
         self.port = port
         self.topic = f"{site}/energy/storage/+/soc/last"
         self.latencies: list[float] = []
+        self.last_arrival = 0.0
+        """Wall-clock time of the latest arrival: with the first publish's, the span
+        over which the output was delivered."""
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
@@ -126,6 +129,7 @@ class _BusMeter:
             text = message.payload[at + 15 : message.payload.index(b'"', at + 15)].decode()
             observed = datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
             latencies.append(now - observed)
+            self.last_arrival = now
 
         client = BusClient(on_message=on_message, on_puback=lambda *_: None)
         await client.connect(
@@ -267,6 +271,7 @@ def _run_one(
             worker.stop()
             bus_latency = _percentiles(meter.latencies)
             on_bus = meter.count
+            span = meter.last_arrival - float(report["started_at"])
         if mode == "nodered":
             _undeploy(nodered)
         else:
@@ -297,6 +302,9 @@ def _run_one(
             "messages_sent": sent,
             "messages_per_second": round(sent / published),
             "samples_per_second": round(samples / published),
+            # What came out, over the span from the first publish to the last arrival:
+            # below the offered rate when the output lagged or was lost.
+            "delivered_messages_per_second": round(on_bus / span) if span > 0 else None,
             "drained_s": round(waited, 2) if drained else None,
             "not_drained_after_s": None if drained else round(waited, 1),
             "restarted_to_drain": restarted,
