@@ -389,6 +389,7 @@ class _Group:
         "interned",
         "key",
         "nfields",
+        "plain",
         "template",
         "type",
     )
@@ -409,6 +410,8 @@ class _Group:
         self.attributes = [(name, c.fast() if c else None, f) for name, c, f in attributes]
         self.nfields = len(fields)
         self.gid = gid
+        self.plain = all(row[6] is None for row in self.hot)
+        """No transform in the group: its values take :func:`_plain_values`."""
         self.interned: dict[tuple[Any, ...], SeriesSpec] = {}
         """Specs with attributes, one object per distinct content across devices: the
         renderer tells a series' spec unchanged by identity, and entities that several
@@ -590,10 +593,10 @@ class Entities:
                 static = values[group.nfields :]
                 cache = caches[group.gid]
                 hot = cache.get(static) or group.specs(static, cache, None, 0)
-            out = _values(values, hot, errors, None, 0)
+            out = (_plain_values if group.plain else _values)(values, hot, errors, None, 0)
             if out:
                 readings.append(Reading(site, group.type, entity_id, observed, quality, out))
-        add, values_of, reading = readings.append, _values, Reading  # locals: per item
+        add, reading = readings.append, Reading  # locals: per item
         for ai, (each, attr, key_attr, groups) in enumerate(self.arrays):
             items = getattr(message, attr)
             if not items:
@@ -601,7 +604,15 @@ class Entities:
             ids = context.item_ids[ai]
             # What the loop reads of each group, once per message rather than per item.
             plan = [
-                (g.get, g.hot, g.nfields if g.attributes else -1, caches[g.gid], g.type, g)
+                (
+                    g.get,
+                    g.hot,
+                    g.nfields if g.attributes else -1,
+                    caches[g.gid],
+                    g.type,
+                    g,
+                    _plain_values if g.plain else _values,
+                )
                 for g in groups
             ]
             for index, item in enumerate(items):
@@ -609,7 +620,7 @@ class Entities:
                 entity_id = ids.get(key) or _item_id(
                     context, ids, groups[0].template, key, each, index
                 )
-                for get, hot, nfields, cache, entity_type, group in plan:
+                for get, hot, nfields, cache, entity_type, group, values_of in plan:
                     values = get(item)
                     if nfields >= 0:
                         static = values[nfields:]
@@ -648,6 +659,33 @@ def _values(
             continue
         if lo <= value <= hi:
             add((metric, value, unit, spec))
+        else:
+            errors.append(_implausible(metric, lo, hi, unit, _path(each, index, name)))
+    return out
+
+
+def _plain_values(
+    values: Sequence[Any],
+    hot: list[Hot],
+    errors: list[SourceError],
+    each: str | None,
+    index: int,
+) -> list[Value]:
+    """:func:`_values` for a group without transforms (lookup, enum, bits): numbers,
+    booleans and unit conversions only, the common case, without the test for one."""
+    out: list[Value] = []
+    add = out.append
+    for raw, (metric, convert, unit, spec, lo, hi, _, name) in zip(values, hot):  # noqa: B905
+        if raw is None:
+            continue
+        if convert is not None:
+            try:
+                raw = convert(raw)
+            except EnergyBusError as error:
+                errors.append(refuse(error, _path(each, index, name)))
+                continue
+        if lo <= raw <= hi:
+            add((metric, raw, unit, spec))
         else:
             errors.append(_implausible(metric, lo, hi, unit, _path(each, index, name)))
     return out

@@ -124,6 +124,11 @@ class _Series:
         self.last_min_interval = timedelta(0)
 
 
+def _at(values: Sequence[object], entry: object) -> int:
+    """The index of ``entry`` in ``values``, by identity (a refused value's place)."""
+    return next(i for i, item in enumerate(values) if item is entry)
+
+
 class Renderer:
     """Renders samples to messages, remembering per series what it already said.
 
@@ -215,7 +220,9 @@ class Renderer:
             except PayloadError as error:
                 return [(index, error) for index in range(len(values))]
         series_of = self._series
-        for index, (metric, value, unit, spec) in enumerate(values):
+        # No enumerate: a value's index is wanted only when it is refused (_at).
+        for entry in values:
+            metric, value, unit, spec = entry
             kind = type(value)
             scalar = _encode(value) if kind is float or kind is int or kind is bool else b"null"
             if scalar == b"null":
@@ -223,11 +230,11 @@ class Renderer:
                     encode_scalar(value)  # raises the error that says why
                 except EnergyBusError as error:
                     refused = refused or []
-                    refused.append((index, error))
+                    refused.append((_at(values, entry), error))
                     continue
             if kind is int and not -_MAX_DOUBLE <= value <= _MAX_DOUBLE:
                 refused = refused or []
-                refused.append((index, PayloadError("non_finite", _BEYOND_DOUBLE)))
+                refused.append((_at(values, entry), PayloadError("non_finite", _BEYOND_DOUBLE)))
                 continue
             key = (site, entity_type, entity_id, metric)
             series = series_of.get(key)
@@ -236,7 +243,7 @@ class Renderer:
                     series = _Series(key)
                 except EnergyBusError as error:  # ids too long or malformed for a topic
                     refused = refused or []
-                    refused.append((index, error))
+                    refused.append((_at(values, entry), error))
                     continue
                 series_of[key] = series
             if series.spec is not spec:
