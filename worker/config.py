@@ -98,6 +98,20 @@ class MqttConfig(_Section):
     whole bus, and a worker gone for good must not leave the broker hoarding it: an hour
     covers a restart or an upgrade. Not used when ``worker.bus_ingest`` is empty (the bus
     connection then keeps no session)."""
+
+    def broker(self) -> dict[str, Any]:
+        """Where and as whom every connection of the worker (and ``retire``) connects:
+        the keyword arguments of :meth:`BusClient.connect` that do not depend on which
+        connection it is."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "username": self.username,
+            "password": self.password.get_secret_value() if self.password else None,
+            "tls": self.tls.context() if self.tls else None,
+            "keepalive": self.keepalive_s,
+        }
+
     receive_maximum: int = Field(default=2000, ge=1, le=65535)
     """Unacknowledged source messages the broker may send at once (MQTT 5 Receive Maximum)."""
     max_inflight: int = Field(default=20000, ge=1, le=60000)

@@ -77,13 +77,8 @@ class BusConnection:
             self._acks = acks
             try:
                 await client.connect(
-                    host=m.host,
-                    port=m.port,
+                    **m.broker(),
                     client_id=f"{m.client_id}-bus",
-                    username=m.username,
-                    password=m.password.get_secret_value() if m.password else None,
-                    tls=m.tls.context() if m.tls else None,
-                    keepalive=m.keepalive_s,
                     clean_start=self.session_expiry_s == 0,
                     session_expiry=self.session_expiry_s,
                     receive_maximum=m.receive_maximum,

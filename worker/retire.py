@@ -109,13 +109,8 @@ class _Connection:
         m = self.config.mqtt
         try:
             await self.client.connect(
-                host=m.host,
-                port=m.port,
+                **m.broker(),
                 client_id=self.client_id,
-                username=m.username,
-                password=m.password.get_secret_value() if m.password else None,
-                tls=m.tls.context() if m.tls else None,
-                keepalive=m.keepalive_s,
                 clean_start=clean_start,
                 session_expiry=0,
                 timeout=timeout,

@@ -106,13 +106,8 @@ class MqttSource(Source):
             acks = AckQueue(client.ack)
             try:
                 await client.connect(
-                    host=m.host,
-                    port=m.port,
+                    **m.broker(),
                     client_id=f"{m.client_id}-src",
-                    username=m.username,
-                    password=m.password.get_secret_value() if m.password else None,
-                    tls=m.tls.context() if m.tls else None,
-                    keepalive=m.keepalive_s,
                     session_expiry=m.session_expiry_s,
                     receive_maximum=m.receive_maximum,
                     will=(self.status_topic, b"offline", 1, True),
