@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -38,6 +39,19 @@ async def _drop(postgres: Service, dsn: str) -> None:
         await admin.execute(f"DROP DATABASE IF EXISTS {dsn.rsplit('/', 1)[1]} WITH (FORCE)")
     finally:
         await admin.close()
+
+
+def _in_fresh_database(postgres: Service, scenario: Callable[[str], Awaitable[None]]) -> None:
+    """Run ``scenario`` against a database of its own, dropped afterwards."""
+
+    async def main() -> None:
+        dsn = await _fresh_database(postgres)
+        try:
+            await scenario(dsn)
+        finally:
+            await _drop(postgres, dsn)
+
+    asyncio.run(main())
 
 
 async def _at_version(dsn: str, version: int) -> None:
@@ -78,13 +92,6 @@ async def _version_one(dsn: str) -> None:
 def test_a_version_one_database_is_refused_clearly_then_migrated_without_loss(
     postgres: Service,
 ) -> None:
-    async def main() -> None:
-        dsn = await _fresh_database(postgres)
-        try:
-            await scenario(dsn)
-        finally:
-            await _drop(postgres, dsn)
-
     async def scenario(dsn: str) -> None:
         await _version_one(dsn)
         historian = Historian(dsn)
@@ -124,20 +131,16 @@ def test_a_version_one_database_is_refused_clearly_then_migrated_without_loss(
             ("old-1", "confirmed", None, "2000"),
         ]
 
-    asyncio.run(main())
+    _in_fresh_database(postgres, scenario)
 
 
 def test_a_database_without_the_schema_is_behind_too(postgres: Service) -> None:
-    async def main() -> None:
-        dsn = await _fresh_database(postgres)
-        try:
-            with pytest.raises(SchemaBehind) as behind:
-                await Historian(dsn).connect()
-            assert behind.value.current == 0
-        finally:
-            await _drop(postgres, dsn)
+    async def scenario(dsn: str) -> None:
+        with pytest.raises(SchemaBehind) as behind:
+            await Historian(dsn).connect()
+        assert behind.value.current == 0
 
-    asyncio.run(main())
+    _in_fresh_database(postgres, scenario)
 
 
 # Rows a version-2 historian holds: two sites, two months, every quality, a device
@@ -194,13 +197,6 @@ async def _answers(conn: asyncpg.Connection[asyncpg.Record]) -> dict[str, list[t
 def test_a_version_two_historian_migrates_to_series_keys_without_losing_a_row(
     postgres: Service,
 ) -> None:
-    async def main() -> None:
-        dsn = await _fresh_database(postgres)
-        try:
-            await scenario(dsn)
-        finally:
-            await _drop(postgres, dsn)
-
     async def scenario(dsn: str) -> None:
         await _at_version(dsn, 2)
         measurements, counters = _v2_rows()
@@ -279,4 +275,4 @@ def test_a_version_two_historian_migrates_to_series_keys_without_losing_a_row(
         assert [tuple(r) for r in stored] == [("load.c-0", 1.0, "good"), ("load.new", 3.0, "stale")]
         assert unchanged == 0
 
-    asyncio.run(main())
+    _in_fresh_database(postgres, scenario)
