@@ -2,9 +2,9 @@
 
 A component is a process and everything it started: the worker, Mosquitto, the
 PostgreSQL server with its backends, Node-RED, the load generator. Its CPU time is the
-user and system time of every live process of its tree, plus what the root has
+user and system time of every live process of its tree, plus what each of them has
 collected from children that already exited (``cutime``/``cstime``): a PostgreSQL
-backend that ends within the window is counted too.
+backend that ends within the window is counted too, in its postmaster's.
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ def tree_seconds(root: int) -> float:
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
-    fields = table[root][1]
-    ticks = int(fields[13]) + int(fields[14])  # cutime, cstime: reaped descendants
+    ticks = 0
     stack = [root]
     while stack:
         pid = stack.pop()
         rest = table[pid][1]
-        ticks += int(rest[11]) + int(rest[12])  # utime, stime
+        # utime and stime, then cutime and cstime: what the children this process
+        # reaped had used (a PostgreSQL backend that ended is in the postmaster's).
+        ticks += int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])
         stack.extend(children.get(pid, ()))
     return ticks / _TICK
 
