@@ -143,15 +143,15 @@ def test_a_database_without_the_schema_is_behind_too(postgres: Service) -> None:
     _in_fresh_database(postgres, scenario)
 
 
-# Rows a version-2 historian holds: two sites, two months, every quality, a device
-# whose counter resets and rolls over, and one declared wrap.
+# Rows a version-1 historian holds (version 2 kept its sample tables): two sites, two
+# months, every quality, a device whose counter resets and rolls over, a declared wrap.
 _MONTH_EDGE = datetime(2026, 11, 30, 23, 30, tzinfo=UTC)
 
 
-_V2Row = tuple[str, str, str, datetime, float, str]
+_WideRow = tuple[str, str, str, datetime, float, str]
 
 
-def _v2_rows() -> tuple[list[_V2Row], list[_V2Row]]:
+def _wide_rows() -> tuple[list[_WideRow], list[_WideRow]]:
     qualities = ["good", "degraded", "stale", "bad"]
     measurements = [
         (site, f"load.c-{c}", metric, _MONTH_EDGE + timedelta(minutes=15 * i),
@@ -194,12 +194,12 @@ async def _answers(conn: asyncpg.Connection[asyncpg.Record]) -> dict[str, list[t
     return answers
 
 
-def test_a_version_two_historian_migrates_to_series_keys_without_losing_a_row(
+def test_a_version_one_historian_migrates_to_series_keys_without_losing_a_row(
     postgres: Service,
 ) -> None:
     async def scenario(dsn: str) -> None:
-        await _at_version(dsn, 2)
-        measurements, counters = _v2_rows()
+        await _at_version(dsn, 1)
+        measurements, counters = _wide_rows()
         conn = await asyncpg.connect(dsn)
         try:
             for table, rows in (("measurements", measurements), ("counter_readings", counters)):
@@ -217,7 +217,7 @@ def test_a_version_two_historian_migrates_to_series_keys_without_losing_a_row(
             )
             before = await _answers(conn)
             result = await migrate(conn)
-            assert [m.version for m in result.applied] == list(range(3, len(migrations()) + 1))
+            assert [m.version for m in result.applied] == list(range(2, len(migrations()) + 1))
             after = await _answers(conn)
             series = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.series")
         finally:
