@@ -51,6 +51,17 @@ def _value(site: str, meter: str, value: float, minute: int) -> tuple[str, bytes
     return f"{site}/energy/grid/{meter}/active_power/value", json.dumps(body).encode()
 
 
+def _ven_worker(tmp_path: Path, mosquitto: Service, site: str, dsn: str | None = None) -> Path:
+    """The configuration of a worker with the VEN adapter on ``site``, client id ``w-<site>``."""
+    return write_config(
+        tmp_path / "site.toml",
+        mqtt=mosquitto,
+        dsn=dsn,
+        client_id=f"w-{site}",
+        extra=f'[adapters.ven]\nsite = "{site}"\n',
+    )
+
+
 def _set(config: Path, section: str, key: str, value: str) -> None:
     """Set ``key`` in ``[section]`` of a file that write_config wrote, whatever it held."""
     lines = [x for x in config.read_text().splitlines() if not x.startswith(f"{key} =")]
@@ -125,13 +136,7 @@ def test_the_bus_session_outlives_a_restart_but_expires_after_the_ingest_expiry(
     init_schema(postgres.url)
     site = _site()
     client_id = f"w-{site}"
-    config = write_config(
-        tmp_path / "site.toml",
-        mqtt=mosquitto,
-        dsn=postgres.url,
-        client_id=client_id,
-        extra=f'[adapters.ven]\nsite = "{site}"\n',
-    )
+    config = _ven_worker(tmp_path, mosquitto, site, postgres.url)
     _set(config, "mqtt", "ingest_session_expiry_s", str(INGEST_EXPIRY))
     log = tmp_path / "worker.log"
     count_sql = f"SELECT count(*) FROM energybus.measurements WHERE site = '{site}'"
@@ -174,13 +179,7 @@ def test_retire_drops_both_sessions_of_a_stopped_worker_and_refuses_a_running_on
 ) -> None:
     site = _site()
     client_id = f"w-{site}"
-    config = write_config(
-        tmp_path / "site.toml",
-        mqtt=mosquitto,
-        dsn=None,
-        client_id=client_id,
-        extra=f'[adapters.ven]\nsite = "{site}"\n',
-    )
+    config = _ven_worker(tmp_path, mosquitto, site)
     status = f"energybus/worker/{client_id}/status"
     collector = Collector(mosquitto, [f"{site}/energy/#"])
     worker = WorkerProcess(config, tmp_path / "worker.log").start()
@@ -228,13 +227,7 @@ def test_retire_drops_both_sessions_of_a_stopped_worker_and_refuses_a_running_on
 def test_without_bus_ingest_the_bus_session_is_not_kept(tmp_path: Path, mosquitto: Service) -> None:
     site = _site()
     client_id = f"w-{site}"
-    config = write_config(
-        tmp_path / "site.toml",
-        mqtt=mosquitto,
-        dsn=None,
-        client_id=client_id,
-        extra=f'[adapters.ven]\nsite = "{site}"\n',
-    )
+    config = _ven_worker(tmp_path, mosquitto, site)
     _set(config, "worker", "bus_ingest", "[]")
     worker = WorkerProcess(config, tmp_path / "worker.log").start()
     try:
