@@ -276,3 +276,38 @@ def test_a_version_one_historian_migrates_to_series_keys_without_losing_a_row(
         assert unchanged == 0
 
     _in_fresh_database(postgres, scenario)
+
+
+def test_rows_copied_in_binary_read_back_exactly(postgres: Service) -> None:
+    """The writer builds the binary COPY itself: every field must come back as it went,
+    to the microsecond and the last bit of the double, and counters in their table."""
+    at = datetime(2026, 12, 1, 12, 0, 0, 123457, tzinfo=UTC)
+    measurements = [
+        ("vad", f"load.c-{i}", "active_power", 1075.0000000000002 * i - 0.1, at, quality)
+        for i, quality in enumerate(("good", "degraded", "stale", "bad"))
+    ]
+    counters = [("vad", "grid.main", "import_energy_total", 1e15 + 0.5, at, "good")]
+
+    async def scenario(dsn: str) -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate(conn)
+            historian = Historian(dsn)
+            written = await historian.write(Batch(measurements=measurements, counters=counters))
+            await historian.close()
+            assert (written.measurements, written.counters, written.duplicates) == (4, 1, 0)
+            stored = {
+                view: [
+                    (r["site"], r["device_id"], r["metric_name"], r["value"], r["observed_at"],
+                     r["quality"])
+                    for r in await conn.fetch(
+                        f"SELECT * FROM {SCHEMA}.{view} ORDER BY device_id"
+                    )
+                ]
+                for view in ("measurements", "counter_readings")
+            }  # fmt: skip
+        finally:
+            await conn.close()
+        assert stored == {"measurements": measurements, "counter_readings": counters}
+
+    _in_fresh_database(postgres, scenario)
