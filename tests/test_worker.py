@@ -100,6 +100,8 @@ def test_ven_and_cpi_in_canonical_out_rows_in_bad_input_dead_lettered(
                 ("cpi/p1/telemetry", cpi),
                 # Bad input on every source, and on the bus.
                 ("volttron/metering", b"{not json"),
+                ("volttron/metering", b'{"venId":"v\xff"}'),  # invalid UTF-8
+                ("volttron/metering", b'{"venId":"' + b"x" * 1_000_000 + b'"}'),  # a 1 MB line
                 ("cpi/p1/telemetry", b"[1, 2]"),
                 ("cpi/unknown-plant/telemetry", cpi),
                 (f"{site}/energy/grid/Main/active_power/value", b"1.0"),
@@ -112,7 +114,7 @@ def test_ven_and_cpi_in_canonical_out_rows_in_bad_input_dead_lettered(
             ],
         )
         expected = _expected_samples(site, messages)
-        collector.wait_for(lambda t: sum("dead_letter" in x for x in t) >= 5)
+        collector.wait_for(lambda t: sum("dead_letter" in x for x in t) >= 7)
         rows = wait_rows(
             postgres.url,
             f"SELECT count(*) FROM energybus.measurements WHERE site = '{site}'",
@@ -135,8 +137,11 @@ def test_ven_and_cpi_in_canonical_out_rows_in_bad_input_dead_lettered(
         )
         text = _metrics(port)
         assert 'energybus_rejections_total{reason="malformed_json",source="ven"} 1.0' in text
-        assert 'energybus_messages_in_total{adapter="ven"} 4.0' in text
+        assert 'energybus_messages_in_total{adapter="ven"} 6.0' in text
+        assert ("ven", "invalid_utf8") in by_source
+        assert any(len(x.get("payload", "")) > 1_000_000 for x in letters)  # kept whole
         assert worker.alive()
+        assert "Traceback" not in worker.text()
         # Shutdown: exit 0, status offline (retained).
         assert worker.stop(signal.SIGTERM) == 0
         status = f"energybus/worker/w-{site}/status"
