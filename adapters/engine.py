@@ -389,9 +389,9 @@ class _Group:
         "interned",
         "key",
         "nfields",
-        "plain",
         "template",
         "type",
+        "values_of",
     )
 
     def __init__(
@@ -410,8 +410,9 @@ class _Group:
         self.attributes = [(name, c.fast() if c else None, f) for name, c, f in attributes]
         self.nfields = len(fields)
         self.gid = gid
-        self.plain = all(row[6] is None for row in self.hot)
-        """No transform in the group: its values take :func:`_plain_values`."""
+        plain = all(row[6] is None for row in self.hot)
+        self.values_of: Callable[..., list[Value]] = _plain_values if plain else _values
+        """:func:`_plain_values` for a group without transforms, chosen here, once."""
         self.interned: dict[tuple[Any, ...], SeriesSpec] = {}
         """Specs with attributes, one object per distinct content across devices: the
         renderer tells a series' spec unchanged by identity, and entities that several
@@ -474,7 +475,7 @@ class EntityContext:
     """What one source device's messages share: its site, its placeholders, the root
     entity ids filled in once, and the array items' ids as they are first seen."""
 
-    __slots__ = ("caches", "item_ids", "placeholders", "root_ids", "site")
+    __slots__ = ("caches", "item_ids", "placeholders", "plans", "root_ids", "site")
 
     def __init__(self, site: str, placeholders: dict[str, str], entities: Entities) -> None:
         self.site = site
@@ -483,6 +484,14 @@ class EntityContext:
         self.item_ids: list[dict[object, str]] = [{} for _ in entities.arrays]
         self.caches: list[dict[tuple[Any, ...], list[Hot]]] = [{} for _ in range(entities.groups)]
         """Per group: the hot rows with this device's static fields in the specs."""
+        self.plans = [
+            [
+                (g.get, g.hot, g.nfields if g.attributes else -1, self.caches[g.gid], g.type, g)
+                for g in groups
+            ]
+            for _, _, _, groups in entities.arrays
+        ]
+        """Per array, what the per-item loop reads of each group, gathered once per device."""
 
 
 class Entities:
@@ -593,7 +602,7 @@ class Entities:
                 static = values[group.nfields :]
                 cache = caches[group.gid]
                 hot = cache.get(static) or group.specs(static, cache, None, 0)
-            out = (_plain_values if group.plain else _values)(values, hot, errors, None, 0)
+            out = group.values_of(values, hot, errors, None, 0)
             if out:
                 readings.append(Reading(site, group.type, entity_id, observed, quality, out))
         add, reading = readings.append, Reading  # locals: per item
@@ -602,30 +611,18 @@ class Entities:
             if not items:
                 continue
             ids = context.item_ids[ai]
-            # What the loop reads of each group, once per message rather than per item.
-            plan = [
-                (
-                    g.get,
-                    g.hot,
-                    g.nfields if g.attributes else -1,
-                    caches[g.gid],
-                    g.type,
-                    g,
-                    _plain_values if g.plain else _values,
-                )
-                for g in groups
-            ]
+            plan = context.plans[ai]
             for index, item in enumerate(items):
                 key = getattr(item, key_attr)
                 entity_id = ids.get(key) or _item_id(
                     context, ids, groups[0].template, key, each, index
                 )
-                for get, hot, nfields, cache, entity_type, group, values_of in plan:
+                for get, hot, nfields, cache, entity_type, group in plan:
                     values = get(item)
                     if nfields >= 0:
                         static = values[nfields:]
                         hot = cache.get(static) or group.specs(static, cache, each, index)
-                    out = values_of(values, hot, errors, each, index)
+                    out = group.values_of(values, hot, errors, each, index)
                     if out:
                         add(reading(site, entity_type, entity_id, observed, quality, out))
         return readings
