@@ -1,0 +1,128 @@
+"""The MQTT source while the dispatcher's gate is closed (the bus down or full): what
+arrives is held in order, reading pauses past a bound, and a lost connection drops what
+it held unacknowledged, for the broker to deliver again."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC
+
+from energybus.worker.acks import AckQueue
+from energybus.worker.bus import Received
+from energybus.worker.config import MqttConfig
+from energybus.worker.metrics import Metrics
+from energybus.worker.sources import Delivery
+from energybus.worker.sources.mqtt import MqttSource
+
+
+class FakeGate:
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+
+    def is_open(self) -> bool:
+        return self.open.is_set()
+
+    async def wait_open(self) -> None:
+        await self.open.wait()
+
+
+class FakeClient:
+    """The parts of the bus client the source drives while it holds messages."""
+
+    def __init__(self) -> None:
+        self.reading = True
+        self.pauses = 0
+        self.acked: list[int] = []
+
+    def pause_reading(self) -> None:
+        self.reading = False
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def ack(self, packet_id: int) -> None:
+        self.acked.append(packet_id)
+
+
+def _source(gate: FakeGate, delivered: list[Delivery]) -> tuple[MqttSource, FakeClient]:
+    source = MqttSource(
+        config=MqttConfig(receive_maximum=10),
+        filters=["volttron/metering"],
+        commands=[],
+        status_topic="energybus/worker/t/status",
+        metrics=Metrics(),
+        deliver=delivered.append,
+        gate=gate,
+    )
+    client = FakeClient()
+    source._client = client  # type: ignore[assignment]
+    source._acks = AckQueue(client.ack)
+    return source, client
+
+
+def _message(n: int) -> Received:
+    return Received("volttron/metering", b'{"n": %d}' % n, 1, False, n)
+
+
+def test_held_while_the_gate_is_closed_then_handed_over_in_order() -> None:
+    async def main() -> tuple[list[Delivery], FakeClient, int, bool]:
+        gate = FakeGate()
+        delivered: list[Delivery] = []
+        source, client = _source(gate, delivered)
+        count = source._hold_max + 5  # past the bound: reading pauses
+        for n in range(1, count + 1):
+            source._received(_message(n))
+        await asyncio.sleep(0.01)
+        held_before = len(delivered)
+        paused = not client.reading
+        gate.open.set()
+        for _ in range(100):
+            if len(delivered) == count:
+                break
+            await asyncio.sleep(0.01)
+        for delivery in delivered:
+            delivery.entry.release()  # the handler's own hold: the work is done
+        return delivered, client, held_before, paused
+
+    delivered, client, held_before, paused = asyncio.run(main())
+    assert held_before == 0
+    assert paused and client.pauses >= 1
+    assert client.reading  # resumed once the held messages were handed over
+    assert [d.payload for d in delivered][:3] == [b'{"n": 1}', b'{"n": 2}', b'{"n": 3}']
+    assert client.acked == list(range(1, len(delivered) + 1))  # each, in arrival order
+    assert all(d.received_at.tzinfo is UTC for d in delivered)
+
+
+def test_a_lost_connection_drops_what_it_held_without_acknowledging_it() -> None:
+    async def main() -> tuple[list[Delivery], FakeClient]:
+        gate = FakeGate()
+        delivered: list[Delivery] = []
+        source, client = _source(gate, delivered)
+        for n in range(1, 4):
+            source._received(_message(n))
+        source._lost(client)  # type: ignore[arg-type]
+        gate.open.set()
+        await asyncio.sleep(0.05)
+        return delivered, client
+
+    delivered, client = asyncio.run(main())
+    assert delivered == []
+    assert client.acked == []  # the broker delivers them again on the next connection
+
+
+def test_after_pause_nothing_is_taken_for_the_next_run() -> None:
+    async def main() -> tuple[list[Delivery], FakeClient]:
+        gate = FakeGate()
+        gate.open.set()
+        delivered: list[Delivery] = []
+        source, client = _source(gate, delivered)
+        source._received(_message(1))
+        delivered[0].entry.release()
+        source.pause()  # shutdown
+        source._received(_message(2))
+        return delivered, client
+
+    delivered, client = asyncio.run(main())
+    assert [d.payload for d in delivered] == [b'{"n": 1}']
+    assert client.acked == [1]  # 2 was not taken: not acknowledged
