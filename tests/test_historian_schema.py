@@ -311,3 +311,33 @@ def test_rows_copied_in_binary_read_back_exactly(postgres: Service) -> None:
         assert stored == {"measurements": measurements, "counter_readings": counters}
 
     _in_fresh_database(postgres, scenario)
+
+
+def test_two_writers_adding_the_same_new_series_at_once_both_store_their_rows(
+    postgres: Service,
+) -> None:
+    """Each worker asks for the ids of series that are new to it; two asking for the same
+    ones at the same moment must get the same ids, and neither batch may fail."""
+    keys = [("vad", f"load.c-{i}", metric) for i in range(200) for metric in ("p", "q")]
+
+    def batch(offset: int) -> Batch:
+        at = AT + timedelta(seconds=offset)
+        return Batch(measurements=[(s, d, m, float(offset), at, "good") for s, d, m in keys])
+
+    async def scenario(dsn: str) -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate(conn)
+            writers = [Historian(dsn) for _ in range(4)]
+            results = await asyncio.gather(*(w.write(batch(i)) for i, w in enumerate(writers)))
+            for writer in writers:
+                await writer.close()
+            series = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.series")
+            rows = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.measurements")
+        finally:
+            await conn.close()
+        assert [r.measurements for r in results] == [len(keys)] * 4
+        assert series == len(keys)
+        assert rows == 4 * len(keys)
+
+    _in_fresh_database(postgres, scenario)
