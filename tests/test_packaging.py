@@ -70,7 +70,8 @@ def test_the_lowest_constraints_are_the_declared_floors() -> None:
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    extras = project["optional-dependencies"].values()
+    declared = [*project["dependencies"], *(req for extra in extras for req in extra)]
     floors = {}
     for requirement in declared:
         match = re.match(r"([A-Za-z0-9_.-]+)\s*>=\s*([0-9.]+)", requirement)
