@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
 import msgspec
 
@@ -23,16 +23,20 @@ from energybus.topics import parse_topic
 from energybus.units import PLAUSIBLE
 
 __all__ = [
+    "COUNTER_SUFFIX",
     "CounterRow",
     "MeasurementRow",
     "Row",
     "RowTuple",
     "append_rows",
+    "device_id",
     "historian_row",
     "reading_rows",
     "to_row",
 ]
 
+COUNTER_SUFFIX: Final = "_total"
+"""Metrics ending so are counters, stored raw in the counter historian."""
 RowTuple: TypeAlias = tuple[str, str, str, float, datetime, str]
 """A row as a plain tuple: (site, device_id, metric_name, value, observed_at, quality)."""
 
@@ -57,12 +61,17 @@ class CounterRow(_RowBase, frozen=True, gc=False):
 Row = MeasurementRow | CounterRow
 
 
+def device_id(entity_type: str, entity_id: str) -> str:
+    """The historians' ``device_id``: ``<entity_type>.<entity_id>``, as the contract recommends."""
+    return f"{entity_type}.{entity_id}"
+
+
 def to_row(sample: Sample) -> Row:
     """The historian row for ``sample``: a counter row for ``*_total``, else a measurement row."""
-    cls = CounterRow if sample.metric.endswith("_total") else MeasurementRow
+    cls = CounterRow if sample.metric.endswith(COUNTER_SUFFIX) else MeasurementRow
     return cls(
         sample.site,
-        f"{sample.entity_type}.{sample.entity_id}",
+        device_id(sample.entity_type, sample.entity_id),
         sample.metric,
         float(sample.value),
         sample.observed_at,
@@ -70,27 +79,24 @@ def to_row(sample: Sample) -> Row:
     )
 
 
-def reading_rows(reading: Reading) -> list[Row]:
-    """The historian rows of every value of ``reading``, by the same rule as :func:`to_row`."""
-    site, at, quality = reading.site, reading.observed_at, reading.quality
-    device = f"{reading.entity_type}.{reading.entity_id}"
-    return [
-        (CounterRow if metric.endswith("_total") else MeasurementRow)(
-            site, device, metric, float(value), at, quality
-        )
-        for metric, value, _, _ in reading.values
-    ]
-
-
 def append_rows(reading: Reading, measurements: list[RowTuple], counters: list[RowTuple]) -> None:
-    """:func:`reading_rows` as plain tuples appended to the two lists: the worker's path,
-    where a row object per sample would be built only to be taken apart again."""
+    """The rows of every value of ``reading``, by the rule of :func:`to_row`, as plain
+    tuples appended to the two lists: the worker's path, where a row object per sample
+    would be built only to be taken apart again."""
     site, at, quality = reading.site, reading.observed_at, reading.quality
-    device = f"{reading.entity_type}.{reading.entity_id}"
+    device = device_id(reading.entity_type, reading.entity_id)
     for metric, value, _, _ in reading.values:
-        (counters if metric.endswith("_total") else measurements).append(
+        (counters if metric.endswith(COUNTER_SUFFIX) else measurements).append(
             (site, device, metric, float(value), at, quality)
         )
+
+
+def reading_rows(reading: Reading) -> list[Row]:
+    """:func:`append_rows` as row objects: measurements first, then counters."""
+    measurements: list[RowTuple] = []
+    counters: list[RowTuple] = []
+    append_rows(reading, measurements, counters)
+    return [MeasurementRow(*row) for row in measurements] + [CounterRow(*row) for row in counters]
 
 
 def historian_row(topic: str | bytes, payload: bytes, *, received_at: datetime) -> Row | None:
