@@ -302,9 +302,6 @@ class _Prepared:
         self.body = body
         self.times = times
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
 
 class _Once:
     """``body`` as the asynchronous iterable that asyncpg's COPY takes (a bytes object
