@@ -6,7 +6,8 @@ broker:
 
 - ``historian``: the worker with the historian on (the whole job);
 - ``bus``: the worker publishing only;
-- ``nodered``: Node-RED's equivalent flow (benchmarks/nodered), bus only.
+- ``nodered``: Node-RED's equivalent flow (benchmarks/nodered), bus only; before it is
+  measured, a check that it publishes what energybus publishes for the same messages.
 
 The load generator (benchmarks/load.py, a process of its own) publishes VEN metering
 messages at the rate for ``--seconds``; each message gives 48 samples. Then the run
@@ -348,6 +349,19 @@ def _undeploy(nodered: services.Service | None) -> None:
         response.read()
 
 
+def _check_nodered(nodered: services.Service, mqtt: services.Service) -> None:
+    """Before Node-RED is measured: its flow publishes what energybus publishes for the
+    same messages (raises NotEquivalent, with the difference, when it does not)."""
+    from benchmarks.nodered import check_equivalence, deploy
+
+    site, client_id = "check-nodered", "bench-check-nodered"
+    deploy(nodered.url, mqtt_port=mqtt.port, site=site, client_id=client_id)
+    try:
+        check_equivalence(mqtt.port, site, client_id)
+    finally:
+        _undeploy(nodered)
+
+
 def _fresh_services(with_nodered: bool) -> tuple[services.Service, ...]:
     """Clean server state: whatever an earlier benchmark left under .run/bench goes."""
     _stop_services()
@@ -379,6 +393,8 @@ def bench_worker(
         subprocess.run(
             [*ENERGYBUS, "historian", "init", "--dsn", pg.url], check=True, capture_output=True
         )
+        if nodered is not None:
+            _check_nodered(nodered, mqtt)
         for rate in rates:
             for mode in modes:
                 results.append(_run_one(mode, rate, seconds, drain, mqtt, pg, nodered))
