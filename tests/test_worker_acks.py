@@ -52,7 +52,7 @@ async def _session(
 
     client = BusClient(on_message=on_message, on_puback=lambda *_: None)
     await client.connect(
-        host=service.host, port=service.port, client_id=identifier, session_expiry=300
+        host=service.host, port=service.port, client_id=identifier, session_expiry=60
     )
     await client.subscribe([topic], no_local=False)
     await asyncio.sleep(wait)
