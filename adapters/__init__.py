@@ -17,7 +17,16 @@ from typing import Any, Final
 from energybus.commands import FINAL_STATES, CommandBook, CommandRecord, CommandState
 from energybus.errors import MappingError
 
-from .base import Adapter, Formatted, Normalized, Plan, Rejection, SourceDeclaration, Transport
+from .base import (
+    Adapter,
+    AmqpEndpoint,
+    Formatted,
+    Normalized,
+    Plan,
+    Rejection,
+    SourceDeclaration,
+    Transport,
+)
 from .pipeline import Output, Pipeline
 
 __all__ = [
@@ -25,6 +34,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "FINAL_STATES",
     "Adapter",
+    "AmqpEndpoint",
     "CommandBook",
     "CommandRecord",
     "CommandState",
@@ -45,6 +55,7 @@ ENTRY_POINT_GROUP: Final = "energybus.adapters"
 BUILTIN: Final = {
     "cpi": "energybus.adapters.cpi:CpiAdapter",
     "ven": "energybus.adapters.ven:VenAdapter",
+    "voke": "energybus.adapters.voke:VokeAdapter",
 }
 
 

@@ -33,6 +33,7 @@ from .mapping import CommandOptions, Compiler, Document, MappingDocument
 
 __all__ = [
     "Adapter",
+    "AmqpEndpoint",
     "Formatted",
     "Normalized",
     "Plan",
@@ -47,15 +48,43 @@ MappingT = TypeVar("MappingT", bound=MappingDocument)
 Transport = Literal["mqtt", "amqp", "modbus"]
 
 
+class AmqpEndpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """An AMQP broker and account an adapter's queues are on: the adapter says where and
+    as whom, the worker connects. ``name`` names it in logs and errors (``voke org
+    acme``); ``password`` is a secret and never shown (not even by ``repr``)."""
+
+    name: str
+    uri: str
+    """``amqp://host:port`` or ``amqps://host:port``: no credentials, no vhost."""
+    vhost: str = "/"
+    username: str
+    password: str
+    prefetch: int = 500
+    ca_file: str | None = None
+    """CA bundle for ``amqps``; default: the system's trust store."""
+    exchange: str = ""
+    """The exchange :attr:`SourceDeclaration.publishes` routing keys are published to."""
+    missing_queue: str = "the queue does not exist"
+    """What to tell an operator when a queue is missing: what to enable, and where."""
+
+    def __repr__(self) -> str:
+        return f"AmqpEndpoint(name={self.name!r}, uri={self.uri!r}, vhost={self.vhost!r})"
+
+
 class SourceDeclaration(msgspec.Struct, frozen=True, kw_only=True):
     """Where an adapter's source messages come from: a transport and what to take on it.
 
-    For ``mqtt``, ``patterns`` are topic filters; for ``amqp``, queue names; for
-    ``modbus``, device names.
+    For ``mqtt``, ``patterns`` are topic filters; for ``amqp``, queue names on
+    ``endpoint``; for ``modbus``, device names. ``publishes`` are the destinations on
+    this source's connection that the adapter's commands go to (an AMQP routing key:
+    a :class:`~energybus.messages.Message` whose topic is one of them is published
+    there, not on the bus).
     """
 
     transport: Transport
     patterns: tuple[str, ...]
+    endpoint: AmqpEndpoint | None = None
+    publishes: tuple[str, ...] = ()
 
 
 class Rejection(msgspec.Struct, frozen=True, kw_only=True):

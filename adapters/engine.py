@@ -339,7 +339,8 @@ class Template:
         """Add a device's ``{signal: number}`` object to ``reading``.
 
         A signal the template does not know is skipped (firmware adds signals); a
-        signal that is not a number rejects the message, since its sender is broken.
+        signal that is not a number (or, for a boolean signal, not true or false)
+        rejects the message, since its sender is broken.
         """
         raws: list[Any] = []
         hot: list[Hot] = []
@@ -349,7 +350,12 @@ class Template:
             if field is None or raw is None:
                 continue
             kind = type(raw)
-            if kind is not float and kind is not int and not (field.words and kind in _WORDS):
+            if field.decode_type is bool:
+                if kind is not bool:
+                    raise SourceError(
+                        "wrong_type", "this signal is true or false", path=f"{path}.{name}"
+                    )
+            elif kind is not float and kind is not int and not (field.words and kind in _WORDS):
                 raise SourceError("wrong_type", "a signal must be a number", path=f"{path}.{name}")
             if kind is int and not -1e300 < raw < 1e300:
                 raise SourceError(

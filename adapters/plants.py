@@ -287,4 +287,4 @@ def unix_ms(document: dict[str, Any], key: str = "ts") -> float:
         raise SourceError("wrong_type", f"{key} must be a number of Unix milliseconds", path=path)
     if not -1e15 < ts < 1e15:  # also keeps a huge integer from overflowing a float
         raise SourceError("bad_timestamp", f"{key} is not a time in Unix ms", path=path)
-    return ts  # type: ignore[no-any-return]
+    return ts

@@ -124,14 +124,20 @@ class ReplayGuard:
     """Refuses messages outside the time window and repeats of a key inside it.
 
     A key (a signature, a command id) is remembered for twice the window, since a
-    message ``window`` early and its copy ``window`` late are both in time.
+    message ``window`` early and its copy ``window`` late are both in time; or for
+    ``keep_s`` when given. ``max_keys`` bounds the memory: past it the oldest keys are
+    forgotten first.
     """
 
-    def __init__(self, *, window_s: float) -> None:
+    def __init__(
+        self, *, window_s: float, keep_s: float | None = None, max_keys: int | None = None
+    ) -> None:
         if not window_s > 0:
             raise ValueError(f"window_s must be > 0, not {window_s!r}")
         self.window = timedelta(seconds=window_s)
         self._window_ms = window_s * 1000
+        self._keep = timedelta(seconds=keep_s) if keep_s is not None else 2 * self.window
+        self._max_keys = max_keys
         self._seen: dict[str, datetime] = {}
         self._order: deque[tuple[datetime, str]] = deque()
 
@@ -156,9 +162,11 @@ class ReplayGuard:
             raise SourceError("replayed", f"{what} was already seen inside the replay window")
         self._seen[key] = received_at
         self._order.append((received_at, key))
+        if self._max_keys is not None and len(self._order) > self._max_keys:
+            self._seen.pop(self._order.popleft()[1], None)
 
     def _prune(self, now: datetime) -> None:
-        horizon = now - 2 * self.window
+        horizon = now - self._keep
         order = self._order
         while order and order[0][0] < horizon:
             _, key = order.popleft()

@@ -131,19 +131,47 @@ class CommandBook:
         return self._move(record, "sent", sent_at=at)
 
     def acked(
-        self, command_id: str, *, ok: bool, status: str, at: datetime
+        self,
+        command_id: str,
+        *,
+        ok: bool,
+        status: str,
+        at: datetime,
+        reason: str | None = None,
     ) -> CommandRecord | None:
-        """The source answered; ``None`` when no command with that id is in flight."""
+        """The source answered; ``None`` when no command with that id is in flight.
+        ``reason`` is the source's own explanation of a refusal, when it gives one."""
         record = self._pending.get(command_id)
         if record is None:
             return None
+        if not ok:
+            answered = f"the source answered {status!r}"
+            reason = f"{answered}: {reason}" if reason else answered
         return self._move(
             record,
             "confirmed" if ok else "rejected",
             acked_at=at,
             response_status=status,
-            reason=None if ok else f"the source answered {status!r}",
+            reason=None if ok else reason,
         )
+
+    def progress(self, command_id: str, status: str) -> CommandRecord | None:
+        """The source reported progress (``DISPATCHED``) without an outcome: the record
+        keeps its state and carries the status; ``None`` when nothing is in flight."""
+        record = self._pending.get(command_id)
+        if record is None:
+            return None
+        moved = msgspec.structs.replace(record, response_status=status)
+        self._pending[command_id] = moved
+        return moved
+
+    def end(self, command_id: str, state: CommandState, reason: str) -> CommandRecord | None:
+        """The source ended the command without answering it (it failed, or timed out on
+        the source's side): ``rejected`` or ``expired`` with the source's reason."""
+        record = self._pending.get(command_id)
+        if record is None:
+            return None
+        return self._move(record, state, reason=reason)
 
     def fail(self, command_id: str, reason: str) -> CommandRecord | None:
         """The command could not be sent at all."""

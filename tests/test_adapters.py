@@ -186,6 +186,21 @@ def test_command_book_lifecycle() -> None:
     assert failed is not None and failed.state == "rejected" and failed.reason == "broker refused"
 
 
+def test_command_progress_and_source_outcomes() -> None:
+    book = CommandBook(timeout_s=10)
+    book.accept(_record("p", AT, book))
+    progressed = book.progress("p", "DISPATCHED")
+    assert progressed is not None
+    assert (progressed.state, progressed.response_status) == ("accepted", "DISPATCHED")
+    assert book.get("p") == progressed  # the book keeps the newest snapshot
+    nacked = book.acked("p", ok=False, status="NACK", at=AT, reason="maintenance")
+    assert nacked is not None and nacked.reason == "the source answered 'NACK': maintenance"
+    assert book.progress("p", "EXECUTING") is None  # nothing in flight any more
+    book.accept(_record("q", AT, book))
+    ended = book.end("q", "expired", "the source reported EXPIRED")
+    assert ended is not None and ended.state == "expired" and len(book) == 0
+
+
 def test_registry_names_and_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     assert adapter_class("ven") is VenAdapter
     assert adapter_class("cpi") is CpiAdapter
@@ -202,7 +217,7 @@ def test_registry_names_and_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
         value = "json:loads"
 
     monkeypatch.setattr(adapters, "entry_points", lambda group: [Plugin, Shadow])
-    assert adapters.adapter_names() == ["acme", "cpi", "ven"]
+    assert adapters.adapter_names() == ["acme", "cpi", "ven", "voke"]
     assert adapter_class("acme") is VenAdapter
     assert adapter_class("ven") is VenAdapter  # a plug-in cannot take a built-in name
 

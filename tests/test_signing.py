@@ -129,6 +129,18 @@ def test_replay_window() -> None:
     assert len(guard) == 1
 
 
+def test_replay_memory_for_a_day_is_bounded_by_count() -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    guard = ReplayGuard(window_s=300, keep_s=86400, max_keys=3)
+    for key in "abc":
+        guard.check_and_remember(key, now, "this id")
+    with pytest.raises(SourceError):
+        guard.check_and_remember("a", now + timedelta(hours=20), "this id")  # kept past 2 x 300 s
+    guard.check_and_remember("d", now, "this id")  # the fourth pushes out the oldest
+    assert len(guard) == 3
+    guard.check_and_remember("a", now, "this id")
+
+
 @given(st.floats(allow_nan=False, allow_infinity=False, min_value=-1e300, max_value=1e300))
 def test_es_number_round_trips(value: float) -> None:
     assert float(es_number(value)) == value or (value == 0 and math.copysign(1, value) < 0)
