@@ -18,6 +18,7 @@ COMMANDS: Final = {
     "normalize": "energybus.cli.normalize:normalize",
     "retire": "energybus.cli.retire:retire",
     "run": "energybus.cli.run:run",
+    "simulate": "energybus.cli.simulate:simulate",
     "validate": "energybus.cli.validate:validate",
 }
 

@@ -30,3 +30,9 @@ def mosquitto(run_dir: Path) -> Iterator[services.Service]:
 def postgres(run_dir: Path) -> Iterator[services.Service]:
     with services.started("postgres", run_dir=run_dir) as service:
         yield service
+
+
+@pytest.fixture(scope="session")
+def rabbitmq(run_dir: Path) -> Iterator[services.Service]:
+    with services.started("rabbitmq", run_dir=run_dir) as service:
+        yield service

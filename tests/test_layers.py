@@ -18,6 +18,7 @@ LAYERS = {
     "adapters": ("energybus.adapters", 2),
     "historian": ("energybus.historian", 2),
     "worker": ("energybus.worker", 3),
+    "simulators": ("energybus.simulators", 3),
     "cli": ("energybus.cli", 4),
 }
 

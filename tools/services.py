@@ -335,6 +335,56 @@ def _start_rabbitmq(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], 
     return process, f"amqp://guest:guest@{HOST}:{port}/"
 
 
+def rabbitmqctl(service: Service, *args: str, timeout: float = 60) -> str:
+    """Run ``rabbitmqctl`` against the node ``service`` runs (its name and Erlang cookie
+    are private to the run directory); its output, or ServiceError with it."""
+    if service.name != "rabbitmq":
+        raise ServiceError(f"rabbitmqctl talks to rabbitmq, not {service.name}")
+    binary = _require("rabbitmqctl", "rabbitmq-server")
+    base = _data_dir(Path(service.run_dir), "rabbitmq", "rabbitmq")
+    env = {**os.environ, "ERL_EPMD_ADDRESS": HOST}
+    # Debian's rabbitmqctl sets HOME itself, so the node's private cookie is passed on.
+    cookie = (base / ".erlang.cookie").read_text().strip()
+    command = [
+        binary,
+        "-q",
+        "-n",
+        f"energybus-{service.port}@localhost",
+        "--erlang-cookie",
+        cookie,
+        *args,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    if result.returncode != 0:
+        raise ServiceError(f"rabbitmqctl {args[0]} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+def rabbitmq_tenants(service: Service, tenants: Mapping[str, tuple[str, str]]) -> None:
+    """Give each user of ``tenants`` (``user: (password, vhost)``) a vhost of its own with
+    every permission on it, in one call (a definitions import): the way a platform such
+    as Voke gives each organisation its own vhost and credentials."""
+    definitions = {
+        "vhosts": [{"name": vhost} for _, vhost in tenants.values()],
+        "users": [
+            {"name": user, "password": password, "tags": ""}
+            for user, (password, _) in tenants.items()
+        ],
+        "permissions": [
+            {"user": user, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"}
+            for user, (_, vhost) in tenants.items()
+        ],
+    }
+    base = _data_dir(Path(service.run_dir), "rabbitmq", "rabbitmq")
+    path = base / "tenants.json"
+    path.write_text(json.dumps(definitions))
+    _chown_for("rabbitmq", path)
+    try:
+        rabbitmqctl(service, "import_definitions", str(path))
+    finally:
+        path.unlink(missing_ok=True)
+
+
 SERVICES: dict[str, Callable[[Path, int], tuple[subprocess.Popen[bytes], str]]] = {
     "mosquitto": _start_mosquitto,
     "postgres": _start_postgres,

@@ -1,0 +1,219 @@
+"""``energybus simulate``: play a source platform, for demos, tests and benchmarks. A thin
+layer over :mod:`energybus.simulators`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING, Literal
+
+import click
+
+if TYPE_CHECKING:
+    from energybus.simulators.voke import Stats
+
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:15672/"  # tools/services.py's demo RabbitMQ
+KEY_ENV = "ENERGYBUS_VOKE_SIGNING_KEY"
+
+
+@click.group()
+def simulate() -> None:
+    """Play a source platform, for demos, tests and benchmarks."""
+
+
+def _every(value: float) -> float | None:
+    return value if value > 0 else None
+
+
+@simulate.command()
+@click.option("--org", required=True, metavar="SLUG", help="The organisation Voke plays.")
+@click.option(
+    "--plants", type=click.IntRange(min=1), default=1, show_default=True, help="Plants P-1..P-N."
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Telemetry messages per second, over all devices.",
+)
+@click.option(
+    "--url",
+    default=DEFAULT_URL,
+    show_default=True,
+    envvar="ENERGYBUS_VOKE_URL",
+    help="The RabbitMQ broker (or ENERGYBUS_VOKE_URL).",
+)
+@click.option("--vhost", metavar="VHOST", help="The virtual host, instead of the URL's.")
+@click.option(
+    "--signing-key-env",
+    default=KEY_ENV,
+    show_default=True,
+    metavar="NAME",
+    help="The environment variable holding the org's signing key.",
+)
+@click.option(
+    "--answer",
+    type=click.Choice(["ack", "nack", "none"]),
+    default="ack",
+    show_default=True,
+    help="How commands are answered (none: never, so they expire).",
+)
+@click.option(
+    "--answer-delay",
+    type=click.FloatRange(min=0),
+    default=0.5,
+    show_default=True,
+    metavar="S",
+    help="Seconds before a command is answered.",
+)
+@click.option(
+    "--meter-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    metavar="S",
+    help="Seconds between each device's meter readings (energy counters).",
+)
+@click.option(
+    "--alarm-every",
+    type=click.FloatRange(min=0),
+    default=120.0,
+    show_default=True,
+    metavar="S",
+    help="Seconds between alarms, each cleared a little later (0: none).",
+)
+@click.option(
+    "--mode-every",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    metavar="S",
+    help="Seconds between plant mode changes (0: none).",
+)
+@click.option("--duration", type=click.FloatRange(min=0), metavar="S", help="Stop after S s.")
+@click.option(
+    "--count", type=click.IntRange(min=0), metavar="N", help="Stop after N telemetry messages."
+)
+@click.option("--seed", type=int, help="Reproducible values.")
+@click.option("--print-config", is_flag=True, help="Print the plants' site configuration; exit.")
+def voke(
+    org: str,
+    plants: int,
+    rate: float,
+    url: str,
+    vhost: str | None,
+    signing_key_env: str,
+    answer: Literal["ack", "nack", "none"],
+    answer_delay: float,
+    meter_interval: float,
+    alarm_every: float,
+    mode_every: float,
+    duration: float | None,
+    count: int | None,
+    seed: int | None,
+    print_config: bool,
+) -> None:
+    """Play Voke ESM for an organisation on a RabbitMQ broker (the VCP format).
+
+    Declares the exchange vcp and the org's seven queues, publishes telemetry of plants
+    P-1..P-N (each with devices B1 battery, M1 meter, P1 pv) at --rate with publisher
+    confirms, raises and clears alarms, changes plant modes, and answers the commands on
+    vcp.<org>.command. Messages are signed with the key in the environment variable
+    --signing-key-env. --print-config prints the site configuration of these plants.
+
+    Runs until SIGINT or SIGTERM, --duration or --count, then prints a summary. Exit
+    status: 0 done; 1 broker unreachable, login refused or connection lost; 2 usage
+    error or no signing key.
+    """
+    from energybus.simulators.voke import (
+        VokeConnectionError,
+        VokeSimulator,
+        check_org,
+        site_config,
+    )
+
+    try:
+        check_org(org)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--org") from None
+    if print_config:
+        click.echo(site_config(org=org, plants=plants), nl=False)
+        return
+    key = os.environ.get(signing_key_env)
+    if not key:
+        click.echo(
+            f"error    no signing key: the environment variable {signing_key_env} is not set "
+            "(it holds the org's signing key; --signing-key-env names another)",
+            err=True,
+        )
+        sys.exit(2)
+    try:
+        simulator = VokeSimulator(
+            url=url,
+            org=org,
+            signing_key=key,
+            vhost=vhost,
+            plants=plants,
+            rate=rate,
+            answer=answer,
+            answer_delay_s=answer_delay,
+            meter_interval_s=meter_interval,
+            alarm_every_s=_every(alarm_every),
+            mode_every_s=_every(mode_every),
+            seed=seed,
+        )
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    # Connection faults are reported in one line below; the drivers' own log lines would
+    # repeat them, with tracebacks.
+    for name in ("aio_pika", "aiormq"):
+        logging.getLogger(name).addHandler(logging.NullHandler())
+        logging.getLogger(name).propagate = False
+    names = "plant P-1" if plants == 1 else f"plants P-1..P-{plants}"
+    click.echo(
+        f"voke     org {org}: {names} ({plants * 4} devices), {rate:g} telemetry/s, "
+        f"answer {answer}" + ("" if answer == "none" else f" after {answer_delay:g} s")
+    )
+
+    def ready() -> None:
+        click.echo(
+            f"ready    {simulator.url} (vhost {simulator.vhost}): exchange vcp, "
+            f"queues vcp.{org}.*; SIGINT or SIGTERM stops"
+        )
+
+    # A signal before the event loop takes them over stops the run as soon as it starts,
+    # and one after it is over changes nothing; the previous handlers come back at the end.
+    early: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, _: early.append(signum))
+
+    async def main() -> Stats:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in previous:
+            loop.add_signal_handler(sig, stop.set)
+        if early:
+            stop.set()
+        return await simulator.run(stop=stop, duration_s=duration, count=count, on_ready=ready)
+
+    try:
+        try:
+            stats = asyncio.run(main())
+        except VokeConnectionError as error:
+            click.echo(f"error    {error}", err=True)
+            if any(error.stats.published.values()):
+                click.echo(f"stopped  {error.stats.summary()}")
+            sys.exit(1)
+        finally:
+            for sig in previous:  # asyncio.run put back the defaults
+                signal.signal(sig, lambda signum, _: early.append(signum))
+        click.echo(f"stopped  {stats.summary()}")
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: not set from Python, nothing to put back
+                signal.signal(sig, handler)

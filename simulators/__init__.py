@@ -1,0 +1,8 @@
+"""Simulators play source platforms for demos, tests and benchmarks.
+
+Each module here speaks one platform's wire format from the platform's side, so that
+energybus can be run and measured against something that behaves like the real thing
+without access to it. ``voke`` plays the Voke ESM platform over RabbitMQ (the VCP
+format, docs/adapters.md). A simulator may use the contract and the adapters' helpers
+(signing), never the worker or the CLI.
+"""
