@@ -119,6 +119,11 @@ class Pipeline:
         when it already has an outcome)."""
         return self.adapter.commands.sent(command_id, at)
 
+    def command_failed(self, command_id: str, reason: str) -> CommandRecord | None:
+        """Command ``command_id`` could not be sent: its record, now ``rejected`` with
+        ``reason`` (``None`` when it already has an outcome)."""
+        return self.adapter.commands.fail(command_id, reason)
+
     def take_suppressed(self) -> int:
         """How many values dedupe held back since the last call (for a counter metric)."""
         total = self.renderer.suppressed

@@ -91,6 +91,17 @@ def check(config_path: str) -> None:
                 f"  gate     sets older than {policy.max_age_s:g} s or {policy.max_future_s:g} s "
                 f"ahead refused; {len(gate.series)} series ages, {len(gate.interlocks)} interlocks"
             )
+    for _, source, declaration in plan.connections:
+        e = declaration.endpoint
+        assert e is not None
+        out(
+            f"amqp       {source}: {e.uri} vhost {e.vhost} as {e.username} (password set), "
+            f"prefetch {e.prefetch}, manual ack"
+        )
+        for queue in declaration.patterns:
+            out(f"  queue    {queue}  (checked passively at start-up)")
+        for key in declaration.publishes:
+            out(f"  command  {e.exchange} <- {key}  (mandatory, publisher confirms)")
     for f in plan.ingest:
         out(f"ingest     {f}  (QoS 1, no local) -> historians")
     out("publish    canonical value/last/meta/availability per the delivery policy")

@@ -81,7 +81,10 @@ _COMMAND_SQL: Final = (
         for name in _MOVABLE
     )
     + ", updated_at = now()"
+    # A later state wins; a command still waiting may also carry the source's progress
+    # (``response_status`` DISPATCHED, EXECUTING) without changing state.
     + f" WHERE {SCHEMA}.command_rank(EXCLUDED.state) > {SCHEMA}.command_rank(command_logs.state)"
+    + " OR (EXCLUDED.state = command_logs.state AND EXCLUDED.state IN ('accepted', 'sent'))"
 )
 _json: Final = msgspec.json.Encoder()
 

@@ -325,3 +325,67 @@ def test_static_fields_keep_their_type_across_vens() -> None:
 
     assert meta("w1", 1) == 1
     assert meta("w2", True) is True
+
+
+def test_a_command_for_an_outlet_leaves_by_it_and_a_failure_rejects_it() -> None:
+    """A Voke command goes to the org's AMQP connection, not the bus; if that connection
+    cannot take it, the record is rejected with the reason and the set acknowledged."""
+    from energybus.adapters.voke import VokeOptions
+    from energybus.messages import Message
+
+    options = msgspec.convert(
+        {
+            "orgs": {
+                "acme": {
+                    "api_key": "k",
+                    "signing_keys": ["s"],
+                    "site": "hq",
+                    "plants": {"P-1": {"targets": {"B1": {"template": "battery"}}}},
+                }
+            }
+        },
+        VokeOptions,
+    )
+    voke = Pipeline(create_adapter("voke", options=options))
+    sink = FakeSink()
+    dispatcher = Dispatcher(
+        pipelines={"voke": voke},
+        sink=sink,
+        metrics=Metrics(),
+        availability=Availability(timeout_s=60),
+        dead_letter_prefix="energybus/dead_letter",
+        worker_id="w1",
+    )
+    dispatcher.route("mqtt", list(voke.command_filters), voke)
+
+    class Outlet:
+        def __init__(self) -> None:
+            self.sent: list[tuple[Message, Any]] = []
+
+        def publish(self, message: Message, token: Any) -> None:
+            self.sent.append((message, token))
+
+    outlet = Outlet()
+    dispatcher.outlet("vcp.acme.command", outlet)
+    bus = FakeBus()
+    dispatcher.attach(bus)
+    acked: list[int] = []
+    acks = AckQueue(acked.append)
+    topic = "hq/energy/storage/p-1-b1/power_setpoint/set"
+    for packet_id in (1, 2):
+        dispatcher.handle(Delivery("mqtt", topic, b"1000", datetime.now(UTC), acks.add(packet_id)))
+    assert bus.published == []  # nothing of a Voke command goes on the bus
+    assert [m.topic for m, _ in outlet.sent] == ["vcp.acme.command"] * 2
+    assert json.loads(outlet.sent[0][0].payload)["payload"] == {"kw": 1.0}
+    assert acked == []  # each set waits for its command's fate
+    outlet.sent[0][1].release()  # the broker confirmed the first
+    outlet.sent[1][1].fail("the broker could not route it")
+    assert [(c.state, c.reason) for c in sink.commands] == [
+        ("accepted", None),
+        ("accepted", None),
+        ("sent", None),
+        ("rejected", "the broker could not route it"),
+    ]
+    assert acked == []
+    sink.commit()  # the accepted records are stored
+    assert acked == [1, 2]

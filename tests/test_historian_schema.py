@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import msgspec
 import pytest
 
 from energybus.commands import CommandRecord
@@ -339,5 +340,64 @@ def test_two_writers_adding_the_same_new_series_at_once_both_store_their_rows(
         assert [r.measurements for r in results] == [len(keys)] * 4
         assert series == len(keys)
         assert rows == 4 * len(keys)
+
+    _in_fresh_database(postgres, scenario)
+
+
+def test_command_logs_keep_the_latest_state_and_progress_without_going_back(
+    postgres: Service,
+) -> None:
+    """A command's snapshots arrive in order of their states; progress (the source's
+    DISPATCHED) updates a command still waiting, and nothing moves an outcome back."""
+
+    async def scenario(dsn: str) -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        historian = Historian(dsn)
+        await historian.connect()
+        accepted = CommandRecord(
+            id="c-1",
+            adapter="voke",
+            site="s",
+            entity_type="storage",
+            entity_id="b",
+            metric="power_setpoint",
+            value=100,
+            target="acme/P-1/B1",
+            action="set_power",
+            payload={"kw": 0.1},
+            state="accepted",
+            accepted_at=AT,
+            expires_at=AT,
+        )
+        replace = msgspec.structs.replace
+        received = replace(accepted, response_status="RECEIVED")
+        dispatched = replace(accepted, response_status="DISPATCHED")
+        confirmed = replace(accepted, state="confirmed", response_status="ACK", acked_at=AT)
+        late = replace(accepted, state="sent", sent_at=AT)  # a confirm behind the ACK
+        expected = [
+            ("accepted", None),
+            ("accepted", "RECEIVED"),
+            ("accepted", "DISPATCHED"),
+            ("confirmed", "ACK"),
+            ("confirmed", "ACK"),
+        ]
+        seen = []
+        for record in (accepted, received, dispatched, confirmed, late):
+            await historian.write(Batch(commands=[record]))
+            conn = await asyncpg.connect(dsn)
+            try:
+                row = await conn.fetchrow(
+                    f"SELECT state, response_status FROM {SCHEMA}.command_logs WHERE id = 'c-1'"
+                )
+            finally:
+                await conn.close()
+            assert row is not None
+            seen.append((row["state"], row["response_status"]))
+        await historian.close()
+        assert seen == expected
 
     _in_fresh_database(postgres, scenario)

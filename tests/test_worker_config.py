@@ -155,11 +155,11 @@ def test_a_source_on_a_transport_the_worker_lacks_is_a_clear_error(tmp_path: Pat
 
     config = load_config(_file(tmp_path, GOOD), environ=ENV)
     adapter = config.built["ven"]
-    adapter.sources = (SourceDeclaration(transport="amqp", patterns=("vcp.acme.event.telemetry",)),)
+    adapter.sources = (SourceDeclaration(transport="modbus", patterns=("meter-1",)),)
     with pytest.raises(MappingError) as caught:
         Worker.plan(config)
     assert caught.value.code == "unsupported_transport"
-    assert "declares a amqp source" in caught.value.message
+    assert "declares a modbus source" in caught.value.message
 
 
 def test_the_command_gate_is_in_the_plan_and_a_bad_interlock_is_located(tmp_path: Path) -> None:
@@ -175,3 +175,57 @@ def test_the_command_gate_is_in_the_plan_and_a_bad_interlock_is_located(tmp_path
     assert result.exit_code == 2
     line = GOOD.count("\n") + 2
     assert f"{bad}:{line}: an interlock's min is above its max" in result.output
+
+
+VOKE = """\
+[adapters.voke.orgs.acme]
+uri = "amqps://voke.example:5671"
+vhost = "acme-prod"
+api_key = "${VOKE_KEY}"
+signing_keys = ["${VOKE_SIGNING}"]
+[adapters.voke.orgs.acme.plants.P-17.targets]
+B1 = { template = "battery" }
+"""
+VOKE_ENV = {**ENV, "VOKE_KEY": "voke-api-secret-3", "VOKE_SIGNING": "voke-signing-secret-4"}
+
+
+def test_check_shows_each_voke_account_and_never_its_keys(tmp_path: Path) -> None:
+    source = _file(tmp_path, GOOD + VOKE)
+    result = CliRunner().invoke(main, ["check", "--config", str(source)], env=VOKE_ENV)
+    assert result.exit_code == 0, result.output
+    assert (
+        "amqp       voke:acme: amqps://voke.example:5671 vhost acme-prod as acme (password set)"
+        in result.output
+    )
+    assert "  queue    vcp.acme.event.telemetry  (checked passively at start-up)" in result.output
+    assert "  command  vcp <- vcp.acme.command  (mandatory, publisher confirms)" in result.output
+    assert "voke-api-secret-3" not in result.output
+    assert "voke-signing-secret-4" not in result.output
+    config = load_config(source, environ=VOKE_ENV)
+    assert "voke-api-secret-3" not in repr(config.adapters["voke"])
+    assert "voke-api-secret-3" not in repr(config.built["voke"].sources)
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "path"),
+    [
+        (("orgs.acme", "orgs.Acme"), "bad_identifier",
+         "$.adapters.voke.orgs.Acme"),
+        (("amqps://voke.example:5671", "amqps://acme:pw@voke.example:5671"), "invalid_value",
+         "$.adapters.voke.orgs.acme.uri"),
+        (("amqps://voke.example:5671", "https://voke.example"), "invalid_value",
+         "$.adapters.voke.orgs.acme.uri"),
+        (('["${VOKE_SIGNING}"]', "[]"), "missing_field", "$.adapters.voke.orgs.acme.signing_keys"),
+        (('api_key = "${VOKE_KEY}"\n', ""), "missing_field", "$.adapters.voke.orgs.acme.api_key"),
+        (('template = "battery"', 'template = "boat"'), "unknown_template",
+         "$.adapters.voke.orgs.acme.plants.P-17.targets.B1.template"),
+    ],
+)  # fmt: skip
+def test_a_voke_fault_is_located(
+    tmp_path: Path, change: tuple[str, str], code: str, path: str
+) -> None:
+    source = _file(tmp_path, GOOD + VOKE.replace(*change))
+    with pytest.raises(MappingError) as caught:
+        load_config(source, environ=VOKE_ENV)
+    assert (caught.value.code, caught.value.path) == (code, path)
+    assert "voke-api-secret-3" not in str(caught.value)

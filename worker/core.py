@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Final, NamedTuple
 
-from energybus.adapters import Pipeline, create_adapter
+from energybus.adapters import Pipeline, SourceDeclaration, create_adapter
 from energybus.errors import MappingError
 from energybus.historian import Historian, Outbox
 
@@ -31,13 +31,13 @@ from .connection import BusConnection
 from .dispatch import Dispatcher
 from .metrics import Metrics
 from .sink import HistorianSink
-from .sources import MqttSource, Source
+from .sources import AmqpSource, MqttSource, Source
 
 __all__ = ["Plan", "Worker", "run_worker"]
 
 log = logging.getLogger("energybus.worker")
 
-TRANSPORTS: Final = frozenset({"mqtt"})
+TRANSPORTS: Final = frozenset({"mqtt", "amqp"})
 """The transports this worker has sources for (adapters declare theirs)."""
 
 
@@ -51,6 +51,9 @@ class Plan(NamedTuple):
     dead_letter_prefix: str
     sources: list[tuple[str, str, list[str]]]
     """(adapter, transport, patterns) of every source declaration."""
+    connections: list[tuple[str, str, SourceDeclaration]]
+    """(adapter, source name, declaration) of every source with a connection of its own
+    (an AMQP account)."""
 
 
 def _pipelines(config: Config) -> dict[str, Pipeline]:
@@ -68,8 +71,12 @@ class Worker:
         if pipelines is None:
             pipelines = _pipelines(config)
         share = f"$share/{w.shared_group}/" if w.shared_group else ""
+        connections = []
         for name, pipeline in pipelines.items():
             for declaration in pipeline.sources:
+                if declaration.endpoint is not None:
+                    source = f"{name}:{declaration.endpoint.username}"
+                    connections.append((name, source, declaration))
                 if declaration.transport not in TRANSPORTS:
                     raise MappingError(
                         "unsupported_transport",
@@ -95,6 +102,7 @@ class Worker:
                 for name, p in pipelines.items()
                 for d in p.sources
             ],
+            connections=connections,
         )
 
     def __init__(self, config: Config) -> None:
@@ -138,7 +146,7 @@ class Worker:
 
     def _sources(self, plan: Plan) -> list[Source]:
         """One MQTT source for every adapter's MQTT topics and ``set`` commands (it also
-        carries the worker's status); other transports get their sources as they land."""
+        carries the worker's status), and one source per declared AMQP account."""
         dispatcher = self.dispatcher
         filters: list[str] = []
         command_filters: list[str] = []
@@ -148,9 +156,10 @@ class Worker:
             dispatcher.route("mqtt", [*mqtt, *pipeline.command_filters], pipeline)
             filters += sources  # as subscribed: with $share/<group>/
             command_filters += commands
-        return [
+        m = self.config.mqtt
+        result: list[Source] = [
             MqttSource(
-                config=self.config.mqtt,
+                config=m,
                 filters=filters,
                 commands=command_filters,
                 status_topic=plan.status_topic,
@@ -159,6 +168,23 @@ class Worker:
                 gate=dispatcher,
             )
         ]
+        for name, source_name, declaration in plan.connections:
+            assert declaration.endpoint is not None
+            source = AmqpSource(
+                name=source_name,
+                endpoint=declaration.endpoint,
+                queues=list(declaration.patterns),
+                metrics=self.metrics,
+                deliver=dispatcher.handle,
+                gate=dispatcher,
+                reconnect_min_s=m.reconnect_min_s,
+                reconnect_max_s=m.reconnect_max_s,
+            )
+            dispatcher.bind(source_name, self.pipelines[name])
+            for destination in declaration.publishes:
+                dispatcher.outlet(destination, source)
+            result.append(source)
+        return result
 
     def _ingest(self, received: Received, entry: Entry) -> None:
         if not self._consuming:

@@ -23,6 +23,7 @@ from energybus.adapters import Pipeline, Rejection
 from energybus.commands import CommandRecord
 from energybus.errors import EnergyBusError
 from energybus.filters import matches
+from energybus.messages import Message
 from energybus.rows import Row, historian_row
 from energybus.samples import Reading
 
@@ -33,7 +34,7 @@ from .deadletter import dead_letter
 from .metrics import Metrics
 from .sources.base import Delivery
 
-__all__ = ["Dispatcher", "Publisher", "RowSink"]
+__all__ = ["Dispatcher", "Outlet", "Publisher", "RowSink"]
 
 log = logging.getLogger("energybus.worker")
 _ROUTE_CACHE: Final = 100_000
@@ -102,6 +103,22 @@ class _CommandSent:
             self.sink.add((), [record], None)
         self.entry.release()
 
+    def fail(self, reason: str) -> None:
+        """The command could not be sent (its source is down, or the broker returned
+        it): it is rejected with ``reason``, stored, and its ``set`` acknowledged."""
+        record = self.pipeline.command_failed(self.command_id, reason)
+        if record is not None:
+            log.warning("command %s rejected: %s", self.command_id, reason)
+            if self.sink is not None:
+                self.sink.add((), [record], None)
+        self.entry.release()
+
+
+class Outlet(Protocol):
+    """A source connection that carries an adapter's commands (an AMQP source)."""
+
+    def publish(self, message: Message, token: _CommandSent) -> None: ...
+
 
 class Dispatcher:
     """Handles deliveries from every source; also the sources' :class:`Gate`."""
@@ -126,6 +143,7 @@ class Dispatcher:
         self._up = asyncio.Event()
         self._filters: dict[str, list[tuple[str, Pipeline]]] = {}
         self._bound: dict[str, Pipeline] = {}
+        self._outlets: dict[str, Outlet] = {}
         self._cache: dict[tuple[str, str], Pipeline | None] = {}
         self._counters = {
             name: (
@@ -145,6 +163,11 @@ class Dispatcher:
     def bind(self, source: str, pipeline: Pipeline) -> None:
         """Every message of ``source`` goes to ``pipeline`` (a queue or device source)."""
         self._bound[source] = pipeline
+
+    def outlet(self, destination: str, outlet: Outlet) -> None:
+        """Command messages for ``destination`` (an AMQP routing key) go to ``outlet``,
+        not to the bus."""
+        self._outlets[destination] = outlet
 
     def use(self, bus: Publisher) -> None:
         """Publish through ``bus`` from now on (a new connection, not yet subscribed:
@@ -256,7 +279,11 @@ class Dispatcher:
                 for message in messages:
                     entry.hold()
                     sent = _CommandSent(entry, pipeline, command_id, self.sink)
-                    publish(message.topic, message.payload, message.qos, message.retain, sent)
+                    outlet = self._outlets.get(message.topic)
+                    if outlet is not None:
+                        outlet.publish(message, sent)
+                    else:
+                        publish(message.topic, message.payload, message.qos, message.retain, sent)
             else:
                 # The broker acknowledges QoS 1 publishes in the order it received them
                 # (MQTT 5, 4.6), and a resend keeps that order: the PUBACK of the

@@ -13,7 +13,11 @@ from typing import Any, Literal
 
 import msgspec
 
-__all__ = ["StateLog", "setup_logging"]
+__all__ = ["QUIET", "StateLog", "setup_logging"]
+
+QUIET = ("aiormq", "aio_pika")
+"""Libraries whose own logging the worker's log leaves out (their connections' states are
+logged by the worker's sources)."""
 
 _encode = msgspec.json.Encoder().encode
 
@@ -40,6 +44,10 @@ def setup_logging(fmt: Literal["human", "json"] = "human", level: str = "INFO") 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # The AMQP client logs every failed attempt at ERROR, with a traceback when a
+    # connection drops; the AMQP source says each change of state once, in one line.
+    for name in QUIET:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 class StateLog:

@@ -4,14 +4,15 @@ Each source connects, consumes and reconnects on its own, and hands every messag
 the dispatcher as a :class:`Delivery` with an acknowledgement handle; the dispatcher
 does the same for all of them (translation, publishing, dead letters, historian rows,
 availability, metrics), and the source acknowledges a message only when the handle says
-all its effects are safe. The MQTT source is here; AMQP and Modbus sources implement
-the same :class:`Source`.
+all its effects are safe. The MQTT and AMQP sources are here; a Modbus source
+implements the same :class:`Source`.
 """
 
 from __future__ import annotations
 
+from .amqp import AmqpSource
 from .base import Delivery, Gate, Source
 from .memory import MemorySource
 from .mqtt import MqttSource
 
-__all__ = ["Delivery", "Gate", "MemorySource", "MqttSource", "Source"]
+__all__ = ["AmqpSource", "Delivery", "Gate", "MemorySource", "MqttSource", "Source"]

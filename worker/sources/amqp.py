@@ -1,0 +1,409 @@
+"""The AMQP source: one connection to a broker account, consuming its queues (aio-pika).
+
+An adapter declares the account (:class:`~energybus.adapters.AmqpEndpoint`: where, as
+whom, which queues, what to say when one is missing); this source connects, checks the
+queues passively (it never creates a queue on someone else's broker), consumes them
+with manual acknowledgement and reconnects by itself with capped backoff and jitter,
+logging each change of state once.
+
+A message is acknowledged once its effects are safe (worker/acks.py), in arrival order
+across the connection's queues, so one ``basic.ack`` with ``multiple`` covers all the
+messages settled in one turn of the event loop. While the dispatcher's gate is closed,
+messages are held here; the broker sends at most ``prefetch`` unacknowledged messages
+per queue, so what waits stays at the broker.
+
+After a reconnect the broker redelivers what was not acknowledged, marked
+``redelivered``. A redelivered message this process already handed over (it is among
+the last ones handed over, since acknowledgements go in order) is acknowledged behind
+the previous connection's unfinished work instead of being handled twice; a redelivery
+after a restart of the worker is handled again, and the historian's key stores its rows
+once.
+
+The connection also publishes the adapter's commands (``publishes``), with publisher
+confirms and ``mandatory``: a command the broker cannot route is returned, and the
+command is rejected with that reason rather than lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import aio_pika
+import msgspec
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.exceptions import (
+    AMQPError,
+    ChannelNotFoundEntity,
+    ProbableAuthenticationError,
+    PublishError,
+)
+from pamqp.commands import Basic
+
+from energybus.adapters import AmqpEndpoint
+from energybus.messages import Message
+
+from ..acks import AckQueue
+from ..logs import StateLog
+from ..metrics import Metrics
+from ..retry import Backoff
+from .base import Delivery, Gate, Source
+
+__all__ = ["AmqpSource", "CommandToken"]
+
+log = logging.getLogger("energybus.worker.source")
+
+CONNECT_TIMEOUT_S = 15.0
+CONFIRM_TIMEOUT_S = 15.0
+
+
+class CommandToken(Protocol):
+    """What the dispatcher hands over with a command: told when the broker has it, or
+    why it could not take it."""
+
+    def release(self) -> None: ...
+
+    def fail(self, reason: str) -> None: ...
+
+
+class _Link:
+    """One connection's channel and what is tied to it; acknowledgements for a channel
+    that is gone are dropped (the broker redelivers those messages)."""
+
+    __slots__ = ("ack_scheduled", "ack_upto", "channel", "closed", "underlay")
+
+    def __init__(self, channel: AbstractChannel, underlay: Any) -> None:
+        self.channel = channel
+        self.underlay = underlay
+        self.closed = False
+        self.ack_upto = 0
+        self.ack_scheduled = False
+
+
+class AmqpSource(Source):
+    transport = "amqp"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        endpoint: AmqpEndpoint,
+        queues: list[str],
+        metrics: Metrics,
+        deliver: Callable[[Delivery], None],
+        gate: Gate,
+        reconnect_min_s: float = 0.5,
+        reconnect_max_s: float = 30.0,
+    ) -> None:
+        super().__init__(deliver=deliver, gate=gate)
+        self.name = name
+        self.endpoint = endpoint
+        self.queues = queues
+        self.metrics = metrics
+        self._backoff = (reconnect_min_s, reconnect_max_s)
+        parts = urlsplit(endpoint.uri)
+        self._tls = parts.scheme == "amqps"
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or (5671 if self._tls else 5672)
+        self._acks: AckQueue | None = None
+        self._link: _Link | None = None
+        self._connection: AbstractConnection | None = None
+        self._exchange: aio_pika.abc.AbstractExchange | None = None
+        self._held: deque[tuple[AbstractIncomingMessage, str]] = deque()
+        self._draining: asyncio.Task[None] | None = None
+        self._recent: deque[tuple[str, bytes]] = deque(maxlen=endpoint.prefetch * len(queues))
+        self._redelivered: set[tuple[str, bytes]] = set()
+        self._consumers: dict[str, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    @property
+    def where(self) -> str:
+        """The account, for people: never the password."""
+        e = self.endpoint
+        return f"{e.username}@{self._host}:{self._port} vhost {e.vhost}"
+
+    # Connecting -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        backoff = Backoff(*self._backoff)
+        state = StateLog(log)
+        connected = self.metrics.connected.labels(self.name)
+        first = True
+        while True:
+            lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            try:
+                await self._connect(lost)
+            except Exception as error:
+                await self._drop()
+                connected.set(0)
+                state.change(
+                    f"down:{type(error).__name__}",
+                    logging.ERROR if _permanent(error) else logging.WARNING,
+                    "%s: cannot connect to %s: %s",
+                    self.endpoint.name,
+                    self.where,
+                    self._explain(error),
+                )
+                await asyncio.sleep(backoff.next())
+                continue
+            if not first:
+                self.metrics.reconnects.labels(self.name).inc()
+            first = False
+            backoff.reset()
+            connected.set(1)
+            state.change(
+                "up",
+                logging.INFO,
+                "%s: connected to %s, consuming %d queues",
+                self.endpoint.name,
+                self.where,
+                len(self.queues),
+            )
+            reason = await lost
+            if self._closing:
+                return
+            await self._drop()
+            connected.set(0)
+            name = self.endpoint.name
+            state.change("down", logging.WARNING, "%s: connection lost: %s", name, reason)
+            await asyncio.sleep(backoff.next())
+
+    async def _connect(self, lost: asyncio.Future[str]) -> None:
+        e = self.endpoint
+        context: ssl.SSLContext | None = None
+        if self._tls:
+            context = ssl.create_default_context(cafile=e.ca_file)
+        connection = await aio_pika.connect(
+            host=self._host,
+            port=self._port,
+            login=e.username,
+            password=e.password,
+            virtualhost=e.vhost,
+            ssl=self._tls,
+            ssl_context=context,
+            timeout=CONNECT_TIMEOUT_S,
+            client_properties={"connection_name": f"energybus {e.name}"},
+        )
+        self._connection = connection
+
+        def gone(_: Any, error: BaseException | None = None) -> None:
+            if not lost.done():
+                lost.set_result(_explain_closed(error))
+
+        connection.close_callbacks.add(gone)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        channel.close_callbacks.add(gone)
+        await channel.set_qos(prefetch_count=e.prefetch)
+        queues = []
+        for name in self.queues:
+            try:
+                queues.append(await channel.get_queue(name, ensure=True))
+            except ChannelNotFoundEntity:
+                raise _MissingQueue(name, e.missing_queue) from None
+        if e.exchange:
+            self._exchange = await channel.get_exchange(e.exchange, ensure=True)
+        link = _Link(channel, await channel.get_underlay_channel())
+        acks = AckQueue(lambda tag: self._ack(link, tag))
+        if self._acks is not None:
+            self._redelivered = set(self._recent)
+            acks.after(self._acks)
+        self._recent.clear()
+        self._acks = acks
+        self._link = link
+        self._consumers = {}
+        for queue in queues:
+            tag = await queue.consume(self._on_message, no_ack=False)
+            self._consumers[tag] = queue.name
+
+    async def _drop(self) -> None:
+        """Forget the connection: what it held was never acknowledged, so the broker
+        delivers it again on the next one."""
+        link, self._link = self._link, None
+        if link is not None:
+            link.closed = True
+        self._held.clear()
+        self._exchange = None
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 5)
+
+    def _explain(self, error: BaseException) -> str:
+        if isinstance(error, _MissingQueue):
+            return f"queue {error.queue} is missing. {error.hint}"
+        if isinstance(error, ProbableAuthenticationError):
+            return (
+                f"the broker refused user {self.endpoint.username!r}: check the API key"
+                " (its secret, its vcp:connect scope) and that it is not revoked"
+            )
+        if isinstance(error, ChannelNotFoundEntity):
+            e = self.endpoint
+            return f"exchange {e.exchange!r} does not exist on vhost {e.vhost}"
+        text = str(error) or type(error).__name__
+        if "Connection.OpenOk" in text or "NOT_ALLOWED" in text or "access to vhost" in text:
+            return (
+                f"the broker refused vhost {self.endpoint.vhost!r} to user"
+                f" {self.endpoint.username!r}: check the key's vhost"
+            )
+        return _oneline(text)
+
+    # Consuming --------------------------------------------------------------------------
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._received(message)
+
+    def _received(self, message: AbstractIncomingMessage) -> None:
+        if not self.consuming:
+            return  # not acknowledged: delivered again to the next run
+        queue = self._consumers.get(message.consumer_tag or "", message.routing_key or "")
+        held = self._held
+        if held or not self.gate.is_open():
+            held.append((message, queue))
+            if self._draining is None or self._draining.done():
+                self._draining = asyncio.get_running_loop().create_task(self._drain())
+            return
+        self._hand_over(message, queue)
+
+    async def _drain(self) -> None:
+        held = self._held
+        gate = self.gate
+        while held:
+            if not gate.is_open():
+                await gate.wait_open()
+                continue
+            for _ in range(1000):
+                if not held or not gate.is_open() or not self.consuming:
+                    break
+                self._hand_over(*held.popleft())
+            if not self.consuming:
+                held.clear()
+            await asyncio.sleep(0)
+
+    def _hand_over(self, message: AbstractIncomingMessage, queue: str) -> None:
+        acks = self._acks
+        assert acks is not None
+        body = message.body
+        key = (queue, body)
+        entry = acks.add(message.delivery_tag or 0)
+        if message.redelivered and key in self._redelivered:
+            self._redelivered.discard(key)
+            entry.release()
+            return
+        self._recent.append(key)
+        self.deliver(Delivery(self.name, queue, body, datetime.now(UTC), entry))
+
+    def _ack(self, link: _Link, tag: int) -> None:
+        """Acknowledge up to ``tag``; one ``basic.ack`` (multiple) per loop turn."""
+        if link.closed:
+            return
+        link.ack_upto = tag
+        if not link.ack_scheduled:
+            link.ack_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_acks, link)
+
+    def _send_acks(self, link: _Link) -> None:
+        link.ack_scheduled = False
+        if link.closed:
+            return
+        self._spawn(self._basic_ack(link, link.ack_upto))
+
+    async def _basic_ack(self, link: _Link, tag: int) -> None:
+        try:
+            await link.underlay.basic_ack(delivery_tag=tag, multiple=True)
+        except Exception as error:
+            log.debug("%s: acknowledgement not sent: %s", self.endpoint.name, error)
+
+    # Publishing commands ----------------------------------------------------------------
+
+    def publish(self, message: Message, token: CommandToken) -> None:
+        """Publish a command to the endpoint's exchange under ``message.topic`` (a routing
+        key); ``token`` hears of the broker's confirmation or of the failure."""
+        exchange = self._exchange
+        if exchange is None or self._link is None:
+            token.fail(f"{self.endpoint.name} is not connected; the command was not sent")
+            return
+        self._spawn(self._publish(exchange, message, token))
+
+    async def _publish(
+        self, exchange: aio_pika.abc.AbstractExchange, message: Message, token: CommandToken
+    ) -> None:
+        amqp = aio_pika.Message(
+            message.payload,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=_command_id(message.payload),
+        )
+        try:
+            confirmation = await exchange.publish(
+                amqp, message.topic, mandatory=True, timeout=CONFIRM_TIMEOUT_S
+            )
+        except PublishError:
+            token.fail(
+                f"the broker could not route it: no queue is bound to {message.topic!r}"
+                f" on exchange {self.endpoint.exchange!r}"
+            )
+            return
+        except (AMQPError, ConnectionError, TimeoutError) as error:
+            why = _oneline(str(error)) or type(error).__name__
+            token.fail(f"{self.endpoint.name}: not confirmed by the broker ({why})")
+            return
+        if isinstance(confirmation, Basic.Ack):
+            token.release()
+        else:
+            token.fail(f"the broker refused it ({type(confirmation).__name__})")
+
+    # Housekeeping -----------------------------------------------------------------------
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._draining is not None:
+            self._draining.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        await self._drop()
+
+
+class _MissingQueue(Exception):
+    def __init__(self, queue: str, hint: str) -> None:
+        super().__init__(queue)
+        self.queue = queue
+        self.hint = hint
+
+
+def _permanent(error: BaseException) -> bool:
+    """Failures an operator must fix (retried all the same: someone may fix them)."""
+    return isinstance(error, _MissingQueue | ProbableAuthenticationError | ChannelNotFoundEntity)
+
+
+def _explain_closed(error: BaseException | None) -> str:
+    if error is None:
+        return "closed"
+    return _oneline(str(error)) or type(error).__name__
+
+
+def _oneline(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _command_id(payload: bytes) -> str | None:
+    """The ``cmdId`` of a command body, for the AMQP ``message_id``."""
+    try:
+        body = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        return None
+    found = body.get("cmdId") if isinstance(body, dict) else None
+    return found if isinstance(found, str) else None
