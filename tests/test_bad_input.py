@@ -17,6 +17,8 @@ import pytest
 from energybus.adapters import BUILTIN, Pipeline, create_adapter
 from energybus.adapters.cpi import CpiOptions
 from energybus.adapters.engine import decode
+from energybus.adapters.signing import Signer
+from energybus.adapters.voke import VokeOptions
 from energybus.errors import SourceError
 from energybus.payloads import explain
 from tests.test_cli import energybus_exe
@@ -70,6 +72,18 @@ def _pipelines() -> dict[str, tuple[Pipeline, list[str]]]:
     cpi = msgspec.convert(
         {"plants": {"p1": {"targets": {"B1": {"template": "battery"}}}}}, CpiOptions
     )
+    voke = msgspec.convert(
+        {
+            "orgs": {
+                "acme": {
+                    "api_key": "k",
+                    "signing_keys": [VOKE_KEY],
+                    "plants": {"P-1": {"targets": {"B1": {"template": "battery"}}}},
+                }
+            }
+        },
+        VokeOptions,
+    )
     ven = Pipeline(create_adapter("ven"))
     ven.feed("volttron/metering", b'{"venId": "v1", "timestamp": 1}', received_at=AT)
     return {
@@ -91,7 +105,49 @@ def _pipelines() -> dict[str, tuple[Pipeline, list[str]]]:
                 "p1/energy/storage/p1-b1/power_setpoint/set",
             ],
         ),
+        "voke": (
+            Pipeline(create_adapter("voke", options=voke)),
+            [
+                "vcp.acme.event.telemetry",
+                "vcp.acme.event.status",
+                "vcp.acme.event.alarm",
+                "vcp.acme.event.execution",
+                "p-1/energy/storage/p-1-b1/power_setpoint/set",
+            ],
+        ),
     }
+
+
+VOKE_KEY = "bad-input-key"
+
+
+def _voke_envelopes() -> list[bytes]:
+    """Signed VCP envelopes with broken fields: the signature passes, what follows must
+    still refuse them cleanly."""
+    signer = Signer([VOKE_KEY])
+    base = {"v": 1, "org": "acme", "plant": "P-1", "ts": MS}
+    broken: list[dict[str, Any]] = [
+        {"device": ["B1"], "kind": "realtime", "values": {"socPct": 1}},
+        {"device": "B1", "kind": "realtime", "values": {"socPct": 1e308, "state": 2.5}},
+        {"device": "B1", "kind": "meter", "values": {"chargedKwh": "lots", "socPct": None}},
+        {"device": {"x": 1}, "code": ["A"], "active": "yes"},
+        {"cmdId": ["x"], "status": "ACK", "state": None},
+        {"cmdId": "x", "status": "NACK", "reason": {"deep": [1]}},
+        {"event": "mode_change", "mode": 7},
+        {"event": ["mode_change"]},
+        {"plant": {"P-1": 1}, "kind": "realtime", "values": {}},
+        {"ts": 1e300, "kind": "realtime", "values": {}},
+        {"ts": -1, "kind": "realtime", "values": {}},
+        {"id": "", "kind": "realtime", "values": {}},
+        {"org": None, "kind": "realtime", "values": {}},
+    ]
+    out = []
+    for kind in ("telemetry", "status", "alarm", "execution"):
+        for n, fields in enumerate(broken):
+            body = {**base, "type": kind, "id": f"{kind}-{n}", **fields}
+            body["sig"] = signer.sign(body)
+            out.append(msgspec.json.encode(body))
+    return out
 
 
 def test_every_builtin_adapter_is_in_the_corpus_test() -> None:
@@ -102,8 +158,9 @@ def test_every_builtin_adapter_is_in_the_corpus_test() -> None:
 def test_every_adapter_rejects_broken_bytes_with_a_documented_code(name: str) -> None:
     pipeline, topics = _pipelines()[name]
     documented = documented_codes()
+    corpus = CORPUS + (_voke_envelopes() if name == "voke" else [])
     for topic in topics:
-        for payload in CORPUS:
+        for payload in corpus:
             out = pipeline.feed(topic, payload, received_at=AT)  # raises nothing
             codes = {r.code for r in out.rejections}
             assert codes <= documented, (topic, payload[:60], codes - documented)
