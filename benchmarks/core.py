@@ -4,7 +4,8 @@ Each figure is per core: the loops run in one process on one core. Output is one
 object per figure, so runs can be compared over time.
 
     ./dev bench                      # all figures
-    ./dev bench --only render        # one of: validate, render, startup, admission, ven, cpi
+    ./dev bench --only render        # one of: validate, render, startup, admission, ven, cpi,
+                                     # worker, historian, voke, voke-restart
 """
 
 from __future__ import annotations
@@ -197,7 +198,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--only",
-        choices=["validate", "render", "startup", "admission", "ven", "cpi", "worker", "historian"],
+        choices=[
+            "validate",
+            "render",
+            "startup",
+            "admission",
+            "ven",
+            "cpi",
+            "worker",
+            "historian",
+            "voke",
+            "voke-restart",
+        ],
     )
     parser.add_argument(
         "--rates",
@@ -206,8 +218,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--modes",
-        default="historian,bus,nodered",
-        help="worker: which of historian, bus, nodered to run at each rate",
+        help="worker: which of historian, bus, nodered to run at each rate (default: all);"
+        " voke: which of voke, cpi (default: both)",
     )
     parser.add_argument(
         "--drain", type=float, default=60.0, help="worker: seconds to wait for the output"
@@ -220,7 +232,10 @@ def main() -> None:
     args = parser.parse_args()
     cores = os.cpu_count()
     from benchmarks.adapters import bench_cpi, bench_ven
+    from benchmarks.voke import bench_voke, bench_voke_restart
     from benchmarks.worker import bench_historian, bench_worker
+
+    rates = [int(r) for r in args.rates.split(",")]
 
     figures: dict[str, Callable[[], dict[str, object] | list[dict[str, object]]]] = {
         "validate": lambda: bench_validate(args.seconds),
@@ -230,12 +245,16 @@ def main() -> None:
         "ven": lambda: bench_ven(args.seconds, _rate),
         "cpi": lambda: bench_cpi(args.seconds, _rate),
         "worker": lambda: bench_worker(
-            [int(r) for r in args.rates.split(",")],
+            rates,
             4 * args.seconds,
             args.drain,
-            args.modes.split(","),
+            (args.modes or "historian,bus,nodered").split(","),
         ),
         "historian": lambda: bench_historian(),
+        "voke": lambda: bench_voke(
+            rates, 4 * args.seconds, args.drain, (args.modes or "voke,cpi").split(",")
+        ),
+        "voke-restart": lambda: bench_voke_restart(rates[0], 4 * args.seconds, args.drain),
     }
     for name, run in figures.items():
         if args.only in (None, name):

@@ -1,0 +1,229 @@
+"""The plant load generator, a process of its own so that its CPU is counted apart.
+
+Publishes signed battery telemetry of one plant's 200 batteries at a fixed rate, the
+same values either way:
+
+- ``--transport amqp``: Voke ESM envelopes (VCP 1) on ``vcp.<org>.event.telemetry``, with
+  publisher confirms; a message the broker did not confirm (it went away) is sent again
+  once it is back, so every message is in the queue at least once;
+- ``--transport mqtt``: CPI plant telemetry on ``cpi/plant-1/telemetry`` at QoS 1.
+
+Each message holds 8 values and carries the publish time as ``ts``. Prints, as JSON,
+the number of distinct messages the broker took, the seconds from the first publish to
+the last confirmation, the wall-clock time of the first publish, its CPU time and how
+many messages were sent again.
+
+    python -m benchmarks.load_plants --transport amqp --port 5672 --rate 1000 --seconds 20 \\
+        --tag run-1 --org bench --vhost bench      (ENERGYBUS_BENCH_KEY, _SIGNING_KEY set)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+import msgspec
+
+from energybus.adapters.signing import Signer
+
+DEVICES = 200
+VALUES_PER_MESSAGE = 8
+WINDOW = 2000
+"""Publishes awaiting their confirmation at once."""
+
+
+def voke_body(signer: Signer, org: str, device: int, seq: int, rnd: random.Random) -> bytes:
+    body: dict[str, Any] = {
+        "v": 1,
+        "type": "telemetry",
+        "id": str(uuid.uuid4()),
+        "org": org,
+        "plant": "P-1",
+        "device": f"B{device}",
+        "ts": int(time.time() * 1000),
+        "seq": seq,
+        "kind": "realtime",
+        "values": {
+            "socPct": round(rnd.uniform(10, 90), 1),
+            "sohPct": 97.5,
+            "powerKw": round(rnd.uniform(-50, 50), 1),
+            "voltageV": round(rnd.uniform(700, 800), 1),
+            "currentA": round(rnd.uniform(-60, 60), 1),
+            "cellTempMaxC": round(rnd.uniform(20, 35), 1),
+            "state": rnd.randrange(5),
+            "chargedKwh": 10_000 + seq / 100,
+        },
+    }
+    body["sig"] = signer.sign(body)
+    return msgspec.json.encode(body)
+
+
+def cpi_body(signer: Signer, device: int, seq: int, rnd: random.Random) -> bytes:
+    power = round(rnd.uniform(-50, 50), 1)
+    body: dict[str, Any] = {
+        "ts": int(time.time() * 1000),
+        "target": f"B{device}",
+        "values": {
+            "soc": round(rnd.uniform(10, 90), 1),
+            "soh": 97.5,
+            "p_charge": max(-power, 0.0),
+            "p_discharge": max(power, 0.0),
+            "t_cell_max": round(rnd.uniform(200, 350)),
+            "status": rnd.randrange(8),
+        },
+    }
+    body["sig"] = signer.sign(body)
+    return msgspec.json.encode(body)
+
+
+async def publish_amqp(
+    *, port: int, org: str, vhost: str, rate: int, seconds: float
+) -> dict[str, float]:
+    import aio_pika
+
+    signer = Signer([os.environ["ENERGYBUS_BENCH_SIGNING_KEY"]])
+    password = os.environ["ENERGYBUS_BENCH_KEY"]
+    key = f"vcp.{org}.event.telemetry"
+    rnd = random.Random(rate)
+    unsent: deque[bytes] = deque()
+    confirmed = 0
+    resent = 0
+    made = 0
+    started_at = time.time()
+    start = time.perf_counter()
+    done_making = False
+    inflight: dict[asyncio.Future[Any], bytes] = {}
+    while not done_making or unsent:
+        try:
+            connection = await aio_pika.connect(
+                host="127.0.0.1", port=port, login=org, password=password, virtualhost=vhost
+            )
+        except Exception:
+            await asyncio.sleep(0.2)
+            # Messages fall due while the broker is away; they are sent once it is back.
+            while not done_making and made < int((time.perf_counter() - start) * rate):
+                unsent.append(voke_body(signer, org, made % DEVICES + 1, made + 1, rnd))
+                made += 1
+            done_making = time.perf_counter() - start >= seconds
+            continue
+        try:
+            async with connection:
+                channel = await connection.channel(publisher_confirms=True)
+                exchange = await channel.get_exchange("vcp")
+
+                def settle(future: asyncio.Future[Any]) -> None:
+                    nonlocal confirmed
+                    body = inflight.pop(future)
+                    if future.cancelled() or future.exception() is not None:
+                        unsent.append(body)
+                    else:
+                        confirmed += 1
+
+                while True:
+                    now = time.perf_counter() - start
+                    if not done_making:
+                        due = int(min(now, seconds) * rate)
+                        while made < due:
+                            unsent.append(voke_body(signer, org, made % DEVICES + 1, made + 1, rnd))
+                            made += 1
+                        done_making = now >= seconds
+                    while unsent and len(inflight) < WINDOW:
+                        body = unsent.popleft()
+                        message = aio_pika.Message(
+                            body,
+                            content_type="application/json",
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        )
+                        future: asyncio.Future[Any] = asyncio.ensure_future(
+                            exchange.publish(message, key, timeout=30)
+                        )
+                        inflight[future] = body
+                        future.add_done_callback(settle)
+                    if done_making and not unsent and not inflight:
+                        break
+                    if connection.is_closed:
+                        raise ConnectionError("closed")
+                    await asyncio.sleep(0.001)
+        except Exception:
+            pending = list(inflight)
+            for waiting in pending:
+                waiting.cancel()
+            await asyncio.sleep(0)
+            resent += len(pending)
+            await asyncio.sleep(0.2)
+    return {
+        "sent": made,
+        "confirmed": confirmed,
+        "resent": resent,
+        "seconds": time.perf_counter() - start,
+        "started_at": started_at,
+    }
+
+
+def publish_mqtt(*, port: int, rate: int, seconds: float, tag: str) -> dict[str, float]:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    signer = Signer([os.environ["ENERGYBUS_BENCH_SIGNING_KEY"]])
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-plants-{tag}")
+    client.max_inflight_messages_set(0)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    rnd = random.Random(rate)
+    sent = 0
+    started_at = time.time()
+    start = time.perf_counter()
+    infos = []
+    while time.perf_counter() - start < seconds:
+        due = int((time.perf_counter() - start) * rate)
+        while sent < due:
+            body = cpi_body(signer, sent % DEVICES + 1, sent + 1, rnd)
+            infos.append(client.publish("cpi/plant-1/telemetry", body, qos=1))
+            sent += 1
+        time.sleep(0.001)
+    for info in infos:
+        info.wait_for_publish(120)
+    elapsed = time.perf_counter() - start
+    client.loop_stop()
+    client.disconnect()
+    return {
+        "sent": sent,
+        "confirmed": sent,
+        "resent": 0,
+        "seconds": elapsed,
+        "started_at": started_at,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--transport", choices=["amqp", "mqtt"], required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--rate", type=int, required=True)
+    parser.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("--tag", required=True)
+    parser.add_argument("--org", default="bench")
+    parser.add_argument("--vhost", default="/")
+    args = parser.parse_args()
+    if args.transport == "amqp":
+        report = asyncio.run(
+            publish_amqp(
+                port=args.port, org=args.org, vhost=args.vhost, rate=args.rate, seconds=args.seconds
+            )
+        )
+    else:
+        report = publish_mqtt(port=args.port, rate=args.rate, seconds=args.seconds, tag=args.tag)
+    report["cpu_seconds"] = time.process_time()  # import and all: counted apart
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
