@@ -36,7 +36,7 @@ from energybus.adapters.signing import Signer
 DEVICES = 200
 VALUES_PER_MESSAGE = 8
 WINDOW = 2000
-"""Publishes awaiting their confirmation at once."""
+"""The most publishes awaiting their confirmations at once."""
 
 
 def voke_body(signer: Signer, org: str, device: int, seq: int, rnd: random.Random) -> bytes:
@@ -93,70 +93,66 @@ async def publish_amqp(
     key = f"vcp.{org}.event.telemetry"
     rnd = random.Random(rate)
     unsent: deque[bytes] = deque()
-    confirmed = 0
-    resent = 0
-    made = 0
+    made = confirmed = resent = 0
     started_at = time.time()
     start = time.perf_counter()
-    done_making = False
-    inflight: dict[asyncio.Future[Any], bytes] = {}
-    while not done_making or unsent:
+
+    def make_due() -> bool:
+        """Messages fall due on schedule, broker or not; True once all are made."""
+        nonlocal made
+        elapsed = time.perf_counter() - start
+        due = int(min(elapsed, seconds) * rate)
+        while made < due:
+            unsent.append(voke_body(signer, org, made % DEVICES + 1, made + 1, rnd))
+            made += 1
+        return elapsed >= seconds
+
+    while not (make_due() and not unsent):
         try:
-            connection = await aio_pika.connect(
-                host="127.0.0.1", port=port, login=org, password=password, virtualhost=vhost
+            connection = await asyncio.wait_for(
+                aio_pika.connect(
+                    host="127.0.0.1", port=port, login=org, password=password, virtualhost=vhost
+                ),
+                5,
             )
         except Exception:
             await asyncio.sleep(0.2)
-            # Messages fall due while the broker is away; they are sent once it is back.
-            while not done_making and made < int((time.perf_counter() - start) * rate):
-                unsent.append(voke_body(signer, org, made % DEVICES + 1, made + 1, rnd))
-                made += 1
-            done_making = time.perf_counter() - start >= seconds
             continue
         try:
             async with connection:
                 channel = await connection.channel(publisher_confirms=True)
                 exchange = await channel.get_exchange("vcp")
-
-                def settle(future: asyncio.Future[Any]) -> None:
-                    nonlocal confirmed
-                    body = inflight.pop(future)
-                    if future.cancelled() or future.exception() is not None:
-                        unsent.append(body)
-                    else:
-                        confirmed += 1
-
-                while True:
-                    now = time.perf_counter() - start
-                    if not done_making:
-                        due = int(min(now, seconds) * rate)
-                        while made < due:
-                            unsent.append(voke_body(signer, org, made % DEVICES + 1, made + 1, rnd))
-                            made += 1
-                        done_making = now >= seconds
-                    while unsent and len(inflight) < WINDOW:
-                        body = unsent.popleft()
-                        message = aio_pika.Message(
-                            body,
-                            content_type="application/json",
-                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                while not (make_due() and not unsent):
+                    batch = [unsent.popleft() for _ in range(min(len(unsent), WINDOW))]
+                    if not batch:
+                        await asyncio.sleep(0.001)
+                        continue
+                    publishes = [
+                        exchange.publish(
+                            aio_pika.Message(
+                                body,
+                                content_type="application/json",
+                                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                            ),
+                            key,
                         )
-                        future: asyncio.Future[Any] = asyncio.ensure_future(
-                            exchange.publish(message, key, timeout=30)
-                        )
-                        inflight[future] = body
-                        future.add_done_callback(settle)
-                    if done_making and not unsent and not inflight:
-                        break
-                    if connection.is_closed:
-                        raise ConnectionError("closed")
-                    await asyncio.sleep(0.001)
+                        for body in batch
+                    ]
+                    results = await asyncio.wait_for(
+                        asyncio.gather(*publishes, return_exceptions=True), 30
+                    )
+                    failed = [
+                        b
+                        for b, r in zip(batch, results, strict=True)
+                        if isinstance(r, BaseException)
+                    ]
+                    confirmed += len(batch) - len(failed)
+                    if failed:
+                        # Not confirmed: sent again (the broker may hold some already).
+                        unsent.extendleft(reversed(failed))
+                        resent += len(failed)
+                        raise ConnectionError("publishes not confirmed")
         except Exception:
-            pending = list(inflight)
-            for waiting in pending:
-                waiting.cancel()
-            await asyncio.sleep(0)
-            resent += len(pending)
             await asyncio.sleep(0.2)
     return {
         "sent": made,
