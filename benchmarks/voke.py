@@ -191,7 +191,8 @@ def _run_one(
 
 
 def _metrics(port: int) -> dict[str, float]:
-    """The worker's counters, by name with labels as Prometheus prints them."""
+    """The worker's counters, by name with labels as Prometheus prints them (sorted by
+    label name)."""
     import urllib.request
 
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback
@@ -335,7 +336,7 @@ def bench_voke_restart(rate: int, seconds: float, drain: float) -> dict[str, obj
                 "energybus_historian_duplicate_rows_total", 0
             ),
             "messages_refused_as_replayed": counted.get(
-                'energybus_rejections_total{source="voke",reason="replayed"}', 0
+                'energybus_rejections_total{reason="replayed",source="voke"}', 0
             ),
             "drained_s": round(waited, 2) if drained else None,
             "not_drained_after_s": None if drained else round(waited, 1),
