@@ -284,6 +284,9 @@ def test_wrong_credentials_and_a_missing_queue_are_clear_and_retried(
         worker.wait_for_log(f"voke org {good.slug}: connected", timeout=60)
         assert worker.stop() == 0
         log = setup.log.read_text()
+        # Tried again and again with backoff, and each state said once.
+        assert log.count(f"voke org {good.slug}: cannot connect") == 1
+        assert log.count(f"voke org {missing.slug}: cannot connect") == 1
         assert "Traceback" not in log
         assert real_key not in log
         assert not [s for s in setup.secrets if s in log]
