@@ -334,3 +334,42 @@ def test_rabbitmq_restart_and_worker_sigkill_under_load_store_every_sample_once(
             worker.stop(signal.SIGKILL)
         if services.running("rabbitmq", Path(rabbitmq.run_dir).resolve()) is None:
             services.start("rabbitmq", run_dir=Path(rabbitmq.run_dir), port=rabbitmq.port)
+
+
+def test_a_redelivery_of_a_message_still_in_hand_is_not_handled_twice(
+    tmp_path: Path, mosquitto: Service, postgres: Service, rabbitmq: Service
+) -> None:
+    """The AMQP connection drops while messages are handled but not yet acknowledged
+    (the bus holds their PUBACKs); the broker redelivers them. They are acknowledged once
+    the first handling is done, not handled again (which the replay guard would refuse as
+    ``replayed``), and every sample is stored once."""
+    (org,) = new_orgs(rabbitmq, 1)
+    setup = VokeWorker(tmp_path, mosquitto, postgres, [org])
+    worker = setup.start()
+    letters = Collector(mosquitto, ["energybus/dead_letter/#"])
+    bodies = _telemetry(org, 50)
+    expected = setup.expected(org, bodies)
+    try:
+        os.kill(mosquitto.pid, signal.SIGSTOP)  # no PUBACKs: nothing can be acknowledged
+        try:
+            assert publish(org, "telemetry", bodies) == 50
+            time.sleep(1.0)  # handed over, waiting for the bus
+            services.rabbitmqctl(rabbitmq, "close_all_connections", "--vhost", org.vhost, "test")
+            worker.wait_for_log("connection lost", timeout=20)
+            worker.wait_for_log("consuming 4 queues", count=2, timeout=30)
+            time.sleep(1.0)  # the redeliveries arrive
+        finally:
+            os.kill(mosquitto.pid, signal.SIGCONT)
+        assert wait_rows(postgres.url, setup.rows(org), expected) == expected
+        deadline = time.monotonic() + 10
+        while queue_depth(org, f"vcp.{org.slug}.event.telemetry") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert queue_depth(org, f"vcp.{org.slug}.event.telemetry") == 0
+        time.sleep(0.5)
+        assert letters.messages == []
+        assert query(postgres.url, setup.rows(org))[0][0] == expected
+        assert worker.stop() == 0
+    finally:
+        letters.close()
+        if worker.alive():
+            worker.stop(signal.SIGKILL)

@@ -220,7 +220,11 @@ class AmqpSource(Source):
         link = _Link(channel, await channel.get_underlay_channel())
         acks = AckQueue(lambda tag: self._ack(link, tag))
         if self._acks is not None:
-            self._redelivered = set(self._recent)
+            # Kept over attempts that fail half-way, within a bound: only the first
+            # deliveries after a reconnect can be these redeliveries.
+            candidates = self._redelivered | set(self._recent)
+            limit = 2 * (self._recent.maxlen or 1)
+            self._redelivered = candidates if len(candidates) <= limit else set(self._recent)
             acks.after(self._acks)
         self._recent.clear()
         self._acks = acks
