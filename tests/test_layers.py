@@ -1,6 +1,7 @@
 """Layers import only downward: the contract at the bottom, the mapping data on it, then
 the sources' translation (adapters) beside the sinks (historian), which know nothing of
-each other, then the worker that joins them, then the CLI. A type two layers share
+each other, then the worker that joins them (and beside it the simulators, which play
+source platforms), then the CLI. A type two layers share
 belongs in the lower one (a command record is the contract's, not the adapters'); this
 test keeps the rule from eroding."""
 
