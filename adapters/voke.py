@@ -245,9 +245,13 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
             if len(parts) != 4 or parts[0] != "vcp" or parts[2] != "event":
                 raise SourceError("unrouted", "not a queue the voke adapter consumes")
             kind = parts[3]
-            org = self._orgs.get(parts[1])
-            if org is None or kind not in EVENTS:
+            if kind not in EVENTS:
                 raise SourceError("unrouted", "not a queue the voke adapter consumes")
+            org = self._orgs.get(parts[1])
+            if org is None:
+                raise SourceError(
+                    "unknown_org", "this organisation is not in the configuration (orgs)"
+                )
             document = self._authentic(org, kind, payload, received_at)
             plant_id = document.get("plant")
             plant = org.plants.get(plant_id) if type(plant_id) is str else None
