@@ -19,6 +19,11 @@ the previous connection's unfinished work instead of being handled twice; a rede
 after a restart of the worker is handled again, and the historian's key stores its rows
 once.
 
+It reconnects by its own loop rather than aio-pika's ``connect_robust``: that one retries
+at a fixed interval and restores consumers behind the source's back, while the source
+must know each new channel (delivery tags start again, acknowledgements of the old one
+are void) and back off with jitter like every other connection of the worker.
+
 The connection also publishes the adapter's commands (``publishes``), with publisher
 confirms and ``mandatory``: a command the broker cannot route is returned, and the
 command is rejected with that reason rather than lost.
