@@ -68,3 +68,20 @@ def test_new_dialect_example_is_a_mapping_and_a_small_adapter() -> None:
         "acme/energy/source/inv-1/derated/value true",
         "refused $.values.Pdc implausible_value",
     ]
+
+
+def test_voke_partner_example() -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "voke_partner.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "acme-hq/energy/storage/p-17-b1/soc/value 55.5",
+        "acme-hq/energy/storage/p-17-b1/active_power/value -2500.0",
+        "forged: bad_signature",
+        "vcp.acme.command set_power {'kw': 3.0} accepted",
+        "answer: confirmed acme-hq/energy/storage/p-17-b1/power_setpoint/last",
+    ]
