@@ -301,7 +301,7 @@ class Action:
 class Template:
     """A compiled :class:`DeviceTemplate`."""
 
-    __slots__ = ("actions", "entity_type", "fields", "name", "rows")
+    __slots__ = ("actions", "entity_type", "fields", "ignored", "name", "rows")
 
     def __init__(self, name: str, template: DeviceTemplate, compiler: Compiler, path: str):
         self.name = name
@@ -328,6 +328,7 @@ class Template:
                 raise compiler.error(
                     "ignored_and_mapped", f"{name_!r} is both mapped and ignored", path
                 )
+        self.ignored = frozenset(template.ignore)
 
     def read(
         self,
@@ -335,19 +336,34 @@ class Template:
         reading: Reading,
         errors: list[SourceError],
         path: str = "$.values",
+        *,
+        refuse_unknown: bool = False,
     ) -> Reading:
         """Add a device's ``{signal: number}`` object to ``reading``.
 
-        A signal the template does not know is skipped (firmware adds signals); a
-        signal that is not a number (or, for a boolean signal, not true or false)
-        rejects the message, since its sender is broken.
+        A signal the template does not know is skipped (firmware adds signals), or,
+        with ``refuse_unknown``, refused alone with its path (``unknown_field``) while the
+        rest is read, for platforms whose fields are a published list; a signal under the
+        template's ``ignore`` is skipped either way. A signal that is not a number (or,
+        for a boolean signal, not true or false) rejects the message, since its sender
+        is broken.
         """
         raws: list[Any] = []
         hot: list[Hot] = []
         fields = self.fields
         for name, raw in values.items():
             field = fields.get(name)
-            if field is None or raw is None:
+            if field is None:
+                if refuse_unknown and name not in self.ignored:
+                    errors.append(
+                        SourceError(
+                            "unknown_field",
+                            f"a field the {self.name} template does not list",
+                            path=f"{path}.{name}",
+                        )
+                    )
+                continue
+            if raw is None:
                 continue
             kind = type(raw)
             if field.decode_type is bool:
@@ -365,7 +381,7 @@ class Template:
                 raw = float(raw)  # numbers on the bus are doubles, as in any JSON decoder
             raws.append(raw)
             hot.append(field.hot)
-        reading.values += _values(raws, hot, errors, path[2:], -1)
+        reading.values += _values(raws, hot, errors, path[2:] or None, -1)
         return reading
 
 

@@ -333,7 +333,9 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
             raise SourceError("wrong_type", "values must be an object of fields", path="$.values")
         reading = Reading(plant.site, device.entity_type, device.entity_id, ms(document["ts"]))
         errors: list[SourceError] = []
-        device.template.read(values, reading, errors)
+        # Voke's fields are a published list: one the template lacks is refused alone
+        # (dead-lettered with its path, so the mapping gets it), the rest published.
+        device.template.read(values, reading, errors, refuse_unknown=True)
         readings = [reading] if reading.values else []
         return Normalized.of(readings, errors, topic)
 
@@ -355,7 +357,7 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
                 raise SourceError("wrong_type", "mode must be a string", path="$.mode")
             reading = Reading(plant.site, device.entity_type, device.entity_id, ms(document["ts"]))
             errors: list[SourceError] = []
-            device.template.read({"mode": mode}, reading, errors)
+            device.template.read({"mode": mode}, reading, errors, "$", refuse_unknown=True)
             return Normalized.of([reading] if reading.values else [], errors, topic)
         record, command_id = self._pending(org, document)
         status = document.get("status")
