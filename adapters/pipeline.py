@@ -64,6 +64,9 @@ class Pipeline:
         self.samples = 0
         self._command_filters = adapter.command_filters
         self._suppressed_seen = 0
+        self.destinations = frozenset(d for s in adapter.sources for d in s.publishes)
+        """Where this adapter's commands go on its source connections (AMQP routing
+        keys), never on the bus."""
 
     @property
     def sources(self) -> tuple[SourceDeclaration, ...]:

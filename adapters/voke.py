@@ -133,8 +133,12 @@ class _Org:
         self.signer = signer
         self.plants: dict[str, _Plant] = {}
         self.fresh = ReplayGuard(window_s=options.replay_window_s)
+        # A message is taken up to max_age_s after a ts up to replay_window_s ahead of
+        # its receipt: its id is kept for as long.
         self.ids = ReplayGuard(
-            window_s=options.replay_window_s, keep_s=options.max_age_s, max_keys=REMEMBERED_IDS
+            window_s=options.replay_window_s,
+            keep_s=options.max_age_s + options.replay_window_s,
+            max_keys=REMEMBERED_IDS,
         )
 
 
@@ -267,7 +271,7 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
                 return Normalized(readings=[alarm])
             if kind == "status":
                 return self._status(org, plant, document, topic, received_at)
-            return self._execution(org, document)
+            return self._execution(org, plant, document)
         except EnergyBusError as error:
             return Normalized(rejections=[Rejection.of(error, topic)])
 
@@ -304,8 +308,8 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
                 path="$.org",
             )
         ts = unix_ms(document)
-        if kind == "status":
-            # A status confirms commands: as fresh as a command, or it is not taken.
+        if kind == "status" and document.get("event") is None:
+            # An ACK or NACK confirms a command: as fresh as a command, or not taken.
             org.fresh.check_time(ts, received_at)
         else:
             now_ms = received_at.timestamp() * 1000
@@ -359,7 +363,7 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
             errors: list[SourceError] = []
             device.template.read({"mode": mode}, reading, errors, "$", refuse_unknown=True)
             return Normalized.of([reading] if reading.values else [], errors, topic)
-        record, command_id = self._pending(org, document)
+        record, command_id = self._pending(org, plant, document)
         status = document.get("status")
         if status != "ACK" and status != "NACK":
             raise SourceError("wrong_type", "status is ACK or NACK", path="$.status")
@@ -383,7 +387,7 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
             )
         return result
 
-    def _execution(self, org: _Org, document: dict[str, Any]) -> Normalized:
+    def _execution(self, org: _Org, plant: Plant, document: dict[str, Any]) -> Normalized:
         state = document.get("state")
         if type(state) is not str or state not in _EXECUTION:
             raise SourceError(
@@ -393,7 +397,7 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
         if type(command_id) is not str:
             raise SourceError("missing_field", "execution update has no cmdId", path="$.cmdId")
         pending = self.commands.get(command_id)
-        if pending is None or pending.target.partition("/")[0] != org.slug:
+        if pending is None or not _sent_to(pending, org, plant):
             # Progress of a command that already has its outcome (COMPLETED after the
             # ACK): the outcome stands, and there is nothing to tell.
             return Normalized()
@@ -409,12 +413,14 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
         assert record is not None
         return Normalized(commands=[record])
 
-    def _pending(self, org: _Org, document: dict[str, Any]) -> tuple[CommandRecord, str]:
+    def _pending(
+        self, org: _Org, plant: Plant, document: dict[str, Any]
+    ) -> tuple[CommandRecord, str]:
         command_id = document.get("cmdId")
         if type(command_id) is not str:
             raise SourceError("missing_field", "status has no cmdId", path="$.cmdId")
         record = self.commands.get(command_id)
-        if record is None or record.target.partition("/")[0] != org.slug:
+        if record is None or not _sent_to(record, org, plant):
             raise SourceError(
                 "unknown_command",
                 "no command with this cmdId is waiting for an answer",
@@ -461,6 +467,13 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
             received_at=received_at,
             messages=[message],
         )
+
+
+def _sent_to(record: CommandRecord, org: _Org, plant: Plant) -> bool:
+    """Whether ``record`` is a command to ``plant`` of ``org`` (its target is
+    ``org/plant[/device]``): one plant's messages cannot answer another's commands."""
+    parts = record.target.split("/")
+    return len(parts) >= 2 and parts[0] == org.slug and parts[1] == plant.id
 
 
 def _shown(value: Any) -> str:

@@ -389,3 +389,20 @@ def test_a_command_for_an_outlet_leaves_by_it_and_a_failure_rejects_it() -> None
     assert acked == []
     sink.commit()  # the accepted records are stored
     assert acked == [1, 2]
+
+    # Lost after it was written: the record waits (for the answer, or to expire) and its
+    # set is acknowledged, not sent again.
+    dispatcher.handle(Delivery("mqtt", topic, b"1000", datetime.now(UTC), acks.add(3)))
+    outlet.sent[2][1].uncertain("no confirmation from the broker")
+    sink.commit()
+    assert [c.state for c in sink.commands[4:]] == ["accepted"]
+    assert acked == [1, 2, 3]
+    assert voke.adapter.commands.get(sink.commands[4].id) is not None
+
+    # A destination the adapter declared, without a connection: never onto the bus.
+    dispatcher._outlets.clear()
+    dispatcher.handle(Delivery("mqtt", topic, b"1000", datetime.now(UTC), acks.add(4)))
+    assert bus.published == []
+    # (the rejection comes before the accepted snapshot; the historian keeps the later state)
+    last_two = [(c.state, c.reason) for c in sink.commands[-2:]]
+    assert ("rejected", "no connection carries commands to vcp.acme.command") in last_two

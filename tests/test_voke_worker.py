@@ -277,10 +277,10 @@ def test_wrong_credentials_and_a_missing_queue_are_clear_and_retried(
         # Voke enables ESM for the org: the worker finds the queues at its next try.
         asyncio.run(declare_org(missing))
         worker.wait_for_log(f"voke org {missing.slug}: connected", timeout=60)
-        # The key is rotated to what the configuration holds: the next try succeeds.
+        # Voke declares the org's queues (with the key it knows), then the key is rotated
+        # to what the configuration holds: the next try succeeds.
+        asyncio.run(declare_org(Org(good.slug, real_key, good.signing_key, good.vhost, rabbitmq)))
         services.rabbitmq_tenants(rabbitmq, {good.slug: (good.api_key, good.vhost)})
-        good_real = Org(good.slug, good.api_key, good.signing_key, good.vhost, rabbitmq)
-        asyncio.run(declare_org(good_real))
         worker.wait_for_log(f"voke org {good.slug}: connected", timeout=60)
         assert worker.stop() == 0
         log = setup.log.read_text()

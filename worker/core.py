@@ -227,7 +227,10 @@ class Worker:
             source.pause()
         timeout = self.config.worker.shutdown_timeout_s
         deadline = time.monotonic() + timeout
-        stored = await self.sink.flush(timeout)
+        # Commands still being published by a source: their records and the
+        # acknowledgement of their sets come before the last flush.
+        await asyncio.gather(*(source.settle(timeout / 2) for source in self.sources))
+        stored = await self.sink.flush(max(deadline - time.monotonic(), 0.1))
         bus = self.bus
         while bus.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)

@@ -32,7 +32,7 @@ from .availability import Availability
 from .bus import BusError
 from .deadletter import dead_letter
 from .metrics import Metrics
-from .sources.base import Delivery
+from .sources.base import CommandToken, Delivery
 
 __all__ = ["Dispatcher", "Outlet", "Publisher", "RowSink"]
 
@@ -104,7 +104,7 @@ class _CommandSent:
         self.entry.release()
 
     def fail(self, reason: str) -> None:
-        """The command could not be sent (its source is down, or the broker returned
+        """The command was surely not sent (its source is down, or the broker returned
         it): it is rejected with ``reason``, stored, and its ``set`` acknowledged."""
         record = self.pipeline.command_failed(self.command_id, reason)
         if record is not None:
@@ -113,11 +113,18 @@ class _CommandSent:
                 self.sink.add((), [record], None)
         self.entry.release()
 
+    def uncertain(self, reason: str) -> None:
+        """Whether the broker took the command cannot be known: its record waits for
+        the answer, or expires; its ``set`` is acknowledged (sending the command again
+        could run it twice)."""
+        log.warning("command %s: %s", self.command_id, reason)
+        self.entry.release()
+
 
 class Outlet(Protocol):
     """A source connection that carries an adapter's commands (an AMQP source)."""
 
-    def publish(self, message: Message, token: _CommandSent) -> None: ...
+    def publish(self, message: Message, token: CommandToken) -> None: ...
 
 
 class Dispatcher:
@@ -282,6 +289,10 @@ class Dispatcher:
                     outlet = self._outlets.get(message.topic)
                     if outlet is not None:
                         outlet.publish(message, sent)
+                    elif message.topic in pipeline.destinations:
+                        # Declared for a source connection the worker does not have: it
+                        # must not leave on the bus instead.
+                        sent.fail(f"no connection carries commands to {message.topic}")
                     else:
                         publish(message.topic, message.payload, message.qos, message.retain, sent)
             else:

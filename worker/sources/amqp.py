@@ -8,7 +8,7 @@ logging each change of state once.
 
 A message is acknowledged once its effects are safe (worker/acks.py), in arrival order
 across the connection's queues, so one ``basic.ack`` with ``multiple`` covers all the
-messages settled in one turn of the event loop. While the dispatcher's gate is closed,
+messages settled within :data:`ACK_EVERY_S`. While the dispatcher's gate is closed,
 messages are held here; the broker sends at most ``prefetch`` unacknowledged messages
 per queue, so what waits stays at the broker.
 
@@ -37,16 +37,16 @@ import logging
 import ssl
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 import aio_pika
 import msgspec
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aio_pika.exceptions import (
-    AMQPError,
+    ChannelInvalidStateError,
     ChannelNotFoundEntity,
     ProbableAuthenticationError,
     PublishError,
@@ -60,12 +60,12 @@ from ..acks import AckQueue
 from ..logs import StateLog
 from ..metrics import Metrics
 from ..retry import Backoff
-from .base import Delivery, Gate, Source
+from .base import CommandToken, Delivery, Gate, Source
 
 if TYPE_CHECKING:
     from aiormq.abc import DeliveredMessage
 
-__all__ = ["AmqpSource", "CommandToken"]
+__all__ = ["AmqpSource"]
 
 log = logging.getLogger("energybus.worker.source")
 
@@ -74,15 +74,6 @@ CONFIRM_TIMEOUT_S: Final = 15.0
 ACK_EVERY_S: Final = 0.005
 """How long settled messages wait to share one ``basic.ack``: a socket write costs about
 as much as handling a message, and one write per message doubled the source's cost."""
-
-
-class CommandToken(Protocol):
-    """What the dispatcher hands over with a command: told when the broker has it, or
-    why it could not take it."""
-
-    def release(self) -> None: ...
-
-    def fail(self, reason: str) -> None: ...
 
 
 class _Link:
@@ -156,6 +147,8 @@ class AmqpSource(Source):
             except Exception as error:
                 await self._drop()
                 connected.set(0)
+                if self._closing:
+                    return
                 state.change(
                     f"down:{type(error).__name__}",
                     logging.ERROR if _permanent(error) else logging.WARNING,
@@ -281,6 +274,24 @@ class AmqpSource(Source):
     # Consuming --------------------------------------------------------------------------
 
     async def _on_message(self, message: DeliveredMessage) -> None:
+        try:
+            self._received(message)
+        except Exception:
+            # A defect: aiormq would log it where the worker's log does not look, and
+            # acknowledgements behind this message would wait forever. Said here, and
+            # the connection dropped, so the broker delivers everything unacknowledged
+            # again.
+            log.exception("%s: handing over a message failed; reconnecting", self.endpoint.name)
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Acknowledge nothing more on this connection and close it."""
+        if self._link is not None:
+            self._link.closed = True
+        if self._connection is not None:
+            self._spawn(self._connection.close())
+
+    def _received(self, message: DeliveredMessage) -> None:
         if not self.consuming:
             return  # not acknowledged: delivered again to the next run
         delivery: Any = message.delivery  # a Basic.Deliver: this is a consumer's callback
@@ -289,10 +300,7 @@ class AmqpSource(Source):
             # Not one of this connection's consumers: never acknowledged, nor anything
             # after it (an ack covers every earlier delivery); the broker redelivers.
             log.error("%s: a delivery for an unknown consumer; reconnecting", self.endpoint.name)
-            if self._link is not None:
-                self._link.closed = True  # nothing more is acknowledged on it
-            if self._connection is not None:
-                self._spawn(self._connection.close())
+            self._abandon()
             return
         held = self._held
         if held or not self.gate.is_open():
@@ -326,6 +334,7 @@ class AmqpSource(Source):
         entry = acks.add(delivery.delivery_tag or 0)
         if delivery.redelivered and key in self._redelivered:
             self._redelivered.discard(key)
+            self._recent.append(key)  # a candidate again should this connection drop too
             entry.release()
             return
         self._recent.append(key)
@@ -383,9 +392,18 @@ class AmqpSource(Source):
                 f" on exchange {self.endpoint.exchange!r}"
             )
             return
-        except (AMQPError, ConnectionError, TimeoutError) as error:
+        except ChannelInvalidStateError:
+            # The channel had closed before the publish: the command did not leave.
+            token.fail(f"{self.endpoint.name} is not connected; the command was not sent")
+            return
+        except asyncio.CancelledError:
+            token.uncertain(f"{self.endpoint.name}: stopped before the broker confirmed it")
+            raise
+        except Exception as error:
+            # Lost or timed out after the command was written: the broker may have routed
+            # it, so it is not rejected; an answer confirms it, or it expires.
             why = _oneline(str(error)) or type(error).__name__
-            token.fail(f"{self.endpoint.name}: not confirmed by the broker ({why})")
+            token.uncertain(f"{self.endpoint.name}: no confirmation from the broker ({why})")
             return
         if isinstance(confirmation, Basic.Ack):
             token.release()
@@ -394,10 +412,15 @@ class AmqpSource(Source):
 
     # Housekeeping -----------------------------------------------------------------------
 
-    def _spawn(self, coroutine: Any) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def settle(self, timeout: float) -> None:
+        """Wait for the commands being published to be confirmed (or not)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
 
     async def close(self) -> None:
         self._closing = True

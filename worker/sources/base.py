@@ -9,7 +9,7 @@ from typing import Protocol
 
 from ..acks import Entry
 
-__all__ = ["Delivery", "Gate", "Source"]
+__all__ = ["CommandToken", "Delivery", "Gate", "Source"]
 
 
 class Delivery:
@@ -50,6 +50,19 @@ class Gate(Protocol):
     async def wait_open(self) -> None: ...
 
 
+class CommandToken(Protocol):
+    """What the dispatcher hands a source with a command it is to send: told when the
+    broker has the command (``release``), that it surely did not (``fail``), or that it
+    cannot be known (``uncertain``: the command may have left; its record waits for an
+    answer or expires)."""
+
+    def release(self) -> None: ...
+
+    def fail(self, reason: str) -> None: ...
+
+    def uncertain(self, reason: str) -> None: ...
+
+
 class Source(ABC):
     """A transport the worker consumes. Subclasses set ``name`` and implement :meth:`run`.
 
@@ -74,6 +87,10 @@ class Source(ABC):
         """Hand over nothing more (shutdown). What was not acknowledged is delivered
         again, by the broker or queue, to the next run."""
         self.consuming = False
+
+    async def settle(self, timeout: float) -> None:  # noqa: B027 (a hook, like close)
+        """Shutdown, before the historian's last flush: finish what this source sends
+        (commands it publishes), so their records and acknowledgements are not lost."""
 
     async def close(self) -> None:  # noqa: B027 (a hook: most sources have nothing to say)
         """Last words before the worker exits (an MQTT source marks the worker offline)."""
