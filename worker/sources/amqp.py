@@ -60,7 +60,7 @@ from ..acks import AckQueue
 from ..logs import StateLog
 from ..metrics import Metrics
 from ..retry import Backoff
-from .base import CommandToken, Delivery, Gate, Source
+from .base import CommandToken, Delivery, Gate, Holding, Source
 
 if TYPE_CHECKING:
     from aiormq.abc import DeliveredMessage
@@ -119,8 +119,9 @@ class AmqpSource(Source):
         self._link: _Link | None = None
         self._connection: AbstractConnection | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
-        self._held: deque[tuple[DeliveredMessage, str]] = deque()
-        self._draining: asyncio.Task[None] | None = None
+        self._held: Holding[tuple[DeliveredMessage, str]] = Holding(
+            self, lambda held: self._hand_over(*held)
+        )
         self._recent: deque[tuple[str, bytes]] = deque(maxlen=endpoint.prefetch * len(queues))
         self._redelivered: set[tuple[str, bytes]] = set()
         self._consumers: dict[str, str] = {}
@@ -302,28 +303,8 @@ class AmqpSource(Source):
             log.error("%s: a delivery for an unknown consumer; reconnecting", self.endpoint.name)
             self._abandon()
             return
-        held = self._held
-        if held or not self.gate.is_open():
-            held.append((message, queue))
-            if self._draining is None or self._draining.done():
-                self._draining = asyncio.get_running_loop().create_task(self._drain())
-            return
-        self._hand_over(message, queue)
-
-    async def _drain(self) -> None:
-        held = self._held
-        gate = self.gate
-        while held:
-            if not gate.is_open():
-                await gate.wait_open()
-                continue
-            for _ in range(1000):
-                if not held or not gate.is_open() or not self.consuming:
-                    break
-                self._hand_over(*held.popleft())
-            if not self.consuming:
-                held.clear()
-            await asyncio.sleep(0)
+        if not self._held.take((message, queue)):
+            self._hand_over(message, queue)
 
     def _hand_over(self, message: DeliveredMessage, queue: str) -> None:
         acks = self._acks
@@ -424,8 +405,7 @@ class AmqpSource(Source):
 
     async def close(self) -> None:
         self._closing = True
-        if self._draining is not None:
-            self._draining.cancel()
+        self._held.stop()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
         await self._drop()

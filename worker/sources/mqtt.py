@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -42,7 +41,7 @@ from ..config import MqttConfig
 from ..logs import StateLog
 from ..metrics import Metrics
 from ..retry import Backoff
-from .base import Delivery, Gate, Source
+from .base import Delivery, Gate, Holding, Source
 
 __all__ = ["MqttSource"]
 
@@ -90,9 +89,8 @@ class MqttSource(Source):
         self._acks: AckQueue | None = None
         self._client: BusClient | None = None
         self._redelivered: set[tuple[str, bytes]] = set()
-        self._held: deque[Received] = deque()
         self._hold_max = config.receive_maximum + 1000
-        self._draining: asyncio.Task[None] | None = None
+        self._held: Holding[Received] = Holding(self, self._hand_over, self._resume)
         self._closing = False
 
     async def run(self) -> None:
@@ -165,33 +163,17 @@ class MqttSource(Source):
         if not self.consuming:
             return  # not acknowledged: the broker delivers it to the next run
         held = self._held
-        if held or not self.gate.is_open():
-            held.append(message)
+        if held.take(message):
             if len(held) >= self._hold_max and self._client is not None:
                 self._client.pause_reading()
-            if self._draining is None or self._draining.done():
-                self._draining = asyncio.get_running_loop().create_task(self._drain())
             return
         self._hand_over(message)
 
-    async def _drain(self) -> None:
-        """Hand over the held messages, in order, whenever the gate is open."""
-        held = self._held
-        gate = self.gate
-        while held:
-            if not gate.is_open():
-                await gate.wait_open()
-                continue
-            for _ in range(1000):  # then let the loop read PUBACKs and run the writer
-                if not held or not gate.is_open() or not self.consuming:
-                    break
-                self._hand_over(held.popleft())
-            if not self.consuming:
-                held.clear()
-            client = self._client
-            if client is not None and len(held) < self._hold_max // 2:
-                client.resume_reading()
-            await asyncio.sleep(0)
+    def _resume(self, held: int) -> None:
+        """Read again once the held messages are down to half the bound."""
+        client = self._client
+        if client is not None and held < self._hold_max // 2:
+            client.resume_reading()
 
     def _hand_over(self, message: Received) -> None:
         acks = self._acks
@@ -211,8 +193,7 @@ class MqttSource(Source):
 
     async def close(self) -> None:
         self._closing = True
-        if self._draining is not None:
-            self._draining.cancel()
+        self._held.stop()
         client = self._client
         if client is not None:
             done = _Acked()
