@@ -23,21 +23,16 @@ import msgspec
 from energybus.admission import Admitted
 from energybus.errors import (
     EnergyBusError,
-    IdentifierError,
-    MappingError,
     SourceError,
 )
 from energybus.filters import canonical_filter
 from energybus.messages import Message
 from energybus.payloads import DECODE_ERRORS, explain
-from energybus.render import SeriesSpec
 from energybus.samples import Reading
-from energybus.topics import to_kebab
 
-from .base import Adapter, Formatted, Normalized, Plan, Rejection, SourceDeclaration
-from .engine import DeviceTemplate, Template, compile_templates
+from .base import Adapter, Formatted, Normalized, Rejection, SourceDeclaration
 from .mapping import CommandOptions, Compiler, Document, MappingDocument, Positive
-from .plants import Alarms, Plant, Plants, Target, ms, unix_ms
+from .plants import Plant, PlantMapping, PlantPlan, Plants, Target, ms, plant_site, unix_ms
 from .signing import ReplayGuard, Signer
 
 __all__ = [
@@ -49,9 +44,8 @@ __all__ = [
 ]
 
 
-class CpiMapping(MappingDocument, frozen=True, kw_only=True):
-    templates: dict[str, DeviceTemplate]
-    alarms: Alarms = Alarms()
+CpiMapping = PlantMapping
+"""``mappings/cpi.toml``: device templates and alarm codes (``plants.PlantMapping``)."""
 
 
 CpiTarget = Target
@@ -79,20 +73,6 @@ class CpiOptions(CommandOptions, frozen=True, kw_only=True):
     mapping: str | None = None
 
 
-class CpiPlan(Plan):
-    def __init__(
-        self,
-        templates: dict[str, Template],
-        alarms: dict[str, str],
-        alarm_spec: SeriesSpec,
-        rows: int,
-    ) -> None:
-        self.templates = templates
-        self.alarms = alarms
-        self.alarm_spec = alarm_spec
-        self.rows = rows
-
-
 class _Plant(Plant):
     def __init__(self, plant_id: str, site: str, signer: Signer | None, window_s: float):
         super().__init__(plant_id, site)
@@ -115,21 +95,18 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
         ),
     )
 
-    plan: CpiPlan
+    plan: PlantPlan
 
     def start(self) -> None:
         opts = self.options
         plan = self.plan
         self._plants: dict[str, _Plant] = {}
-        self.devices = Plants(plan.templates, plan.alarms, plan.alarm_spec)
+        self.devices = Plants(plan)
         metrics = self.devices.command_metrics()
         self.command_filters = tuple(canonical_filter("set", metric=m) for m in metrics)
         for plant_id, config in opts.plants.items():
             path = f"$.plants.{plant_id}"
-            try:
-                site = config.site or opts.site or to_kebab(plant_id)
-            except IdentifierError as exc:
-                raise MappingError(exc.code, exc.message, path=path) from None
+            site = plant_site(plant_id, config.site, opts.site, path=path)
             signer = Signer(config.secrets) if config.secrets else None
             plant = _Plant(plant_id, site, signer, opts.replay_window_s)
             self.devices.add(
@@ -144,10 +121,8 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
     # Compiling ------------------------------------------------------------------------
 
     @classmethod
-    def compile(cls, document: CpiMapping, compiler: Compiler) -> CpiPlan:
-        templates, rows = compile_templates(document.templates, compiler)
-        alarms, alarm_spec = Plants.compile_alarms(document.alarms, compiler)
-        return CpiPlan(templates, alarms, alarm_spec, rows + len(alarms))
+    def compile(cls, document: PlantMapping, compiler: Compiler) -> PlantPlan:
+        return PlantPlan(document, compiler)
 
     # Translating ----------------------------------------------------------------------
 

@@ -19,10 +19,23 @@ from energybus.render import SeriesSpec
 from energybus.samples import Reading
 from energybus.topics import EntityType, Topic, build_topic, to_kebab, to_snake
 
-from .engine import Action, Template
-from .mapping import Compiler, Document
+from .base import Plan
+from .engine import Action, DeviceTemplate, Template, compile_templates
+from .mapping import Compiler, Document, MappingDocument
 
-__all__ = ["AlarmRow", "Alarms", "Device", "Plant", "Plants", "Target", "ms", "unix_ms"]
+__all__ = [
+    "AlarmRow",
+    "Alarms",
+    "Device",
+    "Plant",
+    "PlantMapping",
+    "PlantPlan",
+    "Plants",
+    "Target",
+    "ms",
+    "plant_site",
+    "unix_ms",
+]
 
 
 class AlarmRow(Document, frozen=True, kw_only=True):
@@ -32,6 +45,29 @@ class AlarmRow(Document, frozen=True, kw_only=True):
 
 class Alarms(Document, frozen=True, kw_only=True):
     codes: dict[str, AlarmRow] = {}
+
+
+class PlantMapping(MappingDocument, frozen=True, kw_only=True):
+    """A plant platform's mapping file: device templates, and alarm codes by name."""
+
+    templates: dict[str, DeviceTemplate]
+    alarms: Alarms = Alarms()
+
+
+class PlantPlan(Plan):
+    """A compiled :class:`PlantMapping`."""
+
+    def __init__(self, document: PlantMapping, compiler: Compiler) -> None:
+        self.templates, rows = compile_templates(document.templates, compiler)
+        self.alarms: dict[str, str] = {}
+        for code, alarm in document.alarms.codes.items():
+            compiler.metric(alarm.metric, f"$.alarms.codes.{code}")
+            self.alarms[code] = alarm.metric
+        self.alarm_spec = SeriesSpec(
+            profile="B", dedupe=False, max_interval_s=None, historian_mode="event"
+        )
+        """What every alarm series starts from (its code and severity go in ``meta``)."""
+        self.rows = rows + len(self.alarms)
 
 
 class Target(Document, frozen=True, kw_only=True):
@@ -92,24 +128,12 @@ class Plants:
     """Every configured device of one adapter, by plant and by bus entity, and what the
     devices share: alarms and the commands their templates accept."""
 
-    def __init__(
-        self, templates: dict[str, Template], alarms: dict[str, str], alarm_spec: SeriesSpec
-    ) -> None:
-        self.templates = templates
-        self.alarms = alarms
-        self.alarm_spec = alarm_spec
+    def __init__(self, plan: PlantPlan) -> None:
+        self.templates = plan.templates
+        self.alarms = plan.alarms
+        self.alarm_spec = plan.alarm_spec
         self.by_entity: dict[tuple[str, str, str], Device] = {}
         self._alarm_specs: dict[tuple[str, str | None], SeriesSpec] = {}
-
-    @staticmethod
-    def compile_alarms(alarms: Alarms, compiler: Compiler) -> tuple[dict[str, str], SeriesSpec]:
-        """The alarm codes' metrics, checked, and the spec every alarm series starts from."""
-        metrics = {}
-        for code, alarm in alarms.codes.items():
-            compiler.metric(alarm.metric, f"$.alarms.codes.{code}")
-            metrics[code] = alarm.metric
-        spec = SeriesSpec(profile="B", dedupe=False, max_interval_s=None, historian_mode="event")
-        return metrics, spec
 
     def command_metrics(self) -> list[str]:
         return sorted({m for t in self.templates.values() for m in t.actions})
@@ -265,6 +289,18 @@ class Plants:
 
 _ALARM_SPECS: Final = 4096
 """Distinct (metric, severity) specs kept; past that each alarm builds its own."""
+
+
+def plant_site(plant_id: str, *settings: str | None, path: str) -> str:
+    """A plant's site: the first of ``settings`` given (the plant's, then wider ones),
+    else the kebab-case plantId."""
+    for site in settings:
+        if site:
+            return site
+    try:
+        return to_kebab(plant_id)
+    except IdentifierError as exc:
+        raise MappingError(exc.code, exc.message, path=path) from None
 
 
 def ms(ts: float, key: str = "ts") -> datetime:

@@ -26,18 +26,15 @@ import msgspec
 
 from energybus.admission import Admitted
 from energybus.commands import CommandRecord
-from energybus.errors import EnergyBusError, IdentifierError, MappingError, SourceError
+from energybus.errors import EnergyBusError, MappingError, SourceError
 from energybus.filters import canonical_filter
 from energybus.messages import Message
 from energybus.payloads import DECODE_ERRORS, explain
-from energybus.render import SeriesSpec
 from energybus.samples import Reading
-from energybus.topics import to_kebab
 
-from .base import Adapter, AmqpEndpoint, Formatted, Normalized, Plan, Rejection, SourceDeclaration
-from .engine import DeviceTemplate, Template, compile_templates
+from .base import Adapter, AmqpEndpoint, Formatted, Normalized, Rejection, SourceDeclaration
 from .mapping import CommandOptions, Compiler, Document, MappingDocument, Positive
-from .plants import Alarms, Plant, Plants, Target, ms, unix_ms
+from .plants import Device, Plant, PlantMapping, PlantPlan, Plants, Target, ms, plant_site, unix_ms
 from .signing import ReplayGuard, Signer
 
 __all__ = ["VokeAdapter", "VokeMapping", "VokeOptions", "VokeOrg", "VokePlant"]
@@ -59,9 +56,8 @@ _ENDED: Final[dict[str, Literal["rejected", "expired"]]] = {
 }
 
 
-class VokeMapping(MappingDocument, frozen=True, kw_only=True):
-    templates: dict[str, DeviceTemplate]
-    alarms: Alarms = Alarms()
+VokeMapping = PlantMapping
+"""``mappings/voke.toml``: device templates and alarm codes (``plants.PlantMapping``)."""
 
 
 class VokePlant(Document, frozen=True, kw_only=True):
@@ -110,15 +106,6 @@ class VokeOptions(CommandOptions, frozen=True, kw_only=True):
     mapping: str | None = None
 
 
-class VokePlan(Plan):
-    def __init__(
-        self, templates: dict[str, Template], alarms: dict[str, str], alarm_spec: SeriesSpec
-    ) -> None:
-        self.templates = templates
-        self.alarms = alarms
-        self.alarm_spec = alarm_spec
-
-
 class _Plant(Plant):
     def __init__(self, plant_id: str, site: str, org: _Org) -> None:
         super().__init__(plant_id, site)
@@ -151,12 +138,12 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
     options_type: ClassVar[type[Document]] = VokeOptions
     mapping_type: ClassVar[type[MappingDocument]] = VokeMapping
 
-    plan: VokePlan
+    plan: PlantPlan
 
     def start(self) -> None:
         opts = self.options
         plan = self.plan
-        self.devices = Plants(plan.templates, plan.alarms, plan.alarm_spec)
+        self.devices = Plants(plan)
         self.command_filters = tuple(
             canonical_filter("set", metric=m) for m in self.devices.command_metrics()
         )
@@ -196,10 +183,7 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
         org = _Org(slug, Signer(config.signing_keys), self.options)
         for plant_id, plant_config in config.plants.items():
             at = f"{path}.plants.{plant_id}"
-            try:
-                site = plant_config.site or config.site or self.options.site or to_kebab(plant_id)
-            except IdentifierError as exc:
-                raise MappingError(exc.code, exc.message, path=at) from None
+            site = plant_site(plant_id, plant_config.site, config.site, self.options.site, path=at)
             plant = _Plant(plant_id, site, org)
             self.devices.add(
                 plant,
@@ -234,12 +218,8 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
     # Compiling ------------------------------------------------------------------------
 
     @classmethod
-    def compile(cls, document: VokeMapping, compiler: Compiler) -> VokePlan:
-        templates, rows = compile_templates(document.templates, compiler)
-        alarms, alarm_spec = Plants.compile_alarms(document.alarms, compiler)
-        plan = VokePlan(templates, alarms, alarm_spec)
-        plan.rows = rows + len(alarms)
-        return plan
+    def compile(cls, document: PlantMapping, compiler: Compiler) -> PlantPlan:
+        return PlantPlan(document, compiler)
 
     # Translating ----------------------------------------------------------------------
 
@@ -335,13 +315,7 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
         values = document.get("values")
         if type(values) is not dict:
             raise SourceError("wrong_type", "values must be an object of fields", path="$.values")
-        reading = Reading(plant.site, device.entity_type, device.entity_id, ms(document["ts"]))
-        errors: list[SourceError] = []
-        # Voke's fields are a published list: one the template lacks is refused alone
-        # (dead-lettered with its path, so the mapping gets it), the rest published.
-        device.template.read(values, reading, errors, refuse_unknown=True)
-        readings = [reading] if reading.values else []
-        return Normalized.of(readings, errors, topic)
+        return _read(device, document, values, "$.values", topic)
 
     def _status(
         self,
@@ -359,10 +333,7 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
             mode = document.get("mode")
             if type(mode) is not str:
                 raise SourceError("wrong_type", "mode must be a string", path="$.mode")
-            reading = Reading(plant.site, device.entity_type, device.entity_id, ms(document["ts"]))
-            errors: list[SourceError] = []
-            device.template.read({"mode": mode}, reading, errors, "$", refuse_unknown=True)
-            return Normalized.of([reading] if reading.values else [], errors, topic)
+            return _read(device, document, {"mode": mode}, "$", topic)
         record, command_id = self._pending(org, plant, document)
         status = document.get("status")
         if status != "ACK" and status != "NACK":
@@ -467,6 +438,19 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
             received_at=received_at,
             messages=[message],
         )
+
+
+def _read(
+    device: Device, document: dict[str, Any], values: dict[str, Any], path: str, topic: str
+) -> Normalized:
+    """``values`` through the device's template, observed at the message's ``ts``. Voke's
+    fields are a published list: one the template lacks is refused alone (dead-lettered
+    with its path, so the mapping can be given it), the rest published."""
+    plant = device.plant
+    reading = Reading(plant.site, device.entity_type, device.entity_id, ms(document["ts"]))
+    errors: list[SourceError] = []
+    device.template.read(values, reading, errors, path, refuse_unknown=True)
+    return Normalized.of([reading] if reading.values else [], errors, topic)
 
 
 def _sent_to(record: CommandRecord, org: _Org, plant: Plant) -> bool:
