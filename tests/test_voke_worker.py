@@ -373,3 +373,38 @@ def test_a_redelivery_of_a_message_still_in_hand_is_not_handled_twice(
         letters.close()
         if worker.alive():
             worker.stop(signal.SIGKILL)
+
+
+def test_a_vhost_the_key_may_not_use_and_a_missing_exchange_are_clear_errors(
+    tmp_path: Path, mosquitto: Service, postgres: Service, rabbitmq: Service
+) -> None:
+    """Two more ways a bundle can be wrong, each one line naming the org and what to
+    check, retried, and the worker going on with its other sources."""
+    elsewhere, bare = new_orgs(rabbitmq, 2)
+    other_vhost = new_orgs(rabbitmq, 1, declared=False)[0].vhost
+    elsewhere.vhost = other_vhost  # its key has no permission there
+
+    async def without_exchange() -> None:
+        connection = await bare.connect()
+        async with connection:
+            await (await connection.channel()).exchange_delete("vcp")
+
+    asyncio.run(without_exchange())
+    setup = VokeWorker(tmp_path, mosquitto, postgres, [elsewhere, bare])
+    worker = setup.start(connected=False)
+    try:
+        worker.wait_for_log(f"voke org {elsewhere.slug}: cannot connect", timeout=30)
+        worker.wait_for_log(f"voke org {bare.slug}: cannot connect", timeout=30)
+        assert worker.alive()
+        assert worker.stop() == 0
+        log = setup.log.read_text()
+        assert (
+            f"the broker refused vhost '{other_vhost}' to user '{elsewhere.slug}':"
+            " check the key's vhost" in log
+        )
+        assert f"exchange 'vcp' does not exist on vhost {bare.vhost}" in log
+        assert "Traceback" not in log
+        assert not [s for s in setup.secrets if s in log]
+    finally:
+        if worker.alive():
+            worker.stop(signal.SIGKILL)
