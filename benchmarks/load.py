@@ -15,6 +15,7 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -28,16 +29,17 @@ def template() -> dict[str, Any]:
     return body
 
 
-def publish_at(port: int, rate: int, seconds: float, tag: str) -> tuple[int, float, float]:
-    """Messages sent, the seconds from the first publish to the last PUBACK, and the
-    wall-clock time of the first publish."""
-    body = template()
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-load-{tag}")
+def paced(
+    port: int, rate: int, seconds: float, client_id: str, make: Callable[[int], tuple[str, bytes]]
+) -> tuple[int, float, float]:
+    """Publish ``make(n)`` (a topic and a payload) for n = 0, 1, ... at ``rate`` a second
+    for ``seconds``, at QoS 1. Messages sent, the seconds from the first publish to the
+    last PUBACK, and the wall-clock time of the first publish."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
     client.max_inflight_messages_set(0)
     client.max_queued_messages_set(0)
     client.connect("127.0.0.1", port)
     client.loop_start()
-    rnd = random.Random(rate)
     sent = 0
     started_at = time.time()
     start = time.perf_counter()
@@ -48,11 +50,8 @@ def publish_at(port: int, rate: int, seconds: float, tag: str) -> tuple[int, flo
             break
         due = int((now - start) * rate)
         while sent < due:
-            body["venId"] = f"ven-{tag}-{sent % 200}"
-            body["timestamp"] = time.time()
-            for circuit in body["circuits"]:
-                circuit["currentKw"] = round(rnd.uniform(0, 8), 3)
-            infos.append(client.publish("volttron/metering", json.dumps(body), qos=1))
+            topic, payload = make(sent)
+            infos.append(client.publish(topic, payload, qos=1))
             sent += 1
         time.sleep(0.001)
     for info in infos:
@@ -61,6 +60,22 @@ def publish_at(port: int, rate: int, seconds: float, tag: str) -> tuple[int, flo
     client.loop_stop()
     client.disconnect()
     return sent, elapsed, started_at
+
+
+def publish_at(port: int, rate: int, seconds: float, tag: str) -> tuple[int, float, float]:
+    """VEN metering: each message from one of 200 VENs, with its own timestamp and new
+    circuit readings."""
+    body = template()
+    rnd = random.Random(rate)
+
+    def make(n: int) -> tuple[str, bytes]:
+        body["venId"] = f"ven-{tag}-{n % 200}"
+        body["timestamp"] = time.time()
+        for circuit in body["circuits"]:
+            circuit["currentKw"] = round(rnd.uniform(0, 8), 3)
+        return "volttron/metering", json.dumps(body).encode()
+
+    return paced(port, rate, seconds, f"bench-load-{tag}", make)
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 import msgspec
 
+from benchmarks.load import paced
 from energybus.adapters.signing import Signer
 
 DEVICES = 200
@@ -164,32 +165,13 @@ async def publish_amqp(
 
 
 def publish_mqtt(*, port: int, rate: int, seconds: float, tag: str) -> dict[str, float]:
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
     signer = Signer([os.environ["ENERGYBUS_BENCH_SIGNING_KEY"]])
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-plants-{tag}")
-    client.max_inflight_messages_set(0)
-    client.max_queued_messages_set(0)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
     rnd = random.Random(rate)
-    sent = 0
-    started_at = time.time()
-    start = time.perf_counter()
-    infos = []
-    while time.perf_counter() - start < seconds:
-        due = int((time.perf_counter() - start) * rate)
-        while sent < due:
-            body = cpi_body(signer, sent % DEVICES + 1, sent + 1, rnd)
-            infos.append(client.publish("cpi/plant-1/telemetry", body, qos=1))
-            sent += 1
-        time.sleep(0.001)
-    for info in infos:
-        info.wait_for_publish(120)
-    elapsed = time.perf_counter() - start
-    client.loop_stop()
-    client.disconnect()
+
+    def make(n: int) -> tuple[str, bytes]:
+        return "cpi/plant-1/telemetry", cpi_body(signer, n % DEVICES + 1, n + 1, rnd)
+
+    sent, elapsed, started_at = paced(port, rate, seconds, f"bench-plants-{tag}", make)
     return {
         "sent": sent,
         "confirmed": sent,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,9 @@ from benchmarks.worker import (
     _peak_rss_mb,
     _wait_drained,
     _Worker,
+    fresh_services,
+    retire,
+    stop_services,
 )
 from tools import services
 
@@ -56,6 +58,12 @@ COUNT_SQL = (
     " + (SELECT count(*) FROM energybus.counter_readings WHERE site = $1)"
 )
 """Rows of a site in both historians (the Voke battery's charged energy is a counter)."""
+
+
+def _rows(pg: services.Service, site: str) -> int:
+    return int(_fetch(pg.url, COUNT_SQL, site)[0][0])
+
+
 ORG = "bench"
 MODES = ("voke", "cpi")
 _SECRETS = {
@@ -129,7 +137,6 @@ def _run_one(
 ) -> dict[str, object]:
     mqtt, pg, amqp = started["mosquitto"], started["postgres"], started["rabbitmq"]
     site = f"p{rate}-{mode}-{int(time.time()) % 100000}"
-    count_sql = COUNT_SQL
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "site.toml"
         config.write_text(_config(mode, tmp, site, mqtt, pg, amqp))
@@ -151,7 +158,7 @@ def _run_one(
         expected = sent * VALUES_PER_MESSAGE
 
         def progress() -> int:
-            return int(_fetch(pg.url, count_sql, site)[0][0])
+            return _rows(pg, site)
 
         drained, waited = _wait_drained(progress, expected, drain)
         wall = time.monotonic() - begun
@@ -165,8 +172,8 @@ def _run_one(
             restarted = True
             _wait_drained(progress, expected, 120, quiet=10)
         worker.stop()
-        subprocess.run([*ENERGYBUS, "retire", "--config", str(config)], capture_output=True)
-    stored = int(_fetch(pg.url, count_sql, site)[0][0])
+        retire(config)
+    stored = _rows(pg, site)
     p50, p99 = _latency(pg, site)
     lost = max(expected - stored, 0)
     result: dict[str, object] = {
@@ -208,11 +215,7 @@ def _metrics(port: int) -> dict[str, float]:
 
 def _fresh_services() -> dict[str, services.Service]:
     """Clean server state, an org with its own user and vhost, and Voke's queues."""
-    _stop_services()
-    shutil.rmtree(RUN, ignore_errors=True)
-    RUN.mkdir(parents=True)
-    started = {name: services.start(name, run_dir=RUN) for name in ("mosquitto", "postgres",
-                                                                       "rabbitmq")}  # fmt: skip
+    started = fresh_services("mosquitto", "postgres", "rabbitmq")
     amqp = started["rabbitmq"]
     services.rabbitmq_tenants(amqp, {ORG: (_SECRETS["ENERGYBUS_BENCH_KEY"], ORG)})
     asyncio.run(_declare(amqp))
@@ -241,11 +244,6 @@ async def _declare(amqp: services.Service) -> None:
         await declare(await connection.channel(), org=ORG)
 
 
-def _stop_services() -> None:
-    for name in ("rabbitmq", "postgres", "mosquitto"):
-        services.stop(name, run_dir=RUN)
-
-
 def bench_voke(
     rates: list[int], seconds: float, drain: float, modes: list[str]
 ) -> list[dict[str, object]]:
@@ -260,7 +258,7 @@ def bench_voke(
                 results.append(_run_one(mode, rate, seconds, drain, started))
                 print(json.dumps({"benchmark": "voke", **results[-1]}), file=sys.stderr)
     finally:
-        _stop_services()
+        stop_services()
     return results
 
 
@@ -268,7 +266,6 @@ def bench_voke_restart(rate: int, seconds: float, drain: float) -> dict[str, obj
     started = _fresh_services()
     mqtt, pg, amqp = started["mosquitto"], started["postgres"], started["rabbitmq"]
     site = f"restart{rate}-{int(time.time()) % 100000}"
-    count_sql = COUNT_SQL
     try:
         with tempfile.TemporaryDirectory() as tmp:
             config = Path(tmp) / "site.toml"
@@ -296,13 +293,14 @@ def bench_voke_restart(rate: int, seconds: float, drain: float) -> dict[str, obj
             expected = sent * VALUES_PER_MESSAGE
 
             def progress() -> int:
-                return int(_fetch(pg.url, count_sql, site)[0][0])
+                return _rows(pg, site)
 
             drained, waited = _wait_drained(progress, expected, drain)
             counted = _metrics(port)
             log = worker.log.read_text()
             worker.stop()
-        stored = progress()
+            retire(config)
+        stored = _rows(pg, site)
         distinct = int(
             _fetch(
                 pg.url,
@@ -347,4 +345,4 @@ def bench_voke_restart(rate: int, seconds: float, drain: float) -> dict[str, obj
             "worker_log_tracebacks": log.count("Traceback"),
         }
     finally:
-        _stop_services()
+        stop_services()

@@ -142,6 +142,16 @@ class _BusMeter:
         await client.disconnect()
 
 
+def retire(config: Path) -> None:
+    """Drop a stopped worker's broker sessions, so the broker queues nothing for it while
+    the next runs go on."""
+    done = subprocess.run(
+        [*ENERGYBUS, "retire", "--config", str(config)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"retire failed: {done.stdout}{done.stderr}")
+
+
 def _percentiles(values: list[float]) -> tuple[float | None, float | None]:
     if len(values) < 2:
         return None, None
@@ -276,11 +286,7 @@ def _run_one(
         if mode == "nodered":
             _undeploy(nodered)
         else:
-            retire = subprocess.run(
-                [*ENERGYBUS, "retire", "--config", str(config)], capture_output=True, text=True
-            )
-            if retire.returncode != 0:
-                raise RuntimeError(f"retire failed: {retire.stdout}{retire.stderr}")
+            retire(config)
     stored = None
     db_latency: tuple[float | None, float | None] = (None, None)
     if mode == "historian":
@@ -362,19 +368,18 @@ def _check_nodered(nodered: services.Service, mqtt: services.Service) -> None:
         _undeploy(nodered)
 
 
-def _fresh_services(with_nodered: bool) -> tuple[services.Service, ...]:
-    """Clean server state: whatever an earlier benchmark left under .run/bench goes."""
-    _stop_services()
+def fresh_services(*names: str) -> dict[str, services.Service]:
+    """Clean server state: whatever an earlier benchmark left under .run/bench goes,
+    and ``names`` start anew there."""
+    stop_services()
     shutil.rmtree(RUN, ignore_errors=True)
     RUN.mkdir(parents=True)
-    started = [services.start("mosquitto", run_dir=RUN), services.start("postgres", run_dir=RUN)]
-    if with_nodered:
-        started.append(services.start("nodered", run_dir=RUN))
-    return tuple(started)
+    return {name: services.start(name, run_dir=RUN) for name in names}
 
 
-def _stop_services() -> None:
-    for name in ("nodered", "postgres", "mosquitto"):
+def stop_services() -> None:
+    """Stop every service a benchmark may have started under .run/bench."""
+    for name in ("nodered", "rabbitmq", "postgres", "mosquitto"):
         services.stop(name, run_dir=RUN)
 
 
@@ -384,10 +389,10 @@ def bench_worker(
     unknown = set(modes) - set(MODES)
     if unknown:
         raise SystemExit(f"unknown modes {sorted(unknown)}; known: {', '.join(MODES)}")
-    with_nodered = "nodered" in modes
-    started = _fresh_services(with_nodered)
-    mqtt, pg = started[0], started[1]
-    nodered = started[2] if with_nodered else None
+    names = ["mosquitto", "postgres"] + (["nodered"] if "nodered" in modes else [])
+    started = fresh_services(*names)
+    mqtt, pg = started["mosquitto"], started["postgres"]
+    nodered = started.get("nodered")
     results: list[dict[str, object]] = []
     try:
         subprocess.run(
@@ -400,7 +405,7 @@ def bench_worker(
                 results.append(_run_one(mode, rate, seconds, drain, mqtt, pg, nodered))
                 print(json.dumps({"benchmark": "worker", **results[-1]}), file=sys.stderr)
     finally:
-        _stop_services()
+        stop_services()
     return results
 
 
@@ -412,7 +417,7 @@ def bench_historian(
     fresh database each time; the best of each, with PostgreSQL's CPU per row."""
     from energybus.historian import Batch, Historian, migrate
 
-    pg = _fresh_services(False)[1]
+    pg = fresh_services("postgres")["postgres"]
     t0 = datetime(2026, 6, 1, tzinfo=UTC)
     rows = [
         (f"load-{i % 7}", f"load.c-{i % 100}", "active_power", float(i),
@@ -465,7 +470,7 @@ def bench_historian(
             theirs.append((time.perf_counter() - start, tree_seconds(pg.pid) - db0))
     finally:
         csv.unlink()
-        _stop_services()
+        stop_services()
     best_mine, best_theirs = min(mine), min(theirs)
     return {
         "figure": "historian load rate vs psql \\copy of the same rows into the wide table"
