@@ -21,6 +21,8 @@ from .base import (
     Adapter,
     AmqpEndpoint,
     Formatted,
+    ModbusEndpoint,
+    ModbusRead,
     Normalized,
     Plan,
     Rejection,
@@ -39,6 +41,8 @@ __all__ = [
     "CommandRecord",
     "CommandState",
     "Formatted",
+    "ModbusEndpoint",
+    "ModbusRead",
     "Normalized",
     "Output",
     "Pipeline",
@@ -54,6 +58,7 @@ __all__ = [
 ENTRY_POINT_GROUP: Final = "energybus.adapters"
 BUILTIN: Final = {
     "cpi": "energybus.adapters.cpi:CpiAdapter",
+    "modbus": "energybus.adapters.modbus:ModbusAdapter",
     "ven": "energybus.adapters.ven:VenAdapter",
     "voke": "energybus.adapters.voke:VokeAdapter",
 }

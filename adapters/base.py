@@ -35,6 +35,8 @@ __all__ = [
     "Adapter",
     "AmqpEndpoint",
     "Formatted",
+    "ModbusEndpoint",
+    "ModbusRead",
     "Normalized",
     "Plan",
     "Rejection",
@@ -71,6 +73,46 @@ class AmqpEndpoint(msgspec.Struct, frozen=True, kw_only=True):
         return f"AmqpEndpoint(name={self.name!r}, uri={self.uri!r}, vhost={self.vhost!r})"
 
 
+class ModbusRead(msgspec.Struct, frozen=True, array_like=True):
+    """One read request of a poll: function 3 (holding) or 4 (input) registers."""
+
+    table: Literal["holding", "input"]
+    address: int
+    count: int
+
+
+class ModbusEndpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """A Modbus device and how to poll it: the adapter says where and what to read, the
+    worker's poller does the I/O. Devices with the same ``connection`` (one TCP gateway,
+    one serial line) share one client and are polled one after another; every other
+    device is polled on its own, so a dead one delays only its own line."""
+
+    name: str
+    """The device's name in the configuration; also the topic of its deliveries."""
+    transport: Literal["tcp", "rtu-over-tcp", "rtu"]
+    host: str = "127.0.0.1"
+    port: int = 502
+    serial_port: str | None = None
+    baudrate: int = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: int = 1
+    bytesize: int = 8
+    unit_id: int = 1
+    interval_s: float = 1.0
+    timeout_s: float = 1.0
+    retries: int = 1
+    retry_backoff_s: float = 0.05
+    offline_after: int = 3
+    """Consecutive failed polls before the device's series go ``offline``."""
+    reads: tuple[ModbusRead, ...] = ()
+
+    @property
+    def connection(self) -> str:
+        if self.transport == "rtu":
+            return f"serial:{self.serial_port}"
+        return f"{self.transport}:{self.host}:{self.port}"
+
+
 class SourceDeclaration(msgspec.Struct, frozen=True, kw_only=True):
     """Where an adapter's source messages come from: a transport and what to take on it.
 
@@ -83,7 +125,7 @@ class SourceDeclaration(msgspec.Struct, frozen=True, kw_only=True):
 
     transport: Transport
     patterns: tuple[str, ...]
-    endpoint: AmqpEndpoint | None = None
+    endpoint: AmqpEndpoint | ModbusEndpoint | None = None
     publishes: tuple[str, ...] = ()
 
 
@@ -119,6 +161,9 @@ class Normalized(msgspec.Struct, kw_only=True):
     rejections: list[Rejection] = msgspec.field(default_factory=list)
     commands: list[CommandRecord] = msgspec.field(default_factory=list)
     duplicate: bool = False
+    unavailable: list[tuple[str, str, str]] = msgspec.field(default_factory=list)
+    """Entities (site, type, id) the source reports unreachable: their series go
+    ``offline`` now rather than after the availability timeout."""
 
     @classmethod
     def of(cls, readings: list[Reading], errors: list[SourceError], topic: str) -> Normalized:
@@ -256,6 +301,11 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
     def expire(self, now: datetime) -> list[CommandRecord]:
         """Commands whose answer is overdue, now ``expired``."""
         return self.commands.expire(now)
+
+    def failed(self, command_id: str, reason: str) -> CommandRecord | None:
+        """Command ``command_id`` could not be sent: now ``rejected`` with ``reason``
+        (``None`` when it already has an outcome)."""
+        return self.commands.fail(command_id, reason)
 
     # What every ``format`` shares ---------------------------------------------------------
 

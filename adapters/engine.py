@@ -55,7 +55,7 @@ __all__ = [
     "refuse",
 ]
 
-Value = tuple[str, Scalar, str | None, SeriesSpec]
+Value = tuple[str, Scalar | None, str | None, SeriesSpec]
 """One value of a :class:`Reading`: ``(metric, value, unit, spec)``."""
 Special = Callable[[Any], list[Value]]
 Hot = tuple[

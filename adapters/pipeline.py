@@ -41,6 +41,8 @@ class Output(msgspec.Struct, kw_only=True):
     values: int = 0
     """How many values the readings hold (counted while rendering them)."""
     duplicate: bool = False
+    unavailable: list[tuple[str, str, str]] = msgspec.field(default_factory=list)
+    """Entities the source reports unreachable (their series go ``offline``)."""
 
     @property
     def samples(self) -> list[Sample]:
@@ -90,6 +92,7 @@ class Pipeline:
             commands=result.commands,
             readings=result.readings,
             duplicate=result.duplicate,
+            unavailable=result.unavailable,
         )
         render = self.renderer.render_reading
         messages = out.messages
@@ -125,7 +128,7 @@ class Pipeline:
     def command_failed(self, command_id: str, reason: str) -> CommandRecord | None:
         """Command ``command_id`` could not be sent: its record, now ``rejected`` with
         ``reason`` (``None`` when it already has an outcome)."""
-        return self.adapter.commands.fail(command_id, reason)
+        return self.adapter.failed(command_id, reason)
 
     def take_suppressed(self) -> int:
         """How many values dedupe held back since the last call (for a counter metric)."""

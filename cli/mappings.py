@@ -10,7 +10,7 @@ import click
 from energybus.adapters import adapter_class
 from energybus.documents import read_toml
 from energybus.errors import MappingError
-from energybus.mappings import mapping_names, mapping_path
+from energybus.mappings import mapping_directory, mapping_names, mapping_path
 
 
 @click.group()
@@ -19,13 +19,20 @@ def mappings() -> None:
 
 
 @mappings.command()
-@click.argument("paths", nargs=-1, type=click.Path(dir_okay=False))
+@click.argument("paths", nargs=-1, type=click.Path())
 def check(paths: tuple[str, ...]) -> None:
-    """Validate mapping files (default: the packaged ones) strictly, as a worker would.
+    """Validate mapping files (default: the packaged ones, Modbus register maps too)
+    strictly, as a worker would. A directory stands for the ``*.toml`` files in it.
 
     Each error names file, line and path. Exit status: 0 all valid, 1 any invalid.
     """
-    files = [Path(p) for p in paths] or [mapping_path(name) for name in mapping_names()]
+    files: list[Path] = []
+    for given in paths:
+        path = Path(given)
+        files += sorted(path.glob("*.toml")) if path.is_dir() else [path]
+    if not paths:
+        files = [mapping_path(name) for name in mapping_names()]
+        files += sorted(mapping_directory("modbus").glob("*.toml"))
     failed = False
     for path in files:
         try:

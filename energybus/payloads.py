@@ -77,6 +77,9 @@ class SetEnvelope(Schema, frozen=True, gc=False):
     quality: Quality | None = None
     duration_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
     event_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
+    priority: Literal["safety", "manual", "scheduled", "optimization"] | None = None
+    """The command's class where setpoints are arbitrated (energybus.safety): a lower
+    class cannot override a higher one while it holds."""
 
 
 class LastEnvelope(Schema, frozen=True, gc=False, kw_only=True):

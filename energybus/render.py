@@ -75,6 +75,7 @@ _QUALITY_TAIL: Final = {q: b',"quality":"' + q.encode() + b'"}' for q in QUALITI
 _encode: Final = msgspec.json.Encoder().encode
 _MAX_DOUBLE: Final = 1.7976931348623157e308
 _BEYOND_DOUBLE: Final = "value is out of the range of a finite number"
+_NO_VALUE: Final = "a value may be missing only with quality bad"
 
 
 class _Series:
@@ -206,7 +207,7 @@ class Renderer:
         entity_id: str,
         observed: datetime,
         quality: Quality,
-        values: Sequence[tuple[str, Scalar, str | None, SeriesSpec]],
+        values: Sequence[tuple[str, Scalar | None, str | None, SeriesSpec]],
         out: list[Message],
     ) -> list[tuple[int, EnergyBusError]] | None:
         refused: list[tuple[int, EnergyBusError]] | None = None
@@ -223,6 +224,15 @@ class Renderer:
         # No enumerate: a value's index is wanted only when it is refused (_at).
         for entry in values:
             metric, value, unit, spec = entry
+            if value is None:
+                if quality == "bad":
+                    # The source said it has no value (a register "not implemented"): a
+                    # Profile B null with quality bad, never a number and never ``last``.
+                    self._absent(site, entity_type, entity_id, observed, metric, unit, spec, out)
+                else:
+                    refused = refused or []
+                    refused.append((_at(values, entry), PayloadError("wrong_type", _NO_VALUE)))
+                continue
             kind = type(value)
             scalar = _encode(value) if kind is float or kind is int or kind is bool else b"null"
             if scalar == b"null":
@@ -295,6 +305,39 @@ class Renderer:
                 series.last_at = observed
                 out.append(Message(series.last_topic, envelope, _LAST_QOS, _LAST_RETAIN))
         return refused
+
+    def _absent(
+        self,
+        site: str,
+        entity_type: str,
+        entity_id: str,
+        observed: datetime,
+        metric: str,
+        unit: str | None,
+        spec: SeriesSpec,
+        out: list[Message],
+    ) -> None:
+        key = (site, entity_type, entity_id, metric)
+        series = self._series.get(key)
+        if series is None:
+            try:
+                series = self._series[key] = _Series(key)
+            except EnergyBusError:
+                return
+        if series.spec != spec or series.unit != unit:
+            self._configure(series, key, unit, spec, out)
+        if series.emitted_value is None and series.emitted_quality == "bad":
+            interval = series.max_interval
+            if interval is None or observed - series.emitted_at < interval:
+                self.suppressed += 1
+                return
+        series.emitted_value = None
+        series.emitted_quality = "bad"
+        series.emitted_at = observed
+        payload = b"".join(
+            (b'{"value":null', series.middle, _encode(utc(observed)), _QUALITY_TAIL["bad"])
+        )
+        out.append(Message(series.value_topic, payload, _VALUE_QOS, _VALUE_RETAIN))
 
     def meta(self, sample: Sample, spec: SeriesSpec | None = None) -> Meta:
         """The ``meta`` document for the sample's series under ``spec``."""

@@ -86,6 +86,8 @@ def append_rows(reading: Reading, measurements: list[RowTuple], counters: list[R
     site, at, quality = reading.site, reading.observed_at, reading.quality
     device = device_id(reading.entity_type, reading.entity_id)
     for metric, value, _, _ in reading.values:
+        if value is None:
+            continue  # "no value" (quality bad): nothing to store
         (counters if metric.endswith(COUNTER_SUFFIX) else measurements).append(
             (site, device, metric, float(value), at, quality)
         )

@@ -165,10 +165,12 @@ class Reading(msgspec.Struct, gc=False):
     entity_id: str
     observed_at: datetime
     quality: Quality = "good"
-    values: list[tuple[str, Scalar, str | None, Any]] = msgspec.field(default_factory=list)
+    values: list[tuple[str, Scalar | None, str | None, Any]] = msgspec.field(default_factory=list)
+    """``None`` only with quality ``bad``: the source said it has no value."""
 
     def samples(self) -> list[Sample]:
-        """One :class:`Sample` per value, for code that thinks in samples."""
+        """One :class:`Sample` per value, for code that thinks in samples (a value the
+        source said it does not have, ``None``, is no sample)."""
         site, etype, eid, at, quality = (
             self.site,
             self.entity_type,
@@ -176,4 +178,8 @@ class Reading(msgspec.Struct, gc=False):
             self.observed_at,
             self.quality,
         )
-        return [Sample(site, etype, eid, m, v, at, quality, u) for m, v, u, _ in self.values]
+        return [
+            Sample(site, etype, eid, m, v, at, quality, u)
+            for m, v, u, _ in self.values
+            if v is not None
+        ]

@@ -10,9 +10,15 @@ from pathlib import Path
 
 from energybus.errors import MappingError
 
-__all__ = ["mapping_names", "mapping_path"]
+__all__ = ["mapping_directory", "mapping_names", "mapping_path"]
 
 _HERE = Path(__file__).resolve().parent
+
+
+def mapping_directory(name: str) -> Path:
+    """The packaged directory of adapter ``name``'s maps, for adapters with one file per
+    device family (``modbus/``)."""
+    return _HERE / name
 
 
 def mapping_names() -> list[str]:

@@ -57,6 +57,15 @@ class Availability:
                     known.add(metric)
                     _announce(publish, key, (metric,), b"online")
 
+    def gone(self, keys: Iterable[tuple[str, str, str]], publish: Publish) -> None:
+        """The source says these entities are unreachable: ``offline`` now; their next
+        value brings them back."""
+        for key in keys:
+            entity = self._entities.get(key)
+            if entity is not None and entity.online:
+                entity.online = False
+                _announce(publish, key, entity.metrics, b"offline")
+
     def sweep(self, publish: Publish | None, freshness: Callable[[str, str, float], None]) -> None:
         """Report each entity's age and mark the silent ones offline (when ``publish``
         is given, i.e. the bus is up; otherwise they are marked at the next sweep)."""

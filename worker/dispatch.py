@@ -319,6 +319,8 @@ class Dispatcher:
                 sink.add(readings, out.commands, entry)
         elif out.commands and sink is not None:
             sink.add((), out.commands, entry)
+        if out.unavailable:
+            self.availability.gone(out.unavailable, self._publish_availability)
         suppressed = pipeline.take_suppressed()
         if suppressed:
             suppressed_out.inc(suppressed)

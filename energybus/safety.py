@@ -1,0 +1,262 @@
+"""Safety interlocks and control priority: what every command to a device must pass.
+
+Two rules, both pure and both checked in one place, after the admission gate and before
+anything is encoded for a device (the Modbus adapter's ``format`` calls :meth:`Safety.check`
+for every ``set``, whoever sent it):
+
+- **Interlocks** (:class:`Limits`): hard bounds on a setpoint, from the device's register
+  map and from the site configuration (the stricter of both wins): ``min``/``max`` in the
+  metric's canonical unit (W for power, A for current), no discharge at or below a
+  state-of-charge floor, no charge at or above a ceiling, a maximum rate of change, and
+  temperature bounds read from the device. A rule that needs the device's state refuses
+  any non-zero setpoint while that state is unknown or stale: the safe answer to "is the
+  battery hot?" when nobody knows is "do not push it". Zero ("stop") passes every
+  state-dependent rule and the rate limit; it still has to lie within ``min``/``max``.
+- **Priority** (:class:`Arbiter`): a command carries a class, ``safety`` > ``manual`` >
+  ``scheduled`` > ``optimization``, and holds its setpoint for its ``duration_s`` (or a
+  default hold). While it holds, a command of a lower class is refused; the same or a
+  higher class replaces it.
+
+A refusal is a :class:`~energybus.errors.CommandError` with code ``interlock`` or
+``priority`` and a reason for people; nothing is written.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+from typing import Annotated, Final, Literal, NamedTuple
+
+import msgspec
+
+from energybus.errors import CommandError
+
+__all__ = [
+    "PRIORITIES",
+    "Arbiter",
+    "DeviceState",
+    "Limits",
+    "Priority",
+    "Safety",
+    "check_limits",
+]
+
+Priority = Literal["safety", "manual", "scheduled", "optimization"]
+PRIORITIES: Final[tuple[Priority, ...]] = ("safety", "manual", "scheduled", "optimization")
+"""Highest first: a command may replace a held one of its own class or a lower one."""
+_RANK: Final = {name: rank for rank, name in enumerate(PRIORITIES)}
+
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Interlocks of one writable metric, in its canonical unit; ``None`` is no bound.
+
+    The setpoint's sign says charge or discharge: with ``discharge_positive`` (the
+    default, as the bus's ``active_power`` of a battery) a positive value discharges.
+    """
+
+    min: float | None = None
+    max: float | None = None
+    max_rate_per_s: NonNegative | None = None
+    """The largest change of the setpoint per second since the last accepted one."""
+    soc_floor: float | None = None
+    """Percent: no discharge while the device's ``soc`` is at or below it."""
+    soc_ceiling: float | None = None
+    """Percent: no charge while the device's ``soc`` is at or above it."""
+    temperature_min: float | None = None
+    """degC: no non-zero setpoint while the device's ``temperature`` is below it."""
+    temperature_max: float | None = None
+    discharge_positive: bool = True
+
+    def __post_init__(self) -> None:
+        for low, high, what in (
+            (self.min, self.max, "min is above max"),
+            (self.soc_floor, self.soc_ceiling, "soc_floor is above soc_ceiling"),
+            (self.temperature_min, self.temperature_max, "temperature_min is above its max"),
+        ):
+            if low is not None and high is not None and low > high:
+                raise ValueError(what)
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            if type(value) is float and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number")
+
+    def tighten(self, other: Limits) -> Limits:
+        """The stricter of ``self`` and ``other``, bound by bound (the map's ratings and
+        the site's own limits both hold)."""
+        if other.discharge_positive != self.discharge_positive:
+            raise ValueError("the two limits disagree on the sign of discharge")
+
+        def low(a: float | None, b: float | None) -> float | None:
+            return b if a is None else a if b is None else max(a, b)
+
+        def high(a: float | None, b: float | None) -> float | None:
+            return b if a is None else a if b is None else min(a, b)
+
+        return Limits(
+            min=low(self.min, other.min),
+            max=high(self.max, other.max),
+            max_rate_per_s=high(self.max_rate_per_s, other.max_rate_per_s),
+            soc_floor=low(self.soc_floor, other.soc_floor),
+            soc_ceiling=high(self.soc_ceiling, other.soc_ceiling),
+            temperature_min=low(self.temperature_min, other.temperature_min),
+            temperature_max=high(self.temperature_max, other.temperature_max),
+            discharge_positive=self.discharge_positive,
+        )
+
+    @property
+    def needs_soc(self) -> bool:
+        return self.soc_floor is not None or self.soc_ceiling is not None
+
+    @property
+    def needs_temperature(self) -> bool:
+        return self.temperature_min is not None or self.temperature_max is not None
+
+
+class DeviceState(NamedTuple):
+    """What the interlocks know of a device: its latest readings (``None``: unknown or
+    stale) and the last accepted setpoint with its time."""
+
+    soc: float | None = None
+    temperature: float | None = None
+    setpoint: float | None = None
+    setpoint_at: datetime | None = None
+
+
+def check_limits(
+    value: float | bool, limits: Limits, state: DeviceState, now: datetime
+) -> str | None:
+    """Why ``value`` may not be written under ``limits`` in ``state``; ``None`` if it may."""
+    if type(value) is bool:
+        return "an interlocked setpoint takes a number"
+    if not math.isfinite(value):
+        return "the setpoint is not a finite number"
+    if limits.min is not None and value < limits.min:
+        return f"below the minimum {limits.min:g}"
+    if limits.max is not None and value > limits.max:
+        return f"above the maximum {limits.max:g}"
+    if value == 0:
+        return None  # stopping is always allowed by the state and rate rules
+    discharging = (value > 0) == limits.discharge_positive
+    if limits.needs_soc:
+        soc = state.soc
+        if soc is None:
+            return "the state of charge is unknown or stale"
+        if discharging and limits.soc_floor is not None and soc <= limits.soc_floor:
+            return f"state of charge {soc:g} % is at or below the floor {limits.soc_floor:g} %"
+        if not discharging and limits.soc_ceiling is not None and soc >= limits.soc_ceiling:
+            return f"state of charge {soc:g} % is at or above the ceiling {limits.soc_ceiling:g} %"
+    if limits.needs_temperature:
+        temperature = state.temperature
+        if temperature is None:
+            return "the device temperature is unknown or stale"
+        if limits.temperature_min is not None and temperature < limits.temperature_min:
+            return f"temperature {temperature:g} degC is below {limits.temperature_min:g} degC"
+        if limits.temperature_max is not None and temperature > limits.temperature_max:
+            return f"temperature {temperature:g} degC is above {limits.temperature_max:g} degC"
+    rate = limits.max_rate_per_s
+    if rate is not None:
+        if state.setpoint is None or state.setpoint_at is None:
+            return "the current setpoint is unknown, so the rate of change cannot be bounded"
+        seconds = max((now - state.setpoint_at).total_seconds(), 0.0)
+        step = abs(value - state.setpoint)
+        if step > rate * seconds:
+            return (
+                f"a change of {step:g} in {seconds:.1f} s exceeds the maximum rate"
+                f" {rate:g} per second"
+            )
+    return None
+
+
+class _Hold(NamedTuple):
+    rank: int
+    until: datetime
+    command_id: str
+
+
+class Arbiter:
+    """Which priority class holds each setpoint, and until when."""
+
+    def __init__(self) -> None:
+        self._holds: dict[object, _Hold] = {}
+
+    def holder(self, key: object, now: datetime) -> tuple[Priority, datetime] | None:
+        hold = self._holds.get(key)
+        if hold is None or now >= hold.until:
+            return None
+        return PRIORITIES[hold.rank], hold.until
+
+    def check(self, key: object, priority: Priority, now: datetime) -> str | None:
+        """Why a command of class ``priority`` may not replace the held one."""
+        held = self.holder(key, now)
+        if held is not None and _RANK[priority] > _RANK[held[0]]:
+            return (
+                f"a {held[0]} command holds this setpoint until {held[1].isoformat()};"
+                f" one of class {priority} cannot override it"
+            )
+        return None
+
+    def hold(
+        self, key: object, priority: Priority, now: datetime, hold_s: float, command_id: str
+    ) -> None:
+        self._holds[key] = _Hold(_RANK[priority], now + timedelta(seconds=hold_s), command_id)
+
+    def release(self, key: object, command_id: str) -> None:
+        """The command that took the hold did not happen (refused by the device, never
+        written): whatever held before it does not come back, but the setpoint is free."""
+        hold = self._holds.get(key)
+        if hold is not None and hold.command_id == command_id:
+            del self._holds[key]
+
+
+class Safety:
+    """Interlocks and priority of one adapter's writable setpoints, keyed by the caller
+    (a device and metric)."""
+
+    def __init__(self, *, default_priority: Priority, hold_s: float) -> None:
+        self.default_priority: Priority = default_priority
+        self.hold_s = hold_s
+        self.arbiter = Arbiter()
+        self._last: dict[object, tuple[float, datetime]] = {}
+
+    def state(self, key: object, *, soc: float | None, temperature: float | None) -> DeviceState:
+        last = self._last.get(key)
+        if last is None:
+            return DeviceState(soc, temperature)
+        return DeviceState(soc, temperature, last[0], last[1])
+
+    def observe_setpoint(self, key: object, value: float, at: datetime) -> None:
+        """The device reported its setpoint (a poll): the rate limit starts from it
+        until a command is accepted."""
+        if key not in self._last:
+            self._last[key] = (value, at)
+
+    def check(
+        self,
+        key: object,
+        value: float | bool,
+        limits: Limits,
+        state: DeviceState,
+        *,
+        priority: Priority | None,
+        duration_s: float | None,
+        command_id: str,
+        now: datetime,
+        topic: str,
+    ) -> Priority:
+        """Admit one command or raise; on admission it holds the setpoint and becomes
+        the rate limit's starting point. Returns the class it was admitted under."""
+        chosen = priority or self.default_priority
+        refused = self.arbiter.check(key, chosen, now)
+        if refused is not None:
+            raise CommandError("priority", refused, topic=topic)
+        reason = check_limits(value, limits, state, now)
+        if reason is not None:
+            raise CommandError("interlock", f"interlock: {reason}", topic=topic)
+        self.arbiter.hold(key, chosen, now, duration_s or self.hold_s, command_id)
+        self._last[key] = (float(value), now)
+        return chosen
+
+    def failed(self, key: object, command_id: str) -> None:
+        self.arbiter.release(key, command_id)
