@@ -302,6 +302,12 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
         """Commands whose answer is overdue, now ``expired``."""
         return self.commands.expire(now)
 
+    def counters(self) -> list[tuple[str, str, str, float | None, float | None]]:
+        """``(site, device, metric, wrap_at, max_rate)`` of the counters whose rollover
+        the adapter knows (a register's width); the worker declares them to the counter
+        historian at start-up."""
+        return []
+
     def failed(self, command_id: str, reason: str) -> CommandRecord | None:
         """Command ``command_id`` could not be sent: now ``rejected`` with ``reason``
         (``None`` when it already has an outcome)."""

@@ -78,6 +78,7 @@ __all__ = [
     "ModbusMap",
     "ModbusOptions",
     "RegisterMap",
+    "SunSpecChain",
     "map_names",
     "map_path",
     "poll_payload",
@@ -109,6 +110,30 @@ class DocumentRef(Document, frozen=True, kw_only=True):
     url: str = ""
 
 
+class SunSpecChain(Document, frozen=True, kw_only=True):
+    """The SunSpec model chain a map's addresses assume: the ``SunS`` marker at ``base``,
+    then each model's ID and length registers before its points. The simulator serves
+    it; ``energybus modbus scan`` tells whether a real device has the same chain."""
+
+    base: Address = 40000
+    models: list[tuple[int, int]]
+    """``(model id, length)`` in chain order."""
+
+    def addresses(self) -> list[tuple[int, int, int]]:
+        """``(model id, address of its ID register, length)`` of every model."""
+        found = []
+        address = self.base + 2
+        for model, length in self.models:
+            found.append((model, address, length))
+            address += length + 2
+        return found
+
+    @property
+    def end(self) -> int:
+        """Address of the end marker (0xFFFF)."""
+        return self.base + 2 + sum(length + 2 for _, length in self.models)
+
+
 class DeviceSection(Document, frozen=True, kw_only=True):
     """What holds for every register of a map unless the register says otherwise."""
 
@@ -125,6 +150,7 @@ class DeviceSection(Document, frozen=True, kw_only=True):
     write_multiple: bool = True
     """Write with function 16 (write multiple registers), else function 6 for a
     one-register value."""
+    sunspec: SunSpecChain | None = None
 
 
 class RegisterRow(SeriesRow, frozen=True, kw_only=True):
@@ -355,7 +381,9 @@ class Layout:
         """The raw value of every register, by register index (failed reads included:
         their words are zeros, and the caller drops them)."""
         values: list[Any] = [None] * len(self.places)
-        for register, value in zip(self.fast_registers, self.fast.unpack_from(payload), strict=True):
+        for register, value in zip(
+            self.fast_registers, self.fast.unpack_from(payload), strict=True
+        ):
             values[register.index] = value
         for register, _, at in self.slow:
             words = struct.unpack_from(f">{register.words}H", payload, at)
@@ -414,7 +442,9 @@ class RegisterMap:
                 raise compiler.error(
                     "ignored_and_mapped", f"{ignored!r} is both mapped and ignored", "$.ignore"
                 )
-        self.writable = {r.metric: r for r in self.registers if r.to_device is not None}
+        self.writable = {
+            r.metric: r for r in self.registers if r.to_device is not None and r.metric
+        }
         """Writable registers by metric (the ``set`` that writes them)."""
         self.rows = sum(r.field.rows for r in self.registers if r.field is not None)
         self._layouts: dict[tuple[int, int], Layout] = {}
@@ -613,7 +643,12 @@ class _Device:
     )
 
     def __init__(
-        self, name: str, register_map: RegisterMap, layout: Layout, site: str, entity_id: str,
+        self,
+        name: str,
+        register_map: RegisterMap,
+        layout: Layout,
+        site: str,
+        entity_id: str,
         entity_type: EntityType,
     ) -> None:
         self.name = name
@@ -676,9 +711,7 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
             declarations.append(self._device(name, device, f"$.devices.{name}"))
             metrics |= set(self.plan.maps[device.map].writable)
         self.sources = tuple(declarations)
-        self.command_filters = tuple(
-            canonical_filter("set", metric=m) for m in sorted(metrics)
-        )
+        self.command_filters = tuple(canonical_filter("set", metric=m) for m in sorted(metrics))
 
     def _device(self, name: str, config: ModbusDeviceOptions, path: str) -> SourceDeclaration:
         if not _NAME.fullmatch(name):
@@ -715,7 +748,7 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
             )
         layout = register_map.layout(config.max_registers, config.max_gap)
         device = _Device(name, register_map, layout, site, entity_id, entity_type)
-        for metric, limits in config.limits.items():
+        for metric in config.limits:
             if metric not in register_map.writable:
                 raise MappingError(
                     "unknown_metric",
@@ -761,7 +794,7 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
     def counters(self) -> list[tuple[str, str, str, float | None, float | None]]:
         """``(site, device, metric, wrap_at, max_rate)`` of every counter register with a
         fixed width, for the counter historian (a rollover is then recognised)."""
-        found = []
+        found: list[tuple[str, str, str, float | None, float | None]] = []
         for device in self.devices.values():
             for register in device.map.registers:
                 if register.wrap_at is not None and register.metric is not None:
@@ -844,7 +877,9 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
                 continue
             if type(value) is float and not math.isfinite(value):
                 errors.append(
-                    SourceError("non_finite", "the register holds an infinity", path=f"$.registers.{name}")
+                    SourceError(
+                        "non_finite", "the register holds an infinity", path=f"$.registers.{name}"
+                    )
                 )
                 continue
             if lo <= value <= hi:
@@ -870,9 +905,7 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
             readings.append(Reading(site, etype, eid, observed, "bad", bad))
         return Normalized.of(readings, errors, topic)
 
-    def _written(
-        self, device: _Device, body: bytes, observed: datetime, topic: str
-    ) -> Normalized:
+    def _written(self, device: _Device, body: bytes, observed: datetime, topic: str) -> Normalized:
         try:
             result = _write_result.decode(body)
         except (msgspec.DecodeError, UnicodeDecodeError):
@@ -896,15 +929,20 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
         moved = self.commands.acked(record.id, ok=True, status="read back", at=observed)
         assert moved is not None
         readback = self._value(device, register, result.words or [])
+        # The series' own spec: the read-back is a sample of the register like any poll's
+        # (another spec would republish meta at every confirmation).
         metric, _, unit, spec, *_ = register.field.hot
-        spec = msgspec.structs.replace(spec, dedupe=False)
         reading = Reading(
-            device.site, device.entity_type, device.entity_id, observed, "good",
+            device.site,
+            device.entity_type,
+            device.entity_id,
+            observed,
+            "good",
             [(metric, readback, unit, spec)],
         )
         return Normalized(readings=[reading], commands=[moved])
 
-    def _value(self, device: _Device, register: Register, words: list[int]) -> float:
+    def _value(self, device: _Device, register: Register, words: list[int]) -> int | float:
         raw = decode_registers(
             register.type,
             words,
@@ -916,7 +954,7 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
         if register.scale_index >= 0:
             raw = _scaled(raw, device.scales.get(register.scale_index, 0))
         convert = register.field.hot[1] if register.field is not None else None
-        return float(raw if convert is None else convert(raw))
+        return raw if convert is None else convert(raw)
 
     # Commands ----------------------------------------------------------------------------
 
@@ -993,7 +1031,8 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
             if abs(rounded - raw) > 1e-6 * max(1.0, abs(raw)):
                 raise CommandError(
                     "invalid_value",
-                    f"{register.name} holds steps of {_step(register, device):g}; {value!r} is between two",
+                    f"{register.name} holds steps of {_step(register, device):g};"
+                    f" {value!r} is between two",
                     topic=topic,
                 )
             raw = rounded
@@ -1017,9 +1056,11 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
         return record
 
 
-def _scaled(raw: float, sf: int) -> float:
-    """``raw`` times 10 ** ``sf``; dividing for a negative ``sf`` keeps 3 * 10**-1 at 0.3."""
-    return raw * 10**sf if sf >= 0 else raw / 10 ** (-sf)
+def _scaled(raw: int | float, sf: int) -> int | float:
+    """``raw`` times 10 ** ``sf``: a whole number stays one (1200 W, not 1200.0), and
+    dividing for a negative ``sf`` keeps 3 * 10**-1 at 0.3."""
+    factor: int = 10 ** abs(sf)
+    return raw * factor if sf >= 0 else raw / factor
 
 
 def _key_of(record: CommandRecord) -> tuple[str, str]:

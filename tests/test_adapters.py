@@ -206,7 +206,7 @@ def test_registry_names_and_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
     assert adapter_class("cpi") is CpiAdapter
     with pytest.raises(MappingError) as caught:
         adapter_class("nope")
-    assert caught.value.code == "unknown_adapter" and "cpi, ven" in caught.value.message
+    assert caught.value.code == "unknown_adapter" and "cpi, modbus, ven" in caught.value.message
 
     class Plugin:
         name = "acme"
@@ -217,7 +217,7 @@ def test_registry_names_and_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
         value = "json:loads"
 
     monkeypatch.setattr(adapters, "entry_points", lambda group: [Plugin, Shadow])
-    assert adapters.adapter_names() == ["acme", "cpi", "ven", "voke"]
+    assert adapters.adapter_names() == ["acme", "cpi", "modbus", "ven", "voke"]
     assert adapter_class("acme") is VenAdapter
     assert adapter_class("ven") is VenAdapter  # a plug-in cannot take a built-in name
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from energybus.adapters import BUILTIN, Pipeline, create_adapter
 from energybus.adapters.cpi import CpiOptions
 from energybus.adapters.engine import decode
+from energybus.adapters.modbus import ModbusOptions
 from energybus.adapters.signing import Signer
 from energybus.adapters.voke import VokeOptions
 from energybus.errors import SourceError
@@ -84,6 +86,9 @@ def _pipelines() -> dict[str, tuple[Pipeline, list[str]]]:
         },
         VokeOptions,
     )
+    modbus = msgspec.convert(
+        {"site": "s1", "devices": {"bat": {"map": "sunspec_battery"}}}, ModbusOptions
+    )
     ven = Pipeline(create_adapter("ven"))
     ven.feed("volttron/metering", b'{"venId": "v1", "timestamp": 1}', received_at=AT)
     return {
@@ -104,6 +109,10 @@ def _pipelines() -> dict[str, tuple[Pipeline, list[str]]]:
                 "cpi/p1/commands/ack",
                 "p1/energy/storage/p1-b1/power_setpoint/set",
             ],
+        ),
+        "modbus": (
+            Pipeline(create_adapter("modbus", options=modbus)),
+            ["bat", "no-such-device", "s1/energy/storage/bat/max_charge_power/set"],
         ),
         "voke": (
             Pipeline(create_adapter("voke", options=voke)),
@@ -150,6 +159,23 @@ def _voke_envelopes() -> list[bytes]:
     return out
 
 
+def _modbus_deliveries() -> list[bytes]:
+    """What the poller hands over, broken: short, of another length, of an unknown kind,
+    at a time that is none, a write result that is no JSON or names no command."""
+    header = struct.Struct(">cQH")
+    return [
+        header.pack(b"P", MS, 2)[:5],
+        header.pack(b"P", MS, 2) + b"\x00" * 10,
+        header.pack(b"P", MS, 200) + b"\x00" * 600,
+        header.pack(b"P", 2**63, 2) + b"\x00" * 311,
+        header.pack(b"Z", MS, 0),
+        header.pack(b"W", MS, 0) + b"{",
+        header.pack(b"W", MS, 0) + b'{"command": "nope", "ok": true, "words": [1]}',
+        header.pack(b"W", MS, 0) + b'{"command": 1}',
+        header.pack(b"F", MS, 0) + b"\xff\xfe",
+    ]
+
+
 def test_every_builtin_adapter_is_in_the_corpus_test() -> None:
     assert set(_pipelines()) == set(BUILTIN)
 
@@ -159,6 +185,7 @@ def test_every_adapter_rejects_broken_bytes_with_a_documented_code(name: str) ->
     pipeline, topics = _pipelines()[name]
     documented = documented_codes()
     corpus = CORPUS + (_voke_envelopes() if name == "voke" else [])
+    corpus += _modbus_deliveries() if name == "modbus" else []
     for topic in topics:
         for payload in corpus:
             out = pipeline.feed(topic, payload, received_at=AT)  # raises nothing

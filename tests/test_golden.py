@@ -35,6 +35,8 @@ class Step(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     payload: Any = None
     """JSON, encoded compactly before feeding; ``raw`` gives the wire text instead."""
     raw: str | None = None
+    hex: str | None = None
+    """Binary wire bytes in hex (a Modbus poll as the poller hands it over)."""
     retain: bool = False
     sign: int | None = None
     """Sign ``payload`` with this secret (index) of the case's ``secrets``."""
@@ -52,6 +54,8 @@ class Case(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 def _payload(case: Case, step: Step) -> bytes:
     if step.raw is not None:
         return step.raw.encode("utf-8")
+    if step.hex is not None:
+        return bytes.fromhex(step.hex)
     body = step.payload
     if step.sign is not None:
         body = {**body, "sig": Signer([case.secrets[step.sign]]).sign(body)}
@@ -74,6 +78,8 @@ def _observed(out: Output) -> dict[str, Any]:
         ],
         "commands": msgspec.to_builtins(out.commands),
         "duplicate": out.duplicate,
+        # Only sources that report reachability have it (a Modbus poller).
+        **({"unavailable": [list(key) for key in out.unavailable]} if out.unavailable else {}),
     }
 
 
