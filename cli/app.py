@@ -15,6 +15,7 @@ COMMANDS: Final = {
     "commands": "energybus.cli.commands:commands",
     "historian": "energybus.cli.historian:historian",
     "mappings": "energybus.cli.mappings:mappings",
+    "modbus": "energybus.cli.modbus:modbus",
     "normalize": "energybus.cli.normalize:normalize",
     "retire": "energybus.cli.retire:retire",
     "run": "energybus.cli.run:run",

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from energybus.adapters import AmqpEndpoint, ModbusEndpoint
 from energybus.errors import MappingError
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ def check(config_path: str) -> None:
             )
     for _, source, declaration in plan.connections:
         e = declaration.endpoint
-        assert e is not None
+        assert isinstance(e, AmqpEndpoint)
         out(
             f"amqp       {source}: {e.uri} vhost {e.vhost} as {e.username} (password set), "
             f"prefetch {e.prefetch}, manual ack"
@@ -102,6 +103,24 @@ def check(config_path: str) -> None:
             out(f"  queue    {queue}  (checked passively at start-up)")
         for key in declaration.publishes:
             out(f"  command  {e.exchange} <- {key}  (mandatory, publisher confirms)")
+    for _, _, declaration in plan.devices:
+        d = declaration.endpoint
+        assert isinstance(d, ModbusEndpoint)
+        where = d.serial_port if d.transport == "rtu" else f"{d.host}:{d.port}"
+        reads = ", ".join(f"{r.table} {r.address}+{r.count}" for r in d.reads)
+        out(
+            f"modbus     {d.name}: {d.transport} {where} unit {d.unit_id},"
+            f" every {d.interval_s:g} s, timeout {d.timeout_s:g} s x {d.retries + 1},"
+            f" offline after {d.offline_after} failed"
+        )
+        out(f"  reads    {reads}")
+        for key in declaration.publishes:
+            out(f"  command  {key}  (write, read back, confirm on value)")
+    if plan.devices:
+        out(
+            f"poll outbox {w.data_dir}/poll-outbox-<adapter>.sqlite3"
+            f"  (at most {w.poll_outbox_max_mb:g} MB)"
+        )
     for f in plan.ingest:
         out(f"ingest     {f}  (QoS 1, no local) -> historians")
     out("publish    canonical value/last/meta/availability per the delivery policy")

@@ -4,6 +4,7 @@ layer over :mod:`energybus.simulators`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -216,4 +217,130 @@ def voke(
     finally:
         for sig, handler in previous.items():
             if handler is not None:  # None: not set from Python, nothing to put back
+                signal.signal(sig, handler)
+
+
+@simulate.command()
+@click.option(
+    "--map",
+    "map_name",
+    required=True,
+    metavar="NAME",
+    help="A packaged register map (energybus mappings check lists them) or a map file.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=5020,
+    show_default=True,
+    help="TCP port (Modbus TCP); with --devices N, N ports from here.",
+)
+@click.option("--unit", type=click.IntRange(0, 255), help="Unit id (default: the map's).")
+@click.option(
+    "--devices", type=click.IntRange(min=1), default=1, show_default=True, help="Devices to serve."
+)
+@click.option(
+    "--hang",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    metavar="N",
+    help="The last N devices take requests and never answer (to see timeouts).",
+)
+@click.option("--site", default="demo", show_default=True, help="Site of --print-config.")
+@click.option("--duration", type=click.FloatRange(min=0), metavar="S", help="Stop after S s.")
+@click.option("--seed", type=int, help="Reproducible values.")
+@click.option("--print-config", is_flag=True, help="Print the devices' site configuration; exit.")
+def modbus(
+    map_name: str,
+    host: str,
+    port: int,
+    unit: int | None,
+    devices: int,
+    hang: int,
+    site: str,
+    duration: float | None,
+    seed: int | None,
+    print_config: bool,
+) -> None:
+    """Serve a Modbus device from a register map (Modbus TCP, pymodbus).
+
+    Values change plausibly: measurements wander, counters grow, a battery's state of
+    charge follows the rate setpoints written to it; a SunSpec map's model chain is
+    served where the map says. Writes are taken only on the map's writable registers.
+    --print-config prints the site configuration that polls these devices.
+
+    Runs until SIGINT or SIGTERM or --duration, then prints what it served. Exit status:
+    0 done; 1 the port cannot be opened; 2 usage error or an invalid map.
+    """
+    from energybus.errors import MappingError
+    from energybus.simulators.modbus import ModbusSimulator, load_simulated_map, site_config
+
+    try:
+        register_map = load_simulated_map(map_name)
+    except MappingError as error:
+        click.echo(f"error    {error}", err=True)
+        sys.exit(2)
+    if port + devices - 1 > 65535:
+        raise click.BadParameter("the ports run past 65535", param_hint="--devices")
+    if print_config:
+        click.echo(site_config(register_map, site=site, host=host, port=port, devices=devices))
+        return
+    simulators = [
+        ModbusSimulator(
+            register_map,
+            host=host,
+            port=port + i,
+            unit_id=unit,
+            seed=None if seed is None else seed + i,
+        )
+        for i in range(devices)
+    ]
+    for simulator in simulators[devices - min(hang, devices) :]:
+        simulator.silent = True
+    early: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, _: early.append(signum))
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in previous:
+            loop.add_signal_handler(sig, stop.set)
+        if early:
+            stop.set()
+        started = []
+        try:
+            for simulator in simulators:
+                await simulator.start()
+                started.append(simulator)
+            last = simulators[-1].port
+            ports = f"port {port}" if devices == 1 else f"ports {port}-{last}"
+            click.echo(
+                f"ready    {register_map.name} on {host} {ports}, unit {simulators[0].unit_id};"
+                " SIGINT or SIGTERM stops"
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), duration)
+        finally:
+            for simulator in started:
+                await simulator.stop()
+
+    try:
+        try:
+            asyncio.run(main())
+        except (OSError, RuntimeError) as error:
+            click.echo(f"error    cannot serve on {host}:{port}: {error}", err=True)
+            sys.exit(1)
+        finally:
+            for sig in previous:
+                signal.signal(sig, lambda signum, _: early.append(signum))
+        reads = sum(s.reads for s in simulators)
+        writes = sum(len(s.writes) for s in simulators)
+        click.echo(f"stopped  {reads} reads served, {writes} writes taken")
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
                 signal.signal(sig, handler)

@@ -155,11 +155,14 @@ def test_a_source_on_a_transport_the_worker_lacks_is_a_clear_error(tmp_path: Pat
 
     config = load_config(_file(tmp_path, GOOD), environ=ENV)
     adapter = config.built["ven"]
-    adapter.sources = (SourceDeclaration(transport="modbus", patterns=("meter-1",)),)
+    # A transport no source of this worker speaks (a plug-in's).
+    adapter.sources = (
+        SourceDeclaration(transport="bacnet", patterns=("meter-1",)),  # type: ignore[arg-type]
+    )
     with pytest.raises(MappingError) as caught:
         Worker.plan(config)
     assert caught.value.code == "unsupported_transport"
-    assert "declares a modbus source" in caught.value.message
+    assert "declares a bacnet source" in caught.value.message
 
 
 def test_the_command_gate_is_in_the_plan_and_a_bad_interlock_is_located(tmp_path: Path) -> None:

@@ -154,6 +154,9 @@ class WorkerConfig(_Section):
     log_format: Literal["human", "json"] = "human"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     shutdown_timeout_s: float = Field(default=10.0, gt=0)
+    poll_outbox_max_mb: float = Field(default=1024.0, gt=0)
+    """Bound of the Modbus poll outbox (``<data_dir>/poll-outbox.sqlite3``): polls wait
+    there while the bus is away (docs/modbus.md gives its size for 24 h)."""
 
 
 class _Root(_Section):

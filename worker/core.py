@@ -19,7 +19,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Final, NamedTuple
 
-from energybus.adapters import Pipeline, SourceDeclaration, create_adapter
+from energybus.adapters import (
+    AmqpEndpoint,
+    ModbusEndpoint,
+    Pipeline,
+    SourceDeclaration,
+    create_adapter,
+)
 from energybus.errors import MappingError
 from energybus.historian import Historian, Outbox
 
@@ -31,13 +37,13 @@ from .connection import BusConnection
 from .dispatch import Dispatcher
 from .metrics import Metrics
 from .sink import HistorianSink
-from .sources import AmqpSource, MqttSource, Source
+from .sources import AmqpSource, ModbusSource, MqttSource, Source
 
 __all__ = ["Plan", "Worker", "run_worker"]
 
 log = logging.getLogger("energybus.worker")
 
-TRANSPORTS: Final = frozenset({"mqtt", "amqp"})
+TRANSPORTS: Final = frozenset({"mqtt", "amqp", "modbus"})
 """The transports this worker has sources for (adapters declare theirs)."""
 
 
@@ -54,6 +60,8 @@ class Plan(NamedTuple):
     connections: list[tuple[str, str, SourceDeclaration]]
     """(adapter, source name, declaration) of every source with a connection of its own
     (an AMQP account)."""
+    devices: list[tuple[str, str, SourceDeclaration]]
+    """(adapter, source name, declaration) of every polled device (Modbus)."""
 
 
 def _pipelines(config: Config) -> dict[str, Pipeline]:
@@ -72,11 +80,14 @@ class Worker:
             pipelines = _pipelines(config)
         share = f"$share/{w.shared_group}/" if w.shared_group else ""
         connections = []
+        devices = []
         for name, pipeline in pipelines.items():
             for declaration in pipeline.sources:
-                if declaration.endpoint is not None:
-                    source = f"{name}:{declaration.endpoint.username}"
-                    connections.append((name, source, declaration))
+                endpoint = declaration.endpoint
+                if isinstance(endpoint, AmqpEndpoint):
+                    connections.append((name, f"{name}:{endpoint.username}", declaration))
+                elif isinstance(endpoint, ModbusEndpoint):
+                    devices.append((name, f"{name}:poller", declaration))
                 if declaration.transport not in TRANSPORTS:
                     raise MappingError(
                         "unsupported_transport",
@@ -103,6 +114,7 @@ class Worker:
                 for d in p.sources
             ],
             connections=connections,
+            devices=devices,
         )
 
     def __init__(self, config: Config) -> None:
@@ -169,7 +181,7 @@ class Worker:
             )
         ]
         for name, source_name, declaration in plan.connections:
-            assert declaration.endpoint is not None
+            assert isinstance(declaration.endpoint, AmqpEndpoint)
             source = AmqpSource(
                 name=source_name,
                 endpoint=declaration.endpoint,
@@ -184,6 +196,26 @@ class Worker:
             for destination in declaration.publishes:
                 dispatcher.outlet(destination, source)
             result.append(source)
+        pollers: dict[str, list[SourceDeclaration]] = {}
+        for name, _, declaration in plan.devices:
+            pollers.setdefault(name, []).append(declaration)
+        for name, declarations in pollers.items():
+            poller = ModbusSource(
+                name=f"{name}:poller",
+                endpoints=[
+                    d.endpoint for d in declarations if isinstance(d.endpoint, ModbusEndpoint)
+                ],
+                outbox=self.config.worker.data_dir / f"poll-outbox-{name}.sqlite3",
+                outbox_max_bytes=int(self.config.worker.poll_outbox_max_mb * 1024 * 1024),
+                metrics=self.metrics,
+                deliver=dispatcher.handle,
+                gate=dispatcher,
+            )
+            dispatcher.bind(poller.name, self.pipelines[name])
+            for declaration in declarations:
+                for destination in declaration.publishes:
+                    dispatcher.outlet(destination, poller)
+            result.append(poller)
         return result
 
     def _ingest(self, received: Received, entry: Entry) -> None:
@@ -253,9 +285,14 @@ class Worker:
 
     async def _declare_counters(self) -> None:
         counters = self.config.historian.counters
-        if not counters or self.historian is None:
-            return
         rows = [(c.site, c.device, c.metric, c.wrap_at, c.max_rate) for c in counters]
+        declared = {(site, device, metric) for site, device, metric, _, _ in rows}
+        for pipeline in self.pipelines.values():
+            # Counters the adapter knows the width of (a Modbus register); what the
+            # configuration declares for the same series wins.
+            rows += [r for r in pipeline.adapter.counters() if r[:3] not in declared]
+        if not rows or self.historian is None:
+            return
         try:
             await self.historian.declare_counters(rows)
         except Exception as error:

@@ -112,6 +112,28 @@ class Metrics:
         self.connected = Gauge(
             "energybus_connected", "1 while the connection is up", ["connection"], registry=r
         )
+        self.poll_outbox_rows = Gauge(
+            "energybus_poll_outbox_polls", "Modbus polls waiting in the poll outbox", registry=r
+        )
+        self.poll_outbox_bytes = Gauge(
+            "energybus_poll_outbox_bytes", "Size of the polls in the poll outbox", registry=r
+        )
+        self.poll_outbox_dropped = Counter(
+            "energybus_poll_outbox_dropped", "Modbus polls dropped: the poll outbox was full",
+            registry=r,
+        )  # fmt: skip
+        self.modbus_polls = Counter(
+            "energybus_modbus_polls",
+            "Modbus polls by device and outcome (ok, partial, failed)",
+            ["device", "outcome"],
+            registry=r,
+        )
+        self.modbus_overruns = Counter(
+            "energybus_modbus_skipped_polls",
+            "Poll slots skipped because the previous poll overran its interval",
+            ["device"],
+            registry=r,
+        )
         self._outbox: Outbox | None = None
         self.outbox_oldest.set_function(self._oldest_age)
 
