@@ -5,7 +5,8 @@ object per figure, so runs can be compared over time.
 
     ./dev bench                      # all figures
     ./dev bench --only render        # one of: validate, render, startup, admission, ven, cpi,
-                                     # worker, historian, voke, voke-restart
+                                     # worker, historian, voke, voke-restart,
+                                     # modbus-decode, modbus-poll
 """
 
 from __future__ import annotations
@@ -209,6 +210,8 @@ def main() -> None:
             "historian",
             "voke",
             "voke-restart",
+            "modbus-decode",
+            "modbus-poll",
         ],
     )
     parser.add_argument(
@@ -232,6 +235,7 @@ def main() -> None:
     args = parser.parse_args()
     cores = os.cpu_count()
     from benchmarks.adapters import bench_cpi, bench_ven
+    from benchmarks.modbus import bench_modbus_decode, bench_modbus_poll
     from benchmarks.voke import bench_voke, bench_voke_restart
     from benchmarks.worker import bench_historian, bench_worker
 
@@ -255,6 +259,8 @@ def main() -> None:
             rates, 4 * args.seconds, args.drain, (args.modes or "voke,cpi").split(",")
         ),
         "voke-restart": lambda: bench_voke_restart(rates[0], 4 * args.seconds, args.drain),
+        "modbus-decode": lambda: bench_modbus_decode(args.seconds, _rate),
+        "modbus-poll": lambda: bench_modbus_poll(max(args.seconds, 5.0)),
     }
     for name, run in figures.items():
         if args.only in (None, name):

@@ -1,0 +1,93 @@
+"""Simulated Modbus devices for tests: pymodbus servers in a thread of their own."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from energybus.simulators.modbus import ModbusSimulator, load_simulated_map
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Devices:
+    """Simulators served by an event loop in a thread; the test thread talks to them
+    through :meth:`call` and :meth:`run`, never touching them directly."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.simulators: dict[str, ModbusSimulator] = {}
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def call(self, function: Callable[[], T]) -> T:
+        async def wrapped() -> T:
+            return function()
+
+        return self.run(wrapped())
+
+    def add(
+        self, name: str, map_name: str, *, tick_s: float = 0.2, seed: int = 1
+    ) -> ModbusSimulator:
+        port = free_port()
+
+        async def start() -> ModbusSimulator:
+            simulator = ModbusSimulator(
+                load_simulated_map(map_name), port=port, tick_s=tick_s, seed=seed
+            )
+            await simulator.start()
+            return simulator
+
+        simulator = self.run(start())
+        self.simulators[name] = simulator
+        return simulator
+
+    def stop(self, name: str) -> None:
+        self.run(self.simulators[name].stop())
+
+    def start(self, name: str) -> None:
+        self.run(self.simulators[name].start())
+
+    def close(self) -> None:
+        for simulator in self.simulators.values():
+            self.run(simulator.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@contextmanager
+def devices() -> Iterator[Devices]:
+    served = Devices()
+    try:
+        yield served
+    finally:
+        served.close()
+
+
+def device_config(name: str, simulator: ModbusSimulator, **settings: Any) -> str:
+    lines = [
+        f"[adapters.modbus.devices.{name}]",
+        f'map = "{simulator.map.name}"',
+        f"port = {simulator.port}",
+    ]
+    for key, value in settings.items():
+        if isinstance(value, str) and not value.startswith("{"):
+            lines.append(f'{key} = "{value}"')
+        elif isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        else:
+            lines.append(f"{key} = {value}")
+    return "\n".join(lines) + "\n"
