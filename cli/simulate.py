@@ -280,7 +280,8 @@ def modbus(
     try:
         register_map = load_simulated_map(map_name)
     except MappingError as error:
-        click.echo(f"error    {error}", err=True)
+        # A packaged name that does not exist has no file to point at.
+        click.echo(f"error    {error if error.file else error.message}", err=True)
         sys.exit(2)
     if port + devices - 1 > 65535:
         raise click.BadParameter("the ports run past 65535", param_hint="--devices")

@@ -1,7 +1,8 @@
 """A Modbus device, played by a pymodbus server from a register map.
 
 :class:`ModbusSimulator` serves one map (``mappings/modbus/<map>.toml``) on a TCP port
-with plausible values that change: measurements wander around a value typical of their
+(Modbus TCP, or RTU frames over TCP as a serial gateway passes them) or a serial port
+(RTU) with plausible values that change: measurements wander around a value typical of their
 unit, counters only grow (by the device's power), a state of charge follows the battery
 setpoints written to it, and a SunSpec map's model chain (``SunS`` marker, model IDs and
 lengths) is served at the addresses the map assumes, so ``energybus modbus scan`` finds it.
@@ -24,10 +25,11 @@ import struct
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from pymodbus.constants import ExcCodes
-from pymodbus.server import ModbusTcpServer
+from pymodbus.framer import FramerType
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from energybus.adapters.modbus import Register, RegisterMap, load_map, map_path
@@ -84,10 +86,18 @@ class ModbusSimulator:
         unit_id: int | None = None,
         seed: int | None = None,
         tick_s: float = 1.0,
+        transport: Literal["tcp", "rtu-over-tcp", "rtu"] = "tcp",
+        serial_port: str | None = None,
+        baudrate: int = 9600,
     ) -> None:
+        if transport == "rtu" and not serial_port:
+            raise ValueError("transport rtu needs serial_port")
         self.map = register_map
         self.host = host
         self.port = port
+        self.transport = transport
+        self.serial_port = serial_port
+        self.baudrate = baudrate
         self.unit_id = register_map.device.unit_id if unit_id is None else unit_id
         self.tick_s = tick_s
         self.random = random.Random(seed)
@@ -101,7 +111,7 @@ class ModbusSimulator:
         """Reads served, by (table, address) of the request."""
         self.memory: dict[str, dict[int, int]] = {"holding": {}, "input": {}}
         self._pinned: set[tuple[str, int]] = set()
-        self._server: ModbusTcpServer | None = None
+        self._server: ModbusTcpServer | ModbusSerialServer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._writable: set[int] = set()
         self._values: dict[str, float] = {}
@@ -327,7 +337,19 @@ class ModbusSimulator:
     async def start(self) -> None:
         if self._server is not None:
             return
-        self._server = ModbusTcpServer(context=self._device(), address=(self.host, self.port))
+        if self.transport == "rtu":
+            assert self.serial_port is not None
+            self._server = ModbusSerialServer(
+                context=self._device(),
+                port=self.serial_port,
+                framer=FramerType.RTU,
+                baudrate=self.baudrate,
+            )
+        else:
+            framer = FramerType.RTU if self.transport == "rtu-over-tcp" else FramerType.SOCKET
+            self._server = ModbusTcpServer(
+                context=self._device(), address=(self.host, self.port), framer=framer
+            )
         await self._server.serve_forever(background=True)
         if self._ticker is None:
             self._last = time.monotonic()

@@ -91,3 +91,40 @@ def device_config(name: str, simulator: ModbusSimulator, **settings: Any) -> str
         else:
             lines.append(f"{key} = {value}")
     return "\n".join(lines) + "\n"
+
+
+@contextmanager
+def serial_line() -> Iterator[tuple[str, str]]:
+    """Two serial ports joined by a null-modem cable: pseudo-terminals whose bytes a
+    thread copies across, so an RTU server and client can talk as on an RS-485 pair."""
+    import os
+    import select
+    import tty
+
+    a_master, a_slave = os.openpty()
+    b_master, b_slave = os.openpty()
+    for fd in (a_slave, b_slave):
+        tty.setraw(fd)
+    paths = (os.ttyname(a_slave), os.ttyname(b_slave))
+    stop = threading.Event()
+
+    def copy() -> None:
+        peers = {a_master: b_master, b_master: a_master}
+        while not stop.is_set():
+            ready, _, _ = select.select(list(peers), [], [], 0.05)
+            for fd in ready:
+                try:
+                    data = os.read(fd, 4096)
+                except OSError:
+                    continue
+                os.write(peers[fd], data)
+
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+    try:
+        yield paths
+    finally:
+        stop.set()
+        thread.join(5)
+        for fd in (a_master, a_slave, b_master, b_slave):
+            os.close(fd)

@@ -85,3 +85,20 @@ def test_voke_partner_example() -> None:
         "vcp.acme.command set_power {'kw': 3.0} accepted",
         "answer: confirmed acme-hq/energy/storage/p-17-b1/power_setpoint/last",
     ]
+
+
+def test_modbus_battery_example() -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "modbus_battery.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "lab/energy/storage/battery/max_charge_power/value 0",
+        "lab/energy/storage/battery/soc/value 42.0",
+        "12000 W: interlock - interlock: above the maximum 10000",
+        "3000 W: write [3000] at 40152",
+        "answer: confirmed lab/energy/storage/battery/max_charge_power/value",
+    ]

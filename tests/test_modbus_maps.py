@@ -18,15 +18,19 @@ from energybus.adapters.modbus import (
     ModbusAdapter,
     ModbusDeviceOptions,
     ModbusOptions,
+    WriteRequest,
     map_names,
+    write_request,
 )
+from energybus.messages import Message
 from energybus.samples import Reading
 from energybus.simulators.modbus import ModbusSimulator, load_simulated_map
 from energybus.worker.metrics import Metrics
 from energybus.worker.sources import Delivery, ModbusSource
-from tests.modbus import free_port
+from tests.modbus import free_port, serial_line
 
 SHIPPED = map_names()
+MAPS = Path(__file__).resolve().parent / "maps"
 
 
 class _Open:
@@ -165,3 +169,76 @@ def test_a_dead_device_does_not_delay_the_others(tmp_path: Path) -> None:
     assert counts["healthy"] >= 20
     assert elapsed < 6
     assert counts["hung"] == 0
+
+
+class _Token:
+    def __init__(self) -> None:
+        self.outcome: str | None = None
+
+    def release(self) -> None:
+        self.outcome = "sent"
+
+    def fail(self, reason: str) -> None:
+        self.outcome = f"failed: {reason}"
+
+    def uncertain(self, reason: str) -> None:
+        self.outcome = f"uncertain: {reason}"
+
+
+@pytest.mark.parametrize("transport", ["rtu-over-tcp", "rtu"])
+def test_rtu_frames_over_tcp_and_over_a_serial_line(transport: str, tmp_path: Path) -> None:
+    """The same device through an RTU gateway on TCP and on a serial line (two
+    pseudo-terminals joined like a null-modem cable): polled, and a setpoint written and
+    read back."""
+    register_map = load_simulated_map(str(MAPS / "test_battery.toml"))
+    port = free_port()
+    with serial_line() as (device_side, worker_side):
+        settings: dict[str, Any] = (
+            {"transport": "rtu", "serial_port": worker_side, "baudrate": 19200}
+            if transport == "rtu"
+            else {"transport": "rtu-over-tcp", "port": port}
+        )
+        adapter = ModbusAdapter(
+            options=ModbusOptions(
+                site="lab",
+                mapping=str(MAPS),
+                devices={
+                    "bat": ModbusDeviceOptions(map="test_battery", interval_s=0.1, **settings)
+                },
+            )
+        )
+        endpoint = adapter.sources[0].endpoint
+        assert isinstance(endpoint, ModbusEndpoint)
+        delivered: list[Delivery] = []
+
+        def deliver(delivery: Delivery) -> None:
+            delivered.append(delivery)
+            delivery.entry.release()
+
+        token = _Token()
+        request = WriteRequest(command="c1", device="bat", address=200, words=[0, 1500])
+
+        async def main() -> list[tuple[int, list[int]]]:
+            simulator = ModbusSimulator(
+                register_map,
+                port=port,
+                transport=transport,  # type: ignore[arg-type]
+                serial_port=device_side,
+                baudrate=19200,
+            )
+            async with simulator:
+                source = _source([endpoint], tmp_path, deliver)
+                source.publish(Message("modbus/bat", write_request(request), 1, False), token)
+                await _poll_until(source, lambda: len(delivered) >= 3)
+                return list(simulator.writes)
+
+        writes = asyncio.run(main())
+    assert writes == [(200, [0, 1500])]
+    assert token.outcome == "sent"
+    kinds = [d.payload[:1] for d in delivered]
+    assert b"W" in kinds and b"P" in kinds
+    results = [adapter.normalize("bat", d.payload, datetime.now(UTC)) for d in delivered]
+    polls = [r for d, r in zip(delivered, results, strict=True) if d.payload[:1] == b"P"]
+    assert all(not r.rejections and r.readings for r in polls)
+    written = next(d for d in delivered if d.payload[:1] == b"W").payload
+    assert b'"ok":true' in written and b'"words":[0,1500]' in written

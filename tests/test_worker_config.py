@@ -232,3 +232,62 @@ def test_a_voke_fault_is_located(
         load_config(source, environ=VOKE_ENV)
     assert (caught.value.code, caught.value.path) == (code, path)
     assert "voke-api-secret-3" not in str(caught.value)
+
+
+MODBUS = """\
+[adapters.modbus]
+site = "plant-7"
+[adapters.modbus.devices.battery]
+map = "sunspec_battery"
+transport = "rtu-over-tcp"
+host = "10.0.0.30"
+port = 4001
+interval_s = 2
+[adapters.modbus.devices.battery.limits.max_charge_power]
+max = 8000
+[adapters.modbus.devices.meter]
+map = "eastron_sdm630"
+transport = "rtu"
+serial_port = "/dev/ttyUSB0"
+"""
+
+
+def test_check_prints_each_modbus_device_its_reads_and_the_poll_outbox(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["check", "--config", str(_file(tmp_path, GOOD + MODBUS))], env=ENV
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert (
+        "modbus     battery: rtu-over-tcp 10.0.0.30:4001 unit 1, every 2 s, timeout 1 s x 2,"
+        " offline after 3 failed"
+    ) in lines
+    assert "  reads    holding 40072+118, holding 40198+37" in lines
+    assert "  command  modbus/battery  (write, read back, confirm on value)" in lines
+    assert any(line.startswith("modbus     meter: rtu /dev/ttyUSB0 unit 1") for line in lines)
+    assert any(line.startswith("poll outbox ") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "path"),
+    [
+        ('map = "sunspec_battery"', "unknown_map", "$.adapters.modbus.devices.battery.map"),
+        ("max = 8000", "conflicting_field", "$.adapters.modbus.devices.battery.limits"),
+        ('serial_port = "/dev/ttyUSB0"', "missing_field", "$.adapters.modbus.devices.meter"),
+        ("interval_s = 2", "unknown_field", "$.adapters.modbus.devices.battery.intervall"),
+    ],
+)
+def test_a_bad_modbus_device_is_a_located_error(
+    tmp_path: Path, change: str, code: str, path: str
+) -> None:
+    replacement = {
+        'map = "sunspec_battery"': 'map = "no_such_map"',
+        "max = 8000": "max = 8000\ndischarge_positive = false",
+        'serial_port = "/dev/ttyUSB0"': "",
+        "interval_s = 2": "intervall = 2",
+    }[change]
+    with pytest.raises(MappingError) as caught:
+        load_config(_file(tmp_path, GOOD + MODBUS.replace(change, replacement)), environ=ENV)
+    assert caught.value.code == code
+    assert caught.value.path is not None and caught.value.path.startswith(path)
+    assert caught.value.line is not None
