@@ -928,6 +928,7 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
             return Normalized(commands=[moved] if moved is not None else [])
         moved = self.commands.acked(record.id, ok=True, status="read back", at=observed)
         assert moved is not None
+        self.safety.done(record.id)
         readback = self._value(device, register, result.words or [])
         # The series' own spec: the read-back is a sample of the register like any poll's
         # (another spec would republish meta at every confirmation).

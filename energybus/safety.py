@@ -173,6 +173,8 @@ class _Hold(NamedTuple):
     rank: int
     until: datetime
     command_id: str
+    before: _Hold | None
+    """The hold this one replaced, back in force if this command does not happen."""
 
 
 class Arbiter:
@@ -200,14 +202,19 @@ class Arbiter:
     def hold(
         self, key: object, priority: Priority, now: datetime, hold_s: float, command_id: str
     ) -> None:
-        self._holds[key] = _Hold(_RANK[priority], now + timedelta(seconds=hold_s), command_id)
+        until = now + timedelta(seconds=hold_s)
+        self._holds[key] = _Hold(_RANK[priority], until, command_id, self._holds.get(key))
 
     def release(self, key: object, command_id: str) -> None:
         """The command that took the hold did not happen (refused by the device, never
-        written): whatever held before it does not come back, but the setpoint is free."""
+        written, expired unanswered): the hold it replaced is in force again (until its
+        own end), so a failed override frees nothing a higher class held."""
         hold = self._holds.get(key)
         if hold is not None and hold.command_id == command_id:
-            del self._holds[key]
+            if hold.before is None:
+                del self._holds[key]
+            else:
+                self._holds[key] = hold.before
 
 
 class Safety:
@@ -219,6 +226,8 @@ class Safety:
         self.hold_s = hold_s
         self.arbiter = Arbiter()
         self._last: dict[object, tuple[float, datetime]] = {}
+        self._tried: dict[str, tuple[tuple[float, datetime] | None, tuple[float, datetime]]] = {}
+        """Per command in flight: the rate limit's start before it, and its own."""
 
     def state(self, key: object, *, soc: float | None, temperature: float | None) -> DeviceState:
         last = self._last.get(key)
@@ -255,8 +264,24 @@ class Safety:
         if reason is not None:
             raise CommandError("interlock", f"interlock: {reason}", topic=topic)
         self.arbiter.hold(key, chosen, now, duration_s or self.hold_s, command_id)
-        self._last[key] = (float(value), now)
+        mine = (float(value), now)
+        self._tried[command_id] = (self._last.get(key), mine)
+        self._last[key] = mine
         return chosen
 
+    def done(self, command_id: str) -> None:
+        """The command's value is on the device: it stays the rate limit's start."""
+        self._tried.pop(command_id, None)
+
     def failed(self, key: object, command_id: str) -> None:
+        """The command's value never reached the device: its hold goes, and the rate
+        limit starts again from the setpoint before it."""
         self.arbiter.release(key, command_id)
+        tried = self._tried.pop(command_id, None)
+        if tried is None or self._last.get(key) != tried[1]:
+            return  # a later command moved the start already
+        before = tried[0]
+        if before is None:
+            del self._last[key]
+        else:
+            self._last[key] = before

@@ -242,3 +242,23 @@ def test_rtu_frames_over_tcp_and_over_a_serial_line(transport: str, tmp_path: Pa
     assert all(not r.rejections and r.readings for r in polls)
     written = next(d for d in delivered if d.payload[:1] == b"W").payload
     assert b'"ok":true' in written and b'"words":[0,1500]' in written
+
+
+def test_the_simulated_battery_follows_its_setpoint() -> None:
+    """Counters grow, and the state of charge follows the power written: down while
+    discharging (a positive setpoint), up while charging."""
+    simulator = ModbusSimulator(load_simulated_map(str(MAPS / "test_battery.toml")), seed=3)
+    simulator.set_value("soc", 50.0)
+    simulator._pinned.clear()  # let it move again from 50 %
+    energy = simulator.value("energy")
+    simulator._values["setpoint"] = 5000.0
+    for _ in range(3):
+        simulator._last -= 10  # ten seconds a tick
+        simulator.tick()
+    assert simulator.value("soc") < 50.0
+    assert simulator.value("energy") > energy
+    low = simulator.value("soc")
+    simulator._values["setpoint"] = -5000.0
+    simulator._last -= 10
+    simulator.tick()
+    assert simulator.value("soc") > low

@@ -143,6 +143,7 @@ commands = st.tuples(
     ),
     st.one_of(st.none(), st.sampled_from(PRIORITIES)),
     st.one_of(st.none(), st.floats(0.5, 120)),
+    st.booleans(),
 )
 polls = st.tuples(
     st.just("poll"),
@@ -171,7 +172,7 @@ def test_no_write_ever_leaves_the_limits(steps: list[tuple[Any, ...]]) -> None:
                 # until a command is accepted.
                 model.setpoint, model.setpoint_at = 0.0, now
             continue
-        _, value, priority, duration = step
+        _, value, priority, duration, taken = step
         body: dict[str, Any] = {"value": value}
         if priority is not None:
             body["priority"] = priority
@@ -201,6 +202,10 @@ def test_no_write_ever_leaves_the_limits(steps: list[tuple[Any, ...]]) -> None:
         # No write while a higher class holds the setpoint.
         rank = RANK[priority or "scheduled"]
         assert all(not (now < until and rank > held) for held, until in model.holds)
+        if not taken:
+            # The device refuses the write: no hold, and the setpoint is what it was.
+            adapter.failed(writes[0].command, "exception 4")
+            continue
         model.holds.append((rank, now + timedelta(seconds=duration or 30)))
         model.setpoint, model.setpoint_at = written, now
         # The device confirms by reading back what was written.
@@ -238,3 +243,32 @@ def test_the_property_test_sees_writes() -> None:
     # 2000: a step of 4000 > 1000/s; 100 two seconds after 2000: allowed.
     assert written == [2000, 100]
     assert time.monotonic() > 0
+
+
+def test_a_command_that_fails_gives_back_the_hold_and_the_rate_start() -> None:
+    """A manual setpoint that the device refuses frees the setpoint for the scheduled
+    command it overrode, and the rate limit starts again from what the device has."""
+    adapter = _adapter(default_priority="scheduled", priority_hold_s=300)
+    pipeline = Pipeline(adapter)
+    _poll(adapter, T0, soc=50, temperature=20)
+    at = T0 + timedelta(seconds=2)
+    first = pipeline.feed(TOPIC, b'{"value": 1000, "priority": "scheduled"}', received_at=at)
+    request = read_write_request(first.messages[0].payload)
+    pipeline.feed("bat", _result(request.command, request.words, at), received_at=at)
+    at += timedelta(seconds=1)
+    manual = pipeline.feed(TOPIC, b'{"value": 2000, "priority": "manual"}', received_at=at)
+    refused = read_write_request(manual.messages[0].payload)
+    # The device refuses the manual write.
+    failed = adapter.failed(refused.command, "exception 4")
+    assert failed is not None and failed.state == "rejected"
+    # The scheduled hold is back: optimization may not override it, scheduled may.
+    again = pipeline.feed(TOPIC, b'{"value": 1200, "priority": "optimization"}', received_at=at)
+    assert [r.code for r in again.rejections] == ["priority"]
+    # The rate starts again from 1000 at T0+2 s (on the device), not from 2000 at T0+3 s
+    # (never written): at T0+3.5 s, 1000 W/s allows 1000 +- 1500, where 2000 +- 500
+    # would refuse 1200.
+    at += timedelta(seconds=0.5)
+    fast = pipeline.feed(TOPIC, b'{"value": 2600, "priority": "scheduled"}', received_at=at)
+    assert [r.code for r in fast.rejections] == ["interlock"]
+    ok = pipeline.feed(TOPIC, b'{"value": 1200, "priority": "scheduled"}', received_at=at)
+    assert ok.messages and not ok.rejections

@@ -199,6 +199,16 @@ def test_not_implemented_is_bad_quality_and_a_scale_factor_change_keeps_the_valu
         # Never a number: nothing stored for it, and last keeps the last good value.
         last = json.loads(collector.payloads(w.topic("active_power", "last"))[-1])
         assert last["value"] == 1200
+        # The energy counter (acc32, 10 Wh a count) is declared with its register width,
+        # so the counter historian recognises a rollover.
+        declared = query(
+            w.dsn,
+            "SELECT device_id, metric_name, wrap_at FROM energybus.counter_series WHERE site = $1",
+            w.site,
+        )
+        assert [tuple(r) for r in declared] == [
+            ("storage.bat", "charge_energy_total", float(2**32 * 10))
+        ]
     finally:
         collector.close()
         assert worker.stop() == 0
