@@ -262,3 +262,34 @@ def test_the_simulated_battery_follows_its_setpoint() -> None:
     simulator._last -= 10
     simulator.tick()
     assert simulator.value("soc") > low
+
+
+def test_a_driver_fault_is_a_failed_read_not_a_dead_line(tmp_path: Path) -> None:
+    """Whatever the driver raises on a device's answer becomes a failed read with its
+    reason; the line goes on polling."""
+    adapter = ModbusAdapter(
+        options=ModbusOptions(
+            site="lab", devices={"dev": ModbusDeviceOptions(map="eastron_sdm630", retries=1)}
+        )
+    )
+    endpoint = adapter.sources[0].endpoint
+    assert isinstance(endpoint, ModbusEndpoint)
+    source = _source([endpoint], tmp_path, lambda delivery: None)
+
+    class Broken:
+        connected = True
+        calls = 0
+
+        async def read_input_registers(self, *args: Any, **kwargs: Any) -> Any:
+            Broken.calls += 1
+            raise ValueError("unpack requires a buffer of 4 bytes")
+
+        def close(self) -> None:
+            pass
+
+    line = source.lines[0]
+    line.client = Broken()
+    registers, why = asyncio.run(source._read(line, endpoint, "input", 0, 2))
+    assert registers is None
+    assert why == "unpack requires a buffer of 4 bytes"
+    assert Broken.calls == 2  # the first try and one retry

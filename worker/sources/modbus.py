@@ -39,7 +39,7 @@ from typing import Any, Final
 
 import msgspec
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-from pymodbus.exceptions import ModbusException, ModbusIOException
+from pymodbus.exceptions import ModbusIOException
 from pymodbus.framer import FramerType
 
 from energybus.adapters import ModbusEndpoint
@@ -219,7 +219,20 @@ class ModbusSource(Source):
         outbox = self.outbox
         if outbox is None:
             return  # closed: the worker is stopping and polls nothing more
-        if outbox.put(device, payload) is None:
+        try:
+            stored = outbox.put(device, payload)
+        except sqlite3.Error as error:
+            # The disk is full or failing: the poll cannot be kept, the line goes on.
+            self.metrics.poll_outbox_dropped.inc()
+            self._full.change(
+                "error",
+                logging.ERROR,
+                "%s: the poll outbox cannot store polls (%s); they are dropped until it can",
+                self.name,
+                error,
+            )
+            return
+        if stored is None:
             self.metrics.poll_outbox_dropped.inc()
             self._full.change(
                 "full",
@@ -332,7 +345,7 @@ class ModbusSource(Source):
             return True
         try:
             return bool(await asyncio.wait_for(client.connect(), endpoint.timeout_s))
-        except (TimeoutError, OSError, ModbusException):
+        except Exception:  # refused, unreachable, or the driver's own fault: not connected
             return False
 
     async def _read(
@@ -354,8 +367,11 @@ class ModbusSource(Source):
                 response = await asyncio.wait_for(
                     call(address, count=count, device_id=endpoint.unit_id), endpoint.timeout_s * 1.5
                 )
-            except (TimeoutError, ModbusException, OSError) as error:
-                why = _oneline(error) or "no answer"
+            except Exception as error:
+                # Whatever the device sent or the driver made of it (a timeout, a broken
+                # frame, a pymodbus fault): a failed read with a reason, never a crash of
+                # the line, so one device cannot stop the others.
+                why = _oneline(error)
                 if isinstance(error, TimeoutError | ModbusIOException):
                     # pymodbus says "[Input/Output] No response received after 0 retries".
                     why = f"no answer within {endpoint.timeout_s:g} s"
@@ -457,7 +473,7 @@ class ModbusSource(Source):
                     request.address, request.words[0], device_id=endpoint.unit_id
                 )
             response = await asyncio.wait_for(call, endpoint.timeout_s * 1.5)
-        except (TimeoutError, ModbusException, OSError) as error:
+        except Exception as error:
             # Whether the device took it cannot be known: the read-back says.
             with contextlib.suppress(Exception):
                 client.close()
