@@ -105,6 +105,8 @@ class ModbusEndpoint(msgspec.Struct, frozen=True, kw_only=True):
     offline_after: int = 3
     """Consecutive failed polls before the device's series go ``offline``."""
     reads: tuple[ModbusRead, ...] = ()
+    fingerprint: int = 0
+    """Names the read plan in each poll, so a poll is decoded only with its own plan."""
 
     @property
     def connection(self) -> str:

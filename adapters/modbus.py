@@ -29,7 +29,8 @@ from __future__ import annotations
 import math
 import re
 import struct
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Final, Literal
@@ -92,9 +93,12 @@ UnitId = Annotated[int, msgspec.Meta(ge=0, le=255)]
 Address = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 
 _NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
-_HEADER: Final = struct.Struct(">cQH")
+_HEADER: Final = struct.Struct(">cQHI")
 """A delivery's header: kind (``P`` poll, ``W`` write result, ``F`` unreachable), the
-observation time in Unix milliseconds, and the number of reads (``P``)."""
+observation time in Unix milliseconds, and for a poll the number of reads and the
+fingerprint of the layout it was read with."""
+_STATE_METRICS: Final = frozenset({"soc", "temperature"})
+"""Metrics the interlocks read from a device's polls."""
 _SF_RANGE: Final = 10
 """A SunSpec scale factor outside -10..10 is taken as a broken read, not a value."""
 
@@ -207,6 +211,7 @@ class Register:
         "not_implemented",
         "row",
         "scale_index",
+        "state",
         "sunssf",
         "table",
         "to_device",
@@ -270,6 +275,9 @@ class Register:
             raw = pattern.to_bytes(2 * spec.words, "big")
             self.not_implemented = struct.unpack(">" + spec.format, raw)[0]
         self.metric: str | None = row.metric
+        self.state = row.writable or row.metric in _STATE_METRICS
+        """The interlocks read this register's value (a state of charge, a temperature,
+        a setpoint)."""
         self.field: Field | None = None
         self.to_device: Conversion | None = None
         self.wrap_at: float | None = None
@@ -297,6 +305,14 @@ class Register:
                     "conflicting_field", "a writable register holds one number", path
                 )
             self.to_device = Conversion(row.unit, row.scale).inverse()
+            limits = row.limits
+            if limits is None or limits.min is None or limits.max is None:
+                raise compiler.error(
+                    "missing_field",
+                    "a writable register needs limits with min and max: the device's"
+                    " own rating bounds every setpoint, whatever the site adds",
+                    f"{path}.limits",
+                )
         elif row.limits is not None:
             raise compiler.error("conflicting_field", "limits are for writable registers", path)
         if (
@@ -312,27 +328,67 @@ class Register:
 
 class Layout:
     """A map laid out for one ``max_registers`` and ``max_gap``: the reads of one poll,
-    each register's place in the poll payload, and the precompiled decoder."""
+    each register's place in the poll payload, and the precompiled decoder.
 
-    def __init__(self, registers: list[Register], max_registers: int, max_gap: int) -> None:
-        ordered = sorted(registers, key=lambda r: (r.table, r.address))
+    A value and its scale-factor register are always in one read (a device that rescales
+    between two requests would otherwise give a value with the other's factor): each
+    such pair, and everything between them, is one unit that reads are cut around. A
+    unit longer than ``max_registers`` cannot be read safely and is a mapping error.
+    """
+
+    def __init__(
+        self,
+        registers: list[Register],
+        max_registers: int,
+        max_gap: int,
+        error: Callable[[str, str], MappingError] | None = None,
+    ) -> None:
+        # Units: [table, start, end) spans that one read must hold whole.
+        spans: list[tuple[int, int, int, list[Register]]] = []
+        for register in registers:
+            table = 0 if register.table == "holding" else 1
+            start, end = register.address, register.address + register.words
+            if register.scale_index >= 0:
+                sf = registers[register.scale_index]
+                if sf.table != register.table and error is not None:
+                    raise error(
+                        "conflicting_field",
+                        f"{register.name} and its scale factor {sf.name} are in different tables",
+                    )
+                start, end = min(start, sf.address), max(end, sf.address + sf.words)
+            spans.append((table, start, end, [register]))
+        spans.sort(key=lambda span: (span[0], span[1]))
+        units: list[list[Any]] = []
+        for table, start, end, members in spans:
+            if units and units[-1][0] == table and start < units[-1][2]:
+                units[-1][2] = max(units[-1][2], end)
+                units[-1][3] += members
+            else:
+                units.append([table, start, end, list(members)])
         reads: list[list[int]] = []  # [table index, start, count]
         read_of: dict[int, int] = {}
-        for register in ordered:
-            table = 0 if register.table == "holding" else 1
-            end = register.address + register.words
+        for table, start, end, members in units:
+            if end - start > max_registers and error is not None:
+                names = ", ".join(r.name for r in members[:4])
+                raise error(
+                    "out_of_range",
+                    f"registers {names} and their scale factor span {end - start} registers,"
+                    f" more than one read of {max_registers} can hold",
+                )
             if reads:
                 last = reads[-1]
                 if (
                     last[0] == table
-                    and register.address <= last[1] + last[2] + max_gap
+                    and start <= last[1] + last[2] + max_gap
                     and end - last[1] <= max_registers
                 ):
                     last[2] = max(last[2], end - last[1])
-                    read_of[register.index] = len(reads) - 1
+                    for register in members:
+                        read_of[register.index] = len(reads) - 1
                     continue
-            reads.append([table, register.address, register.words])
-            read_of[register.index] = len(reads) - 1
+            reads.append([table, start, end - start])
+            for register in members:
+                read_of[register.index] = len(reads) - 1
         self.reads = tuple(
             ModbusRead("holding" if t == 0 else "input", start, count) for t, start, count in reads
         )
@@ -376,6 +432,11 @@ class Layout:
         self.fast_registers = [p[0] for p in fast]
         self.slow = slow
         self.read_of = {p[0].index: p[1] for p in self.places}
+        shape: list[tuple[object, ...]] = [(r.table, r.address, r.count) for r in self.reads]
+        shape += [(r.index, r.type, r.word_order, r.byte_order, at) for r, _, at in self.places]
+        self.fingerprint = zlib.crc32(repr(shape).encode())
+        """Names this layout in every poll: a poll made under another map or read plan
+        (stored before a restart with a changed configuration) is refused, not misread."""
 
     def decode(self, payload: bytes) -> list[Any]:
         """The raw value of every register, by register index (failed reads included:
@@ -448,6 +509,12 @@ class RegisterMap:
         """Writable registers by metric (the ``set`` that writes them)."""
         self.rows = sum(r.field.rows for r in self.registers if r.field is not None)
         self._layouts: dict[tuple[int, int], Layout] = {}
+        default = (document.device.max_registers, document.device.max_gap)
+        self._layouts[default] = Layout(
+            self.registers,
+            *default,
+            error=lambda code, message: compiler.error(code, message, "$.device"),
+        )
 
     def layout(self, max_registers: int | None = None, max_gap: int | None = None) -> Layout:
         key = (max_registers or self.device.max_registers, self.device.max_gap)
@@ -455,7 +522,9 @@ class RegisterMap:
             key = (key[0], max_gap)
         layout = self._layouts.get(key)
         if layout is None:
-            layout = self._layouts[key] = Layout(self.registers, *key)
+            layout = self._layouts[key] = Layout(
+                self.registers, *key, error=lambda code, message: MappingError(code, message)
+            )
         return layout
 
 
@@ -477,16 +546,18 @@ class ModbusPlan(Plan):
 # Payloads between the poller and the adapter ----------------------------------------------
 
 
-def poll_payload(at_ms: int, failed: Sequence[bool], words: Sequence[int]) -> bytes:
-    """A poll as the poller hands it over: which reads failed, and every read's words
-    in plan order (a failed read's words as zeros)."""
+def poll_payload(
+    at_ms: int, failed: Sequence[bool], words: Sequence[int], *, fingerprint: int
+) -> bytes:
+    """A poll as the poller hands it over: the layout it was read with, which reads
+    failed, and every read's words in plan order (a failed read's words as zeros)."""
     bitmap = bytearray((len(failed) + 7) // 8)
     for index, bad in enumerate(failed):
         if bad:
             bitmap[index // 8] |= 1 << (index % 8)
     return b"".join(
         (
-            _HEADER.pack(b"P", at_ms, len(failed)),
+            _HEADER.pack(b"P", at_ms, len(failed), fingerprint),
             bytes(bitmap),
             struct.pack(f">{len(words)}H", *words),
         )
@@ -495,25 +566,33 @@ def poll_payload(at_ms: int, failed: Sequence[bool], words: Sequence[int]) -> by
 
 def unreachable_payload(at_ms: int, reason: str) -> bytes:
     """The device stopped answering (``offline_after`` polls in a row)."""
-    return _HEADER.pack(b"F", at_ms, 0) + reason.encode("utf-8", "replace")[:500]
+    return _HEADER.pack(b"F", at_ms, 0, 0) + reason.encode("utf-8", "replace")[:500]
 
 
 class WriteRequest(msgspec.Struct, frozen=True, kw_only=True):
     """What the poller is to write: ``words`` at ``address`` of the holding registers,
-    then read them back."""
+    then read them back.
+
+    ``guard`` is what the words were encoded against: registers (a scale factor) that
+    must still hold these words right before the write, or nothing is written. After
+    ``expires_ms`` (Unix ms) the command is over and nothing is written either.
+    """
 
     command: str
     device: str
     address: int
     words: list[int]
     multiple: bool = True
+    expires_ms: int = 0
+    guard: list[tuple[int, int]] = []
 
 
 class WriteResult(msgspec.Struct, frozen=True, kw_only=True):
     command: str
     ok: bool
+    """The device acknowledged the write (false: it went unanswered)."""
     words: list[int] | None = None
-    """What was read back after the write."""
+    """What was read back after the write; ``None`` when the read-back failed."""
     error: str | None = None
 
 
@@ -526,7 +605,7 @@ def read_write_request(payload: bytes) -> WriteRequest:
 
 
 def write_result(at_ms: int, result: WriteResult) -> bytes:
-    return _HEADER.pack(b"W", at_ms, 0) + msgspec.json.encode(result)
+    return _HEADER.pack(b"W", at_ms, 0, 0) + msgspec.json.encode(result)
 
 
 _write_result: Final = msgspec.json.Decoder(WriteResult)
@@ -662,11 +741,9 @@ class _Device:
         self.limits: dict[str, Limits] = {}
         self.state: dict[str, tuple[float, datetime]] = {}
         """Latest ``soc``, ``temperature`` and writable values, for the interlocks."""
-        self.scales: dict[int, int] = {}
-        """Latest value of each scale-factor register, for encoding writes."""
-
-
-_STATE_METRICS: Final = frozenset({"soc", "temperature"})
+        self.scales: dict[int, tuple[int, datetime]] = {}
+        """Each scale-factor register's value in the last poll, and the poll's time, for
+        encoding writes."""
 
 
 class ModbusAdapter(Adapter[ModbusOptions, Any]):
@@ -703,7 +780,11 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
         opts = self.options
         self.devices: dict[str, _Device] = {}
         self._by_entity: dict[tuple[str, str, str], _Device] = {}
-        self.safety = Safety(default_priority=opts.default_priority, hold_s=opts.priority_hold_s)
+        self.safety = Safety(
+            default_priority=opts.default_priority,
+            hold_s=opts.priority_hold_s,
+            state_max_age_s=opts.state_max_age_s,
+        )
         self._state_age = timedelta(seconds=opts.state_max_age_s)
         declarations = []
         metrics: set[str] = set()
@@ -783,6 +864,7 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
             retries=config.retries,
             offline_after=config.offline_after,
             reads=layout.reads,
+            fingerprint=layout.fingerprint,
         )
         return SourceDeclaration(
             transport="modbus",
@@ -811,25 +893,44 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
                 raise SourceError("unrouted", "no Modbus device of this name is configured")
             if len(payload) < _HEADER.size:
                 raise SourceError("wrong_length", "a Modbus delivery is shorter than its header")
-            kind, at_ms, reads = _HEADER.unpack_from(payload)
+            kind, at_ms, reads, fingerprint = _HEADER.unpack_from(payload)
             try:
                 observed = datetime.fromtimestamp(at_ms / 1000, UTC)
             except (ValueError, OverflowError, OSError):
                 raise SourceError("bad_timestamp", "the poll time is not a time") from None
             if kind == b"P":
-                return self._poll(device, payload, reads, observed, topic)
+                return self._poll(device, payload, reads, fingerprint, observed, topic)
             if kind == b"W":
                 return self._written(device, payload[_HEADER.size :], observed, topic)
             if kind == b"F":
+                # Nothing the device said before holds any more for the interlocks.
+                for metric in device.state:
+                    if metric in device.limits:
+                        self.safety.forget_setpoint((device.name, metric))
+                device.state.clear()
+                device.scales = {}
                 return Normalized(unavailable=[device.key])
             raise SourceError("wrong_type", "not a poll, a write result or an outage")
         except EnergyBusError as error:
             return Normalized(rejections=[Rejection.of(error, topic)])
 
     def _poll(
-        self, device: _Device, payload: bytes, reads: int, observed: datetime, topic: str
+        self,
+        device: _Device,
+        payload: bytes,
+        reads: int,
+        fingerprint: int,
+        observed: datetime,
+        topic: str,
     ) -> Normalized:
         layout = device.layout
+        if fingerprint != layout.fingerprint:
+            raise SourceError(
+                "layout_changed",
+                f"this poll of {device.name} was read with another map or read plan than the"
+                " configuration's (stored before a restart with a changed configuration):"
+                " its words cannot be decoded with this one",
+            )
         if reads != len(layout.reads) or len(payload) != layout.size:
             raise SourceError(
                 "wrong_length",
@@ -846,6 +947,8 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
         errors: list[SourceError] = []
         registers = device.map.registers
         read_of = layout.read_of
+        scales: dict[int, tuple[int, datetime]] = {}
+        fresh: list[str] = []
         for register in registers:
             field = register.field
             if field is None:
@@ -865,7 +968,7 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
                 if sf == -32768 or not -_SF_RANGE <= sf <= _SF_RANGE:
                     bad.append((metric, None, unit, spec))
                     continue
-                device.scales[register.scale_index] = sf
+                scales[register.scale_index] = (sf, observed)
                 raw = _scaled(raw, sf)
             try:
                 if special is not None:
@@ -884,8 +987,9 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
                 continue
             if lo <= value <= hi:
                 good.append((metric, value, unit, spec))
-                if metric in _STATE_METRICS or metric in device.limits:
+                if register.state:
                     device.state[metric] = (float(value), observed)
+                    fresh.append(metric)
                     if metric in device.limits:
                         self.safety.observe_setpoint((device.name, metric), float(value), observed)
             else:
@@ -897,6 +1001,14 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
                         path=f"$.registers.{name}",
                     )
                 )
+        # What the interlocks know is this poll's, or nothing: a state of charge that
+        # failed, read "not implemented" or implausible is unknown, not the last good one.
+        device.scales = scales
+        if len(fresh) != len(device.state):
+            for metric in [m for m in device.state if m not in fresh]:
+                del device.state[metric]
+                if metric in device.limits:
+                    self.safety.forget_setpoint((device.name, metric))
         site, etype, eid = device.key
         readings = []
         if good:
@@ -918,17 +1030,26 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
         key = (device.name, record.metric)
         payload = record.payload or {}
         expected = payload.get("words")
-        if not result.ok or result.words != expected:
-            self.safety.failed(key, record.id)
-            if not result.ok:
-                reason = f"the device refused the write: {result.error or 'no reason given'}"
+        if result.words is None:
+            # No read-back: whether the value is on the device is not known. Its hold
+            # stays; the rate limit waits for the next poll to say what the setpoint is.
+            why = result.error or "no reason given"
+            if result.ok:
+                self.safety.done(key, record.id)
+                reason = f"the device took the write but did not answer its read-back: {why}"
             else:
-                reason = f"the device reads back {result.words}, not the {expected} written"
+                self.safety.uncertain(key, record.id)
+                reason = f"unknown whether the device took the write: {why}"
+            moved = self.commands.end(record.id, "expired", reason)
+            return Normalized(commands=[moved] if moved is not None else [])
+        if result.words != expected:
+            self.safety.failed(key, record.id)
+            reason = f"the device reads back {result.words}, not the {expected} written"
             moved = self.commands.end(record.id, "rejected", reason)
             return Normalized(commands=[moved] if moved is not None else [])
         moved = self.commands.acked(record.id, ok=True, status="read back", at=observed)
         assert moved is not None
-        self.safety.done(record.id)
+        self.safety.done(key, record.id)
         readback = self._value(device, register, result.words or [])
         # The series' own spec: the read-back is a sample of the register like any poll's
         # (another spec would republish meta at every confirmation).
@@ -953,7 +1074,7 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
         )
         assert raw is not None
         if register.scale_index >= 0:
-            raw = _scaled(raw, device.scales.get(register.scale_index, 0))
+            raw = _scaled(raw, device.scales.get(register.scale_index, (0, None))[0])
         convert = register.field.hot[1] if register.field is not None else None
         return raw if convert is None else convert(raw)
 
@@ -975,8 +1096,8 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
         key = (device.name, parsed.metric)
         soc = self._fresh(device, "soc", received_at)
         temperature = self._fresh(device, "temperature", received_at)
-        state = self.safety.state(key, soc=soc, temperature=temperature)
-        words = self._encode(device, register, value, topic)
+        state = self.safety.state(key, soc=soc, temperature=temperature, now=received_at)
+        words, guard = self._encode(device, register, value, topic, received_at)
         priority = self.safety.check(
             key,
             value,
@@ -994,6 +1115,8 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
             address=register.address,
             words=words,
             multiple=device.map.device.write_multiple or register.words > 1,
+            expires_ms=int(self.commands.deadline(received_at).timestamp() * 1000),
+            guard=guard,
         )
         message = Message(f"modbus/{device.name}", write_request(request), 1, False)
         return self.command(
@@ -1013,20 +1136,28 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
             return None
         return known[0]
 
-    def _encode(self, device: _Device, register: Register, value: Scalar, topic: str) -> list[int]:
+    def _encode(
+        self, device: _Device, register: Register, value: Scalar, topic: str, now: datetime
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """The words for ``value``, and the guard the poller checks before writing them:
+        the scale factor they were encoded with, which must still be the device's."""
         if type(value) is bool or not isinstance(value, int | float):
             raise CommandError("invalid_value", f"{register.name} takes a number", topic=topic)
         assert register.to_device is not None
         raw = register.to_device(float(value))
+        guard: list[tuple[int, int]] = []
         if register.scale_index >= 0:
-            sf = device.scales.get(register.scale_index)
-            if sf is None:
+            known = device.scales.get(register.scale_index)
+            if known is None or now - known[1] > self._state_age:
                 raise CommandError(
                     "interlock",
-                    f"interlock: the scale factor of {register.name} has not been read yet",
+                    f"interlock: the scale factor of {register.name} is unknown or stale",
                     topic=topic,
                 )
+            sf = known[0]
             raw = _scaled(raw, -sf)
+            factor = device.map.registers[register.scale_index]
+            guard.append((factor.address, sf & 0xFFFF))
         if register.format not in "fd":
             rounded = round(raw)
             if abs(rounded - raw) > 1e-6 * max(1.0, abs(raw)):
@@ -1038,16 +1169,19 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
                 )
             raw = rounded
         try:
-            return encode_registers(
+            words = encode_registers(
                 register.type, raw, word_order=register.word_order, byte_order=register.byte_order
             )
         except SourceError as error:
             raise CommandError("invalid_value", error.message, topic=topic) from None
+        return words, guard
 
     def expire(self, now: datetime) -> list[CommandRecord]:
         expired = self.commands.expire(now)
         for record in expired:
-            self.safety.failed(_key_of(record), record.id)
+            # Its write may have gone out (the poller checks the deadline before writing,
+            # but a write under way finishes): treated as on the device, setpoint unknown.
+            self.safety.uncertain(_key_of(record), record.id)
         return expired
 
     def failed(self, command_id: str, reason: str) -> CommandRecord | None:
@@ -1073,5 +1207,5 @@ def _step(register: Register, device: _Device) -> float:
     assert register.to_device is not None
     step = 1.0 / register.to_device(1.0)
     if register.scale_index >= 0:
-        step *= 10.0 ** device.scales.get(register.scale_index, 0)
+        step *= 10.0 ** device.scales.get(register.scale_index, (0, None))[0]
     return step

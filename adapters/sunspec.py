@@ -937,9 +937,11 @@ def _section(
             fields.append(("scale_register", _register(prefix, _point(model, point.sf))))
         if point.range is not None:
             fields.append(("range", point.range))
-        if point.access == "RW":
-            fields.append(("writable", True))
     text = point.description or "Scale factor"
+    if point.metric is not None and point.access == "RW":
+        # Read only until a person gives it limits: a scanned device's ratings are not a
+        # safety review, and a writable register needs min and max.
+        text += "; writable on the device: add writable = true and limits to command it"
     fields.append(("description", f"{text} (SunSpec {model.id} {point.name})"))
     return [
         f"[registers.{register}]",

@@ -54,7 +54,9 @@ def _payload(adapter: ModbusAdapter, device: str, simulator: ModbusSimulator) ->
     for read in layout.reads:
         table = simulator.memory[read.table]
         words += [table.get(a, 0) for a in range(read.address, read.address + read.count)]
-    return poll_payload(int(time.time() * 1000), [False] * len(layout.reads), words)
+    return poll_payload(
+        int(time.time() * 1000), [False] * len(layout.reads), words, fingerprint=layout.fingerprint
+    )
 
 
 def bench_modbus_decode(

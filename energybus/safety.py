@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime, timedelta
-from typing import Annotated, Final, Literal, NamedTuple
+from typing import Annotated, Any, Final, Literal, NamedTuple
 
 import msgspec
 
@@ -169,12 +169,18 @@ def check_limits(
     return None
 
 
-class _Hold(NamedTuple):
-    rank: int
-    until: datetime
-    command_id: str
-    before: _Hold | None
-    """The hold this one replaced, back in force if this command does not happen."""
+class _Hold:
+    """One accepted command's hold on a setpoint. ``before`` is the hold it replaced,
+    back in force if this command does not happen; once this one's outcome is known
+    (it is on the device, or may be), nothing comes back and ``before`` is dropped."""
+
+    __slots__ = ("before", "command_id", "rank", "until")
+
+    def __init__(self, rank: int, until: datetime, command_id: str, before: _Hold | None) -> None:
+        self.rank = rank
+        self.until = until
+        self.command_id = command_id
+        self.before = before
 
 
 class Arbiter:
@@ -203,43 +209,97 @@ class Arbiter:
         self, key: object, priority: Priority, now: datetime, hold_s: float, command_id: str
     ) -> None:
         until = now + timedelta(seconds=hold_s)
-        self._holds[key] = _Hold(_RANK[priority], until, command_id, self._holds.get(key))
+        # Holds that have ended can never come back: the chain keeps only live ones, so
+        # it is never longer than the holds running at once.
+        head: _Hold | None = None
+        tail: _Hold | None = None
+        node = self._holds.get(key)
+        while node is not None:
+            following = node.before
+            if now < node.until:
+                if tail is None:
+                    head = node
+                else:
+                    tail.before = node
+                tail = node
+            node = following
+        if tail is not None:
+            tail.before = None
+        self._holds[key] = _Hold(_RANK[priority], until, command_id, head)
+
+    def settle(self, key: object, command_id: str) -> None:
+        """The command's outcome is known (or may have happened): its hold stays, and
+        what it replaced will not come back."""
+        hold = self._holds.get(key)
+        while hold is not None:
+            if hold.command_id == command_id:
+                hold.before = None
+                return
+            hold = hold.before
 
     def release(self, key: object, command_id: str) -> None:
-        """The command that took the hold did not happen (refused by the device, never
-        written, expired unanswered): the hold it replaced is in force again (until its
-        own end), so a failed override frees nothing a higher class held."""
+        """The command did not happen (refused by the device, never written): its hold
+        goes, wherever it is in the chain, and the hold it replaced is in force again
+        (until its own end), so a failed override frees nothing a higher class held."""
         hold = self._holds.get(key)
-        if hold is not None and hold.command_id == command_id:
+        if hold is None:
+            return
+        if hold.command_id == command_id:
             if hold.before is None:
                 del self._holds[key]
             else:
                 self._holds[key] = hold.before
+            return
+        while hold.before is not None:
+            if hold.before.command_id == command_id:
+                hold.before = hold.before.before
+                return
+            hold = hold.before
 
 
 class Safety:
     """Interlocks and priority of one adapter's writable setpoints, keyed by the caller
-    (a device and metric)."""
+    (a device and metric).
 
-    def __init__(self, *, default_priority: Priority, hold_s: float) -> None:
+    The rate limit starts from the setpoint the device last reported (each poll of it),
+    or from the last command accepted while one is in flight, whichever is newer; after
+    ``state_max_age_s`` without either it is unknown. A command's outcome moves it on:
+    on the device (:meth:`done`), not on it (:meth:`failed`: back to what was before), or
+    unknown (:meth:`uncertain`: unknown until the next poll says).
+    """
+
+    def __init__(
+        self, *, default_priority: Priority, hold_s: float, state_max_age_s: float = 60.0
+    ) -> None:
         self.default_priority: Priority = default_priority
         self.hold_s = hold_s
+        self.max_age = timedelta(seconds=state_max_age_s)
         self.arbiter = Arbiter()
         self._last: dict[object, tuple[float, datetime]] = {}
         self._tried: dict[str, tuple[tuple[float, datetime] | None, tuple[float, datetime]]] = {}
         """Per command in flight: the rate limit's start before it, and its own."""
+        self._inflight: dict[object, int] = {}
 
-    def state(self, key: object, *, soc: float | None, temperature: float | None) -> DeviceState:
+    def state(
+        self, key: object, *, soc: float | None, temperature: float | None, now: datetime
+    ) -> DeviceState:
         last = self._last.get(key)
-        if last is None:
+        if last is None or now - last[1] > self.max_age:
             return DeviceState(soc, temperature)
         return DeviceState(soc, temperature, last[0], last[1])
 
     def observe_setpoint(self, key: object, value: float, at: datetime) -> None:
-        """The device reported its setpoint (a poll): the rate limit starts from it
-        until a command is accepted."""
-        if key not in self._last:
-            self._last[key] = (value, at)
+        """The device reported its setpoint (a poll): the rate limit starts from it,
+        unless a command to it is in flight (the poll may predate the write)."""
+        if not self._inflight.get(key):
+            last = self._last.get(key)
+            if last is None or at >= last[1]:
+                self._last[key] = (value, at)
+
+    def forget_setpoint(self, key: object) -> None:
+        """The device's setpoint is unknown (it did not answer, or not with a number)."""
+        if not self._inflight.get(key):
+            self._last.pop(key, None)
 
     def check(
         self,
@@ -267,17 +327,30 @@ class Safety:
         mine = (float(value), now)
         self._tried[command_id] = (self._last.get(key), mine)
         self._last[key] = mine
+        self._inflight[key] = self._inflight.get(key, 0) + 1
         return chosen
 
-    def done(self, command_id: str) -> None:
-        """The command's value is on the device: it stays the rate limit's start."""
-        self._tried.pop(command_id, None)
+    def _settled(self, key: object, command_id: str) -> tuple[Any, ...] | None:
+        tried = self._tried.pop(command_id, None)
+        if tried is not None:
+            left = self._inflight.get(key, 1) - 1
+            if left > 0:
+                self._inflight[key] = left
+            else:
+                self._inflight.pop(key, None)
+        return tried
+
+    def done(self, key: object, command_id: str) -> None:
+        """The command's value is on the device (read back): it stays the rate limit's
+        start and its hold stays."""
+        self._settled(key, command_id)
+        self.arbiter.settle(key, command_id)
 
     def failed(self, key: object, command_id: str) -> None:
         """The command's value never reached the device: its hold goes, and the rate
         limit starts again from the setpoint before it."""
         self.arbiter.release(key, command_id)
-        tried = self._tried.pop(command_id, None)
+        tried = self._settled(key, command_id)
         if tried is None or self._last.get(key) != tried[1]:
             return  # a later command moved the start already
         before = tried[0]
@@ -285,3 +358,13 @@ class Safety:
             del self._last[key]
         else:
             self._last[key] = before
+
+    def uncertain(self, key: object, command_id: str) -> None:
+        """Whether the value reached the device is unknown (the write or its read-back
+        went unanswered, or the command expired): its hold stays, as if it had, and the
+        setpoint is unknown until the device reports it again, so a rate-limited
+        command waits for that poll."""
+        self.arbiter.settle(key, command_id)
+        tried = self._settled(key, command_id)
+        if tried is not None and self._last.get(key) == tried[1]:
+            del self._last[key]

@@ -60,7 +60,12 @@ async def main() -> None:
                 )
                 words += response.registers
             now = datetime.now(UTC)
-            poll = poll_payload(int(time.time() * 1000), [False] * len(layout.reads), words)
+            poll = poll_payload(
+                int(time.time() * 1000),
+                [False] * len(layout.reads),
+                words,
+                fingerprint=layout.fingerprint,
+            )
             out = pipeline.feed("battery", poll, received_at=now)
             for message in out.messages:
                 if message.topic.endswith(("/soc/value", "/max_charge_power/value")):

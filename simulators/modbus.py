@@ -301,7 +301,11 @@ class ModbusSimulator:
         values: list[int] | list[bool] | None,
     ) -> ExcCodes | None:
         if self.silent:
-            await asyncio.sleep(3600)
+            # A hung device: no answer while silent, and a request it held is dropped
+            # afterwards (never applied late, never answered late).
+            while self.silent:
+                await asyncio.sleep(0.05)
+            return ExcCodes.DEVICE_BUSY
         table = "input" if function_code == 4 else "holding"
         memory = self.memory[table]
         if function_code in _FC_WRITE and values is not None:

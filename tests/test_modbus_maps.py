@@ -293,3 +293,106 @@ def test_a_driver_fault_is_a_failed_read_not_a_dead_line(tmp_path: Path) -> None
     assert registers is None
     assert why == "unpack requires a buffer of 4 bytes"
     assert Broken.calls == 2  # the first try and one retry
+
+
+def test_a_write_that_expired_or_whose_scale_factor_changed_is_not_written(
+    tmp_path: Path,
+) -> None:
+    register_map = load_simulated_map(str(MAPS / "test_battery.toml"))
+    port = free_port()
+    adapter = ModbusAdapter(
+        options=ModbusOptions(
+            site="lab",
+            mapping=str(MAPS),
+            devices={"bat": ModbusDeviceOptions(map="test_battery", port=port, interval_s=5)},
+        )
+    )
+    endpoint = adapter.sources[0].endpoint
+    assert isinstance(endpoint, ModbusEndpoint)
+    past = int(time.time() * 1000) - 1
+    requests = {
+        "expired": WriteRequest(
+            command="c1", device="bat", address=200, words=[0, 10], expires_ms=past
+        ),
+        # power_sf (103) holds 0 in the simulator; the command was encoded against 1.
+        "guard": WriteRequest(
+            command="c2", device="bat", address=200, words=[0, 20], guard=[(103, 1)]
+        ),
+        "fine": WriteRequest(
+            command="c3", device="bat", address=200, words=[0, 30], guard=[(103, 0)]
+        ),
+    }
+    tokens = {name: _Token() for name in requests}
+    delivered: list[Delivery] = []
+
+    def deliver(delivery: Delivery) -> None:
+        delivered.append(delivery)
+        delivery.entry.release()
+
+    async def main() -> list[tuple[int, list[int]]]:
+        async with ModbusSimulator(register_map, port=port) as simulator:
+            source = _source([endpoint], tmp_path, deliver)
+            for name, request in requests.items():
+                source.publish(
+                    Message("modbus/bat", write_request(request), 1, False), tokens[name]
+                )
+            await _poll_until(source, lambda: tokens["fine"].outcome is not None)
+            return list(simulator.writes)
+
+    writes = asyncio.run(main())
+    assert writes == [(200, [0, 30])]
+    assert tokens["expired"].outcome == (
+        "failed: the command expired before the device's line could write it"
+    )
+    assert (tokens["guard"].outcome or "").startswith("failed: the device's scale factor at 103")
+    assert tokens["fine"].outcome == "sent"
+
+
+def test_a_write_left_unanswered_is_read_back_on_a_new_connection(tmp_path: Path) -> None:
+    """The device takes the write but its answer is lost: the poller reconnects and
+    reads back, so the result says what the device holds."""
+    register_map = load_simulated_map(str(MAPS / "test_battery.toml"))
+    port = free_port()
+    adapter = ModbusAdapter(
+        options=ModbusOptions(
+            site="lab",
+            mapping=str(MAPS),
+            devices={
+                "bat": ModbusDeviceOptions(
+                    map="test_battery", port=port, interval_s=5, timeout_s=0.3
+                )
+            },
+        )
+    )
+    endpoint = adapter.sources[0].endpoint
+    assert isinstance(endpoint, ModbusEndpoint)
+    token = _Token()
+    delivered: list[Delivery] = []
+
+    def deliver(delivery: Delivery) -> None:
+        delivered.append(delivery)
+        delivery.entry.release()
+
+    async def main() -> None:
+        simulator = ModbusSimulator(register_map, port=port)
+        original = simulator._action
+
+        async def slow_write(
+            fc: int, start: int, address: int, count: int, regs: Any, values: Any
+        ) -> Any:
+            result = await original(fc, start, address, count, regs, values)
+            if values is not None:
+                await asyncio.sleep(1.0)  # applied, answered too late
+            return result
+
+        simulator._action = slow_write  # type: ignore[method-assign,assignment]
+        async with simulator:
+            source = _source([endpoint], tmp_path, deliver)
+            request = WriteRequest(command="c1", device="bat", address=200, words=[0, 40])
+            source.publish(Message("modbus/bat", write_request(request), 1, False), token)
+            await _poll_until(source, lambda: any(d.payload[:1] == b"W" for d in delivered))
+
+    asyncio.run(main())
+    assert (token.outcome or "").startswith("uncertain: modbus device bat: no answer to the write")
+    result = next(d.payload for d in delivered if d.payload[:1] == b"W")
+    assert b'"ok":false' in result and b'"words":[0,40]' in result

@@ -259,7 +259,9 @@ def test_the_map_of_the_scan_passes_the_mapping_check(tmp_path: Path) -> None:
     }
     assert registers["m103_pf"]["scale"] == 0.01
     assert registers["m103_tmpcab"]["unit"] == "degC"
-    assert registers["m124_wchamax"]["writable"] is True
+    # Writable on the device, read only in the map until someone gives it limits.
+    assert "writable" not in registers["m124_wchamax"]
+    assert "add writable = true and limits" in registers["m124_wchamax"]["description"]
     assert registers["m124_wchamax"]["address"] == 40152
     assert registers["m802_soc"]["metric"] == "soc"
     # A metric once per map: 802's SoC is mandatory, 124's ChaState optional (a device

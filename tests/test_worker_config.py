@@ -262,7 +262,8 @@ def test_check_prints_each_modbus_device_its_reads_and_the_poll_outbox(tmp_path:
         "modbus     battery: rtu-over-tcp 10.0.0.30:4001 unit 1, every 2 s, timeout 1 s x 2,"
         " offline after 3 failed"
     ) in lines
-    assert "  reads    holding 40072+118, holding 40198+37" in lines
+    # Each value and its scale factor in one read: 103 to 124, then 802.
+    assert "  reads    holding 40072+104, holding 40187+48" in lines
     assert "  command  modbus/battery  (write, read back, confirm on value)" in lines
     assert any(line.startswith("modbus     meter: rtu /dev/ttyUSB0 unit 1") for line in lines)
     assert any(line.startswith("poll outbox ") for line in lines)

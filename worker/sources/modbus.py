@@ -5,8 +5,9 @@ unit, which reads, how often); this source does the I/O with pymodbus:
 
 - **Lines.** Devices that share a connection (a TCP gateway, an RTU-over-TCP bridge, a
   serial port) form one line with one client, polled one after another; every line runs
-  in a task of its own, so a device that does not answer delays only its own line, and
-  by at most its ``timeout_s`` times its tries.
+  in a task of its own, so a device that does not answer delays only its own line. A poll
+  stops at its first read that gets no answer at all, so a dead device costs its line
+  about ``timeout_s`` times its tries per poll.
 - **Polls.** Each device is polled every ``interval_s`` on a fixed schedule (a poll that
   overruns skips the slots it missed rather than bunching up). A read that fails is
   retried ``retries`` times with a short backoff; a poll with some reads failed is
@@ -20,8 +21,11 @@ unit, which reads, how often); this source does the I/O with pymodbus:
   finished (the historian's key stores each row once). It is bounded: when full, new
   polls are counted as dropped and logged once.
 - **Writes.** A write request from the adapter (a ``set`` that passed the interlocks)
-  goes to its device's line ahead of the polls: write the registers, read them back,
-  and hand the result over for the adapter to confirm or reject the command.
+  goes to its device's line ahead of the polls. Nothing is written after the command's
+  deadline, nor when a register it was encoded against (a scale factor) no longer holds
+  what it did; otherwise write the registers, read them back (on a new connection when
+  the write went unanswered: the read-back says whether the device took it), and hand
+  the result over for the adapter to confirm or reject the command.
 """
 
 from __future__ import annotations
@@ -120,8 +124,12 @@ class PollOutbox:
         if not ids:
             return
         self._db.execute("BEGIN")
-        self._db.executemany("DELETE FROM polls WHERE id = ?", [(i,) for i in ids])
-        self._db.execute("COMMIT")
+        try:
+            self._db.executemany("DELETE FROM polls WHERE id = ?", [(i,) for i in ids])
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            self._db.execute("ROLLBACK")
+            raise
         self.rows -= len(ids)
         self.size -= sum(self._sizes.pop(i, 0) for i in ids)
 
@@ -183,11 +191,27 @@ class ModbusSource(Source):
         self._acks = AckQueue(self._done.append)
         self._full = StateLog(log)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writing = 0
+        self._cursor = 0
+        """The last poll handed over (polls after it wait in the outbox)."""
 
     # Running ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        self.outbox = PollOutbox(self.outbox_path, max_bytes=self.outbox_max_bytes)
+        while self.outbox is None:
+            try:
+                self.outbox = PollOutbox(self.outbox_path, max_bytes=self.outbox_max_bytes)
+            except (sqlite3.Error, OSError) as error:
+                # Polls are kept there before anything else: no polling without it.
+                self._full.change(
+                    "unopened",
+                    logging.ERROR,
+                    "%s: cannot open the poll outbox %s (%s); no polling until it opens",
+                    self.name,
+                    self.outbox_path,
+                    error,
+                )
+                await asyncio.sleep(5.0)
         if self.outbox.rows:
             log.info(
                 "%s: the poll outbox holds %d polls from an earlier run; handing them over first",
@@ -249,7 +273,6 @@ class ModbusSource(Source):
         """Hand stored polls to the dispatcher in order, while its gate is open."""
         outbox = self.outbox
         assert outbox is not None
-        cursor = 0
         gate = self.gate
         while True:
             await self._wake.wait()
@@ -258,7 +281,12 @@ class ModbusSource(Source):
                 if not gate.is_open():
                     await gate.wait_open()
                     continue
-                rows = outbox.after(cursor)
+                try:
+                    rows = outbox.after(self._cursor)
+                except sqlite3.Error as error:
+                    self._failing("read", error)
+                    await asyncio.sleep(1.0)
+                    continue
                 if not rows:
                     break
                 now = datetime.now(UTC)
@@ -267,7 +295,7 @@ class ModbusSource(Source):
                         break
                     entry = self._acks.add(row_id)
                     self.deliver(Delivery(self.name, device, payload, now, entry))
-                    cursor = row_id
+                    self._cursor = row_id
                 self._gauges()
                 await asyncio.sleep(0)
 
@@ -279,9 +307,26 @@ class ModbusSource(Source):
 
     def _delete(self) -> None:
         if self._done and self.outbox is not None:
-            done, self._done[:] = list(self._done), []
-            self.outbox.delete(done)
+            done = list(self._done)
+            try:
+                self.outbox.delete(done)
+            except sqlite3.Error as error:
+                # Kept for the next try; a poll not deleted is handed over again after a
+                # restart, and stored once.
+                self._failing("delete", error)
+                return
+            del self._done[: len(done)]
             self._gauges()
+
+    def _failing(self, what: str, error: sqlite3.Error) -> None:
+        self._full.change(
+            f"error:{what}",
+            logging.ERROR,
+            "%s: the poll outbox cannot %s polls (%s); retrying",
+            self.name,
+            what,
+            error,
+        )
 
     # Polling ----------------------------------------------------------------------------
 
@@ -406,7 +451,14 @@ class ModbusSource(Source):
                 words.extend([0] * read.count)
                 why = why or reason
                 # An exception response is an answer: the device is there.
-                answered = answered or reason.startswith("exception response")
+                refused = reason.startswith("exception response")
+                answered = answered or refused
+                if not refused and not answered:
+                    # No answer at all: the other reads would only wait as long again.
+                    for rest in endpoint.reads[len(failed) :]:
+                        failed.append(True)
+                        words.extend([0] * rest.count)
+                    break
                 continue
             answered = True
             failed.append(False)
@@ -436,7 +488,7 @@ class ModbusSource(Source):
         elif any(failed):
             device.state.change("partial", logging.WARNING, "modbus device %s: %s", name, why)
         device.failures = 0
-        self._store(name, poll_payload(at_ms, failed, words))
+        self._store(name, poll_payload(at_ms, failed, words, fingerprint=endpoint.fingerprint))
 
     # Writing ----------------------------------------------------------------------------
 
@@ -453,15 +505,39 @@ class ModbusSource(Source):
     async def _write(
         self, line: _Line, device: _Device, message: Message, token: CommandToken
     ) -> None:
+        self._writing += 1
+        try:
+            await self._write_one(line, device, message, token)
+        finally:
+            self._writing -= 1
+
+    async def _write_one(
+        self, line: _Line, device: _Device, message: Message, token: CommandToken
+    ) -> None:
         endpoint = device.endpoint
         try:
             request = read_write_request(message.payload)
         except (msgspec.DecodeError, UnicodeDecodeError):
             token.fail("the write request does not decode (a defect)")
             return
+        if request.expires_ms and time.time() * 1000 >= request.expires_ms:
+            token.fail("the command expired before the device's line could write it")
+            return
         if not await self._connected(line, endpoint):
             token.fail(f"modbus device {endpoint.name}: no connection to {_where(endpoint)}")
             return
+        for address, word in request.guard:
+            # What the words were encoded against (a scale factor) must still hold.
+            found, why = await self._read(line, endpoint, "holding", address, 1)
+            if found is None:
+                token.fail(f"modbus device {endpoint.name}: cannot check register {address}: {why}")
+                return
+            if found[0] != word:
+                token.fail(
+                    f"the device's scale factor at {address} changed since the command was"
+                    " encoded; nothing was written"
+                )
+                return
         client = line.client
         try:
             if request.multiple:
@@ -474,14 +550,20 @@ class ModbusSource(Source):
                 )
             response = await asyncio.wait_for(call, endpoint.timeout_s * 1.5)
         except Exception as error:
-            # Whether the device took it cannot be known: the read-back says.
+            # Whether the device took it cannot be known from the write: a fresh
+            # connection's read-back says (an equal read-back confirms it).
             with contextlib.suppress(Exception):
                 client.close()
-            token.release()
             reason = (
-                "no answer to the write" if isinstance(error, TimeoutError) else _oneline(error)
+                "no answer to the write"
+                if isinstance(error, TimeoutError | ModbusIOException)
+                else _oneline(error)
             )
-            self._written(endpoint, request.command, None, reason)
+            token.uncertain(f"modbus device {endpoint.name}: {reason}")
+            words, why = await self._read(
+                line, endpoint, "holding", request.address, len(request.words)
+            )
+            self._written(endpoint, request.command, False, words, f"{reason}; {why}")
             return
         if response.isError():
             code = getattr(response, "exception_code", None)
@@ -491,26 +573,50 @@ class ModbusSource(Source):
         words, why = await self._read(
             line, endpoint, "holding", request.address, len(request.words)
         )
-        self._written(endpoint, request.command, words, why)
+        self._written(endpoint, request.command, True, words, why)
 
     def _written(
-        self, endpoint: ModbusEndpoint, command: str, words: list[int] | None, why: str
+        self,
+        endpoint: ModbusEndpoint,
+        command: str,
+        acknowledged: bool,
+        words: list[int] | None,
+        why: str,
     ) -> None:
         at_ms = int(time.time() * 1000)
-        result = (
-            WriteResult(command=command, ok=True, words=words)
-            if words is not None
-            else WriteResult(command=command, ok=False, error=f"no read back: {why}")
+        result = WriteResult(
+            command=command,
+            ok=acknowledged,
+            words=words,
+            error=None if words is not None else why,
         )
         self._store(endpoint.name, write_result(at_ms, result))
 
     # Shutdown ---------------------------------------------------------------------------
 
     async def settle(self, timeout: float) -> None:
-        """Writes already taken finish (their records and results matter)."""
+        """Writes already taken finish, queued and under way (their records and results
+        matter, and their sets are acknowledged only then)."""
         deadline = time.monotonic() + timeout
-        while any(line.writes for line in self.lines) and time.monotonic() < deadline:
+        while (self._writing or any(line.writes for line in self.lines)) and (
+            time.monotonic() < deadline
+        ):
             await asyncio.sleep(0.01)
+        # Hand over what waits (the write results just stored among it) before the last
+        # flush, so the records say how the writes ended; what is left stays in the
+        # outbox for the next run.
+        outbox = self.outbox
+        if outbox is None:
+            return
+        self.consuming = True
+        self._wake.set()
+        try:
+            while time.monotonic() < deadline and outbox.after(self._cursor, 1):
+                await asyncio.sleep(0.01)
+        except sqlite3.Error:
+            pass
+        finally:
+            self.consuming = False
 
     async def close(self) -> None:
         self._delete()
