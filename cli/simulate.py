@@ -9,12 +9,15 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import click
 
 if TYPE_CHECKING:
     from energybus.simulators.voke import Stats
+
+T = TypeVar("T")
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:15672/"  # tools/services.py's demo RabbitMQ
 KEY_ENV = "ENERGYBUS_VOKE_SIGNING_KEY"
@@ -186,34 +189,43 @@ def voke(
             f"queues vcp.{org}.*; SIGINT or SIGTERM stops"
         )
 
-    # A signal before the event loop takes them over stops the run as soon as it starts,
-    # and one after it is over changes nothing; the previous handlers come back at the end.
+    async def main(stop: asyncio.Event) -> Stats:
+        return await simulator.run(stop=stop, duration_s=duration, count=count, on_ready=ready)
+
+    try:
+        stats = _until_signal(main)
+    except VokeConnectionError as error:
+        click.echo(f"error    {error}", err=True)
+        if any(error.stats.published.values()):
+            click.echo(f"stopped  {error.stats.summary()}")
+        sys.exit(1)
+    click.echo(f"stopped  {stats.summary()}")
+
+
+def _until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
+    """Run ``main`` with an event SIGINT and SIGTERM set. A signal before the event loop
+    takes them over stops the run as soon as it starts, and one after it is over changes
+    nothing; the previous handlers come back at the end."""
     early: list[int] = []
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:
         signal.signal(sig, lambda signum, _: early.append(signum))
 
-    async def main() -> Stats:
+    async def run() -> T:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in previous:
             loop.add_signal_handler(sig, stop.set)
         if early:
             stop.set()
-        return await simulator.run(stop=stop, duration_s=duration, count=count, on_ready=ready)
+        return await main(stop)
 
     try:
         try:
-            stats = asyncio.run(main())
-        except VokeConnectionError as error:
-            click.echo(f"error    {error}", err=True)
-            if any(error.stats.published.values()):
-                click.echo(f"stopped  {error.stats.summary()}")
-            sys.exit(1)
+            return asyncio.run(run())
         finally:
             for sig in previous:  # asyncio.run put back the defaults
                 signal.signal(sig, lambda signum, _: early.append(signum))
-        click.echo(f"stopped  {stats.summary()}")
     finally:
         for sig, handler in previous.items():
             if handler is not None:  # None: not set from Python, nothing to put back
@@ -300,18 +312,8 @@ def modbus(
     ]
     for simulator in simulators[devices - min(hang, devices) :]:
         simulator.silent = True
-    early: list[int] = []
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, lambda signum, _: early.append(signum))
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in previous:
-            loop.add_signal_handler(sig, stop.set)
-        if early:
-            stop.set()
+    async def main(stop: asyncio.Event) -> None:
         started = []
         try:
             for simulator in simulators:
@@ -330,18 +332,10 @@ def modbus(
                 await simulator.stop()
 
     try:
-        try:
-            asyncio.run(main())
-        except (OSError, RuntimeError) as error:
-            click.echo(f"error    cannot serve on {host}:{port}: {error}", err=True)
-            sys.exit(1)
-        finally:
-            for sig in previous:
-                signal.signal(sig, lambda signum, _: early.append(signum))
-        reads = sum(s.reads for s in simulators)
-        writes = sum(len(s.writes) for s in simulators)
-        click.echo(f"stopped  {reads} reads served, {writes} writes taken")
-    finally:
-        for sig, handler in previous.items():
-            if handler is not None:
-                signal.signal(sig, handler)
+        _until_signal(main)
+    except (OSError, RuntimeError) as error:
+        click.echo(f"error    cannot serve on {host}:{port}: {error}", err=True)
+        sys.exit(1)
+    reads = sum(s.reads for s in simulators)
+    writes = sum(len(s.writes) for s in simulators)
+    click.echo(f"stopped  {reads} reads served, {writes} writes taken")

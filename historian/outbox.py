@@ -15,7 +15,17 @@ import sqlite3
 import time
 from pathlib import Path
 
-__all__ = ["Outbox", "OutboxFull"]
+__all__ = ["Outbox", "OutboxFull", "open_wal"]
+
+
+def open_wal(path: Path, *, synchronous: str) -> sqlite3.Connection:
+    """A SQLite file in WAL mode, in autocommit, usable from the worker's threads: the
+    shape of every on-disk queue of the worker (this outbox, the poll outbox)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    return db
 
 
 class OutboxFull(Exception):
@@ -29,12 +39,9 @@ class OutboxFull(Exception):
 
 class Outbox:
     def __init__(self, path: Path, *, max_bytes: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.max_bytes = max_bytes
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_wal(path, synchronous="FULL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS batches ("
             " id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL,"

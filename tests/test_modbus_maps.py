@@ -396,3 +396,49 @@ def test_a_write_left_unanswered_is_read_back_on_a_new_connection(tmp_path: Path
     assert (token.outcome or "").startswith("uncertain: modbus device bat: no answer to the write")
     result = next(d.payload for d in delivered if d.payload[:1] == b"W")
     assert b'"ok":false' in result and b'"words":[0,40]' in result
+
+
+def test_simulate_modbus_serves_until_a_signal_and_says_what_it_served() -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from pymodbus.client import AsyncModbusTcpClient
+
+    port = free_port()
+    command = [sys.executable, "-m", "energybus.cli", "simulate", "modbus"]
+    process = subprocess.Popen(
+        [*command, "--map", "eastron_sdm630", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline() == (
+        f"ready    eastron_sdm630 on 127.0.0.1 port {port}, unit 1; SIGINT or SIGTERM stops\n"
+    )
+
+    async def read() -> list[int]:
+        client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
+        await client.connect()
+        try:
+            response = await client.read_input_registers(0, count=2, device_id=1)
+            return list(response.registers)
+        finally:
+            client.close()
+
+    assert len(asyncio.run(read())) == 2
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=20)
+    assert out == "stopped  1 reads served, 0 writes taken\n"
+    assert err == "" and process.returncode == 0
+    config = subprocess.run(
+        [*command, "--map", "sunspec_battery", "--devices", "2", "--print-config"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "[adapters.modbus.devices.sunspec-battery-2]" in config.stdout
+    bad = subprocess.run([*command, "--map", "nope"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and bad.stderr.startswith("error    no register map 'nope'")
+    assert "Traceback" not in bad.stderr

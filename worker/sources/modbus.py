@@ -54,6 +54,7 @@ from energybus.adapters.modbus import (
     unreachable_payload,
     write_result,
 )
+from energybus.historian.outbox import open_wal
 from energybus.messages import Message
 
 from ..acks import AckQueue
@@ -79,12 +80,9 @@ class PollOutbox:
     """
 
     def __init__(self, path: Path, *, max_bytes: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.max_bytes = max_bytes
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = open_wal(path, synchronous="NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS polls ("
             " id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL,"
