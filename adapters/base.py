@@ -107,6 +107,10 @@ class ModbusEndpoint(msgspec.Struct, frozen=True, kw_only=True):
     reads: tuple[ModbusRead, ...] = ()
     fingerprint: int = 0
     """Names the read plan in each poll, so a poll is decoded only with its own plan."""
+    identity: tuple[tuple[int, tuple[int, ...]], ...] = ()
+    """Holding registers and the words they must hold on every new connection before
+    the device is polled or written (a SunSpec map's model chain): a device that is not
+    the one the map's addresses describe is neither read nor written."""
 
     @property
     def connection(self) -> str:

@@ -202,6 +202,7 @@ class Register:
     __slots__ = (
         "address",
         "byte_order",
+        "codes",
         "field",
         "format",
         "index",
@@ -209,6 +210,7 @@ class Register:
         "name",
         "nan",
         "not_implemented",
+        "rated",
         "row",
         "scale_index",
         "state",
@@ -280,6 +282,11 @@ class Register:
         a setpoint)."""
         self.field: Field | None = None
         self.to_device: Conversion | None = None
+        self.codes: frozenset[int] = frozenset()
+        """For a writable enum: the codes it may be set to."""
+        self.rated = Limits()
+        """For a writable register: the map's limits (an enum's: its lowest and highest
+        code, and what the row adds)."""
         self.wrap_at: float | None = None
         if self.sunssf:
             if row.metric is not None or row.writable:
@@ -300,19 +307,28 @@ class Register:
                 "wrong_type", "bits, enum and lookup read unsigned registers", f"{path}.data_type"
             )
         if row.writable:
-            if is_bits or self.field.hot[0] == "":
+            if row.bits is not None or row.lookup is not None:
                 raise compiler.error(
-                    "conflicting_field", "a writable register holds one number", path
+                    "conflicting_field",
+                    "a writable register holds one number or one enum code, not bits",
+                    path,
                 )
             self.to_device = Conversion(row.unit, row.scale).inverse()
             limits = row.limits
-            if limits is None or limits.min is None or limits.max is None:
+            if row.enum is not None:
+                # A mode: the codes the map lists are all it may be set to.
+                self.codes = frozenset(int(code) for code in row.enum)
+                listed = Limits(min=min(self.codes), max=max(self.codes))
+                self.rated = listed if limits is None else listed.tighten(limits)
+            elif limits is None or limits.min is None or limits.max is None:
                 raise compiler.error(
                     "missing_field",
                     "a writable register needs limits with min and max: the device's"
                     " own rating bounds every setpoint, whatever the site adds",
                     f"{path}.limits",
                 )
+            else:
+                self.rated = limits
         elif row.limits is not None:
             raise compiler.error("conflicting_field", "limits are for writable registers", path)
         if (
@@ -838,7 +854,7 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
                     path=f"{path}.limits.{metric}",
                 )
         for metric, register in register_map.writable.items():
-            rated = register.row.limits or Limits()
+            rated = register.rated
             site_limits = config.limits.get(metric)
             try:
                 device.limits[metric] = rated if site_limits is None else rated.tighten(site_limits)
@@ -865,6 +881,7 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
             offline_after=config.offline_after,
             reads=layout.reads,
             fingerprint=layout.fingerprint,
+            identity=_identity(register_map.device.sunspec),
         )
         return SourceDeclaration(
             transport="modbus",
@@ -1144,6 +1161,11 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
         if type(value) is bool or not isinstance(value, int | float):
             raise CommandError("invalid_value", f"{register.name} takes a number", topic=topic)
         assert register.to_device is not None
+        if register.codes and value not in register.codes:
+            listed = ", ".join(str(code) for code in sorted(register.codes))
+            raise CommandError(
+                "invalid_value", f"{register.name} is set to one of {listed}", topic=topic
+            )
         raw = register.to_device(float(value))
         guard: list[tuple[int, int]] = []
         if register.scale_index >= 0:
@@ -1189,6 +1211,17 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
         if record is not None:
             self.safety.failed(_key_of(record), record.id)
         return record
+
+
+def _identity(chain: SunSpecChain | None) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """What a device must hold for a SunSpec map's addresses to be its: the marker, each
+    model's ID and length where the map expects them, and the end marker."""
+    if chain is None:
+        return ()
+    found: list[tuple[int, tuple[int, ...]]] = [(chain.base, (0x5375, 0x6E53))]
+    found += [(address, (model, length)) for model, address, length in chain.addresses()]
+    found.append((chain.end, (0xFFFF,)))
+    return tuple(found)
 
 
 def _scaled(raw: int | float, sf: int) -> int | float:

@@ -416,6 +416,9 @@ class ModbusSimulator:
         """The battery's power in W (discharge positive) from the setpoints written: a
         ``power_setpoint`` in W, or rate setpoints in percent of :data:`BATTERY_W`."""
         power = 0.0
+        # A SunSpec storage control mode gates the rates: bit 0 charge, bit 1 discharge.
+        modes = [r for r in self.map.registers if r.metric == "storage_control_mode"]
+        mode = int(self._values.get(modes[0].name, 0)) if modes else 3
         for register in self.map.registers:
             metric = register.metric
             if register.to_device is None or metric is None:
@@ -423,9 +426,9 @@ class ModbusSimulator:
             value = self._values.get(register.name, 0.0)
             if metric == "power_setpoint":
                 power += value
-            elif "discharge_rate" in metric:
+            elif "discharge_rate" in metric and mode & 2:
                 power += value * BATTERY_W / 100.0
-            elif "charge_rate" in metric:
+            elif "charge_rate" in metric and mode & 1:
                 power -= value * BATTERY_W / 100.0
         return power
 

@@ -442,3 +442,49 @@ def test_simulate_modbus_serves_until_a_signal_and_says_what_it_served() -> None
     bad = subprocess.run([*command, "--map", "nope"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and bad.stderr.startswith("error    no register map 'nope'")
     assert "Traceback" not in bad.stderr
+
+
+def test_a_device_whose_sunspec_chain_is_not_the_maps_is_neither_read_nor_written(
+    tmp_path: Path,
+) -> None:
+    """The map's addresses hold only for its model chain: a device with a single-phase
+    inverter model (101) where the map expects 103 gets no poll and no write."""
+    register_map = load_simulated_map("sunspec_battery")
+    port = free_port()
+    adapter = ModbusAdapter(
+        options=ModbusOptions(
+            site="lab",
+            devices={
+                "inv": ModbusDeviceOptions(
+                    map="sunspec_battery", port=port, interval_s=0.1, offline_after=2
+                )
+            },
+        )
+    )
+    endpoint = adapter.sources[0].endpoint
+    assert isinstance(endpoint, ModbusEndpoint)
+    assert endpoint.identity[:2] == ((40000, (0x5375, 0x6E53)), (40002, (1, 66)))
+    delivered: list[Delivery] = []
+
+    def deliver(delivery: Delivery) -> None:
+        delivered.append(delivery)
+        delivery.entry.release()
+
+    token = _Token()
+
+    async def main() -> list[tuple[int, list[int]]]:
+        simulator = ModbusSimulator(register_map, port=port)
+        simulator.memory["holding"][40070] = 101  # not the 103 the map's addresses assume
+        async with simulator:
+            source = _source([endpoint], tmp_path, deliver)
+            request = WriteRequest(command="c1", device="inv", address=40152, words=[1000])
+            source.publish(Message("modbus/inv", write_request(request), 1, False), token)
+            await _poll_until(source, lambda: any(d.payload[:1] == b"F" for d in delivered))
+            return list(simulator.writes)
+
+    assert asyncio.run(main()) == []
+    assert [d.payload[:1] for d in delivered] == [b"F"]
+    assert b"not the device its map describes: register 40070 holds [101, 50]" in (
+        delivered[0].payload
+    )
+    assert (token.outcome or "").startswith("failed: modbus device inv: it is not the device")

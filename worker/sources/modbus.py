@@ -136,13 +136,15 @@ class PollOutbox:
 
 
 class _Device:
-    __slots__ = ("due", "endpoint", "failures", "state")
+    __slots__ = ("due", "endpoint", "failures", "state", "verified")
 
     def __init__(self, endpoint: ModbusEndpoint) -> None:
         self.endpoint = endpoint
         self.due = 0.0
         self.failures = 0
         self.state = StateLog(log)
+        self.verified = -1
+        """The line's connection on which the device's identity was last checked."""
 
 
 class _Line:
@@ -154,6 +156,8 @@ class _Line:
         self.writes: deque[tuple[_Device, Message, CommandToken]] = deque()
         self.wake = asyncio.Event()
         self.client: Any = None
+        self.generation = 0
+        """Counts the line's connections: a device is identified again on each."""
 
 
 class ModbusSource(Source):
@@ -387,9 +391,35 @@ class ModbusSource(Source):
         if client.connected:
             return True
         try:
-            return bool(await asyncio.wait_for(client.connect(), endpoint.timeout_s))
+            connected = bool(await asyncio.wait_for(client.connect(), endpoint.timeout_s))
         except Exception:  # refused, unreachable, or the driver's own fault: not connected
             return False
+        if connected:
+            line.generation += 1
+        return connected
+
+    async def _identified(self, line: _Line, device: _Device) -> str | None:
+        """Why the device may not be read or written: it is not the device its map
+        describes (a SunSpec chain other than the map's), or that cannot be checked.
+        Checked once per connection."""
+        endpoint = device.endpoint
+        if not endpoint.identity or device.verified == line.generation:
+            return None
+        generation = line.generation
+        for address, words in endpoint.identity:
+            found, why = await self._read(line, endpoint, "holding", address, len(words))
+            if found is None:
+                return f"cannot check the device's identity at {address}: {why}"
+            if found != list(words):
+                return (
+                    f"it is not the device its map describes: register {address} holds"
+                    f" {found}, the map expects {list(words)} (a SunSpec chain of other"
+                    " models or addresses: `energybus modbus scan` it and use a map of its"
+                    " own); it is neither read nor written"
+                )
+        if line.generation == generation:
+            device.verified = generation
+        return None
 
     async def _read(
         self, line: _Line, endpoint: ModbusEndpoint, table: str, address: int, count: int
@@ -440,7 +470,11 @@ class ModbusSource(Source):
         words: list[int] = []
         why = ""
         answered = False
-        for read in endpoint.reads:
+        problem = await self._identified(line, device)
+        reads = () if problem else endpoint.reads
+        if problem:
+            why = problem
+        for read in reads:
             registers, reason = await self._read(
                 line, endpoint, read.table, read.address, read.count
             )
@@ -466,8 +500,10 @@ class ModbusSource(Source):
             self.metrics.modbus_polls.labels(name, "failed").inc()
             device.failures += 1
             if device.failures == 1:
+                # Another device than the map's is the configuration's to fix.
+                level = logging.ERROR if problem else logging.WARNING
                 device.state.change(
-                    "failing", logging.WARNING, "modbus device %s: poll failed: %s", name, why
+                    "failing", level, "modbus device %s: poll failed: %s", name, why
                 )
             if device.failures == endpoint.offline_after:
                 device.state.change(
@@ -523,6 +559,10 @@ class ModbusSource(Source):
             return
         if not await self._connected(line, endpoint):
             token.fail(f"modbus device {endpoint.name}: no connection to {_where(endpoint)}")
+            return
+        problem = await self._identified(line, device)
+        if problem is not None:
+            token.fail(f"modbus device {endpoint.name}: {problem}")
             return
         for address, word in request.guard:
             # What the words were encoded against (a scale factor) must still hold.
