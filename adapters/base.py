@@ -219,9 +219,9 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
             options if options is not None else self.options_type()  # type: ignore[assignment]
         )
         source = mapping if mapping is not None else getattr(self.options, "mapping", None)
-        document, compiler = self.read_mapping(source)
+        document, plan = self.load_plan(source)
         self.mapping: MappingT = document
-        self.plan: Plan = self.compile(document, compiler)
+        self.plan: Plan = plan
         self.new_id = new_id or (lambda: str(uuid4()))
         self.commands = CommandBook(timeout_s=getattr(self.options, "command_timeout_s", 60.0))
         self.gate = _gate(self.options)
@@ -280,10 +280,17 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
         return cls.options_from(section, where, environ=environ)
 
     @classmethod
-    def check_mapping(cls, source: str | Path | None = None) -> Plan:
-        """Load and compile a mapping file without building an adapter."""
+    def load_plan(cls, source: str | Path | None = None) -> tuple[Any, Plan]:
+        """The mapping (the packaged one by default) and its compiled plan. An adapter
+        whose mapping is several files (one per device family) overrides this, and
+        compiles each file with :meth:`read_mapping` and :meth:`compile`."""
         document, compiler = cls.read_mapping(source)
-        return cls.compile(document, compiler)
+        return document, cls.compile(document, compiler)
+
+    @classmethod
+    def check_mapping(cls, source: str | Path | None = None) -> Plan:
+        """Load and compile a mapping without building an adapter."""
+        return cls.load_plan(source)[1]
 
     @classmethod
     @abstractmethod

@@ -39,7 +39,6 @@ import msgspec
 
 from energybus.admission import Admitted
 from energybus.commands import CommandRecord
-from energybus.documents import Located, load_document, read_toml
 from energybus.errors import CommandError, EnergyBusError, MappingError, SourceError
 from energybus.filters import canonical_filter
 from energybus.messages import Message
@@ -68,7 +67,6 @@ from .mapping import (
     MappingDocument,
     Positive,
     SeriesRow,
-    SeriesSettings,
 )
 from .registers import REGISTER_TYPES, ByteOrder, WordOrder, decode_registers, encode_registers
 
@@ -474,8 +472,8 @@ class Layout:
         return values
 
 
-class RegisterMap:
-    """A compiled :class:`ModbusMap`."""
+class RegisterMap(Plan):
+    """A compiled :class:`ModbusMap`: one device family, named by its file's stem."""
 
     def __init__(self, name: str, document: ModbusMap, compiler: Compiler) -> None:
         self.name = name
@@ -687,36 +685,24 @@ def map_directory() -> Path:
     return mapping_directory("modbus")
 
 
-def map_names(extra: Path | None = None) -> list[str]:
-    """Packaged maps (and those in ``extra``), by name."""
-    names = {p.stem for p in map_directory().glob("*.toml")}
-    if extra is not None and extra.is_dir():
-        names |= {p.stem for p in extra.glob("*.toml")}
-    return sorted(names)
+def map_names() -> list[str]:
+    """The packaged maps, by name."""
+    return sorted(p.stem for p in map_directory().glob("*.toml"))
 
 
-def map_path(name: str, extra: Path | None = None) -> Path:
-    """Where map ``name`` is: ``extra`` (a directory) first, then the packaged maps."""
-    for folder in (extra, map_directory()):
-        if folder is not None and folder.is_dir():
-            path = folder / f"{name}.toml"
-            if path.is_file():
-                return path
-    raise MappingError(
-        "unknown_map", f"no register map {name!r}; known: {', '.join(map_names(extra))}"
-    )
+def map_path(name: str) -> Path:
+    """Where the packaged map ``name`` is."""
+    path = map_directory() / f"{name}.toml"
+    if not path.is_file():
+        raise MappingError(
+            "unknown_map", f"no register map {name!r}; known: {', '.join(map_names())}"
+        )
+    return path
 
 
 def load_map(path: str | Path) -> RegisterMap:
     """Read, validate and compile one map file."""
-    data, where = read_toml(path)
-    named = data.get("adapter")
-    if isinstance(named, str) and named != "modbus":
-        raise where.error(
-            "wrong_adapter", f"this mapping is for adapter {named!r}, not 'modbus'", "$.adapter"
-        )
-    document = load_document(ModbusMap, data, where)
-    return RegisterMap(Path(path).stem, document, Compiler(where, document.defaults))
+    return ModbusAdapter.compile(*ModbusAdapter.read_mapping(path))
 
 
 # The adapter -----------------------------------------------------------------------------
@@ -772,9 +758,9 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
     # Maps: a directory of files, not one file ----------------------------------------------
 
     @classmethod
-    def read_mapping(cls, source: str | Path | None = None) -> tuple[Any, Compiler]:
+    def load_plan(cls, source: str | Path | None = None) -> tuple[Any, ModbusPlan]:
         """Every map of the packaged directory and of ``source`` (a directory searched
-        first, or one map file); compiled by :meth:`compile`."""
+        first, or one map file), each read and compiled as its own mapping file."""
         paths: dict[str, Path] = {p.stem: p for p in map_directory().glob("*.toml")}
         if source is not None:
             extra = Path(source)
@@ -782,13 +768,14 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
                 paths.update({p.stem: p for p in extra.glob("*.toml")})
             else:
                 paths = {extra.stem: extra}
-        # Each map is its own file with its own compiler (compile reads them): the
-        # compiler returned here only fills the slot the base class has for one file.
-        return sorted(paths.items()), Compiler(Located(None, ""), SeriesSettings())
+        documents = {name: cls.read_mapping(path) for name, path in sorted(paths.items())}
+        maps = {name: cls.compile(*read) for name, read in documents.items()}
+        return {name: read[0] for name, read in documents.items()}, ModbusPlan(maps)
 
     @classmethod
-    def compile(cls, document: Any, compiler: Compiler) -> ModbusPlan:
-        return ModbusPlan({name: load_map(path) for name, path in document})
+    def compile(cls, document: ModbusMap, compiler: Compiler) -> RegisterMap:
+        """One map file compiled; its name is the file's stem."""
+        return RegisterMap(Path(compiler.where.file or "map").stem, document, compiler)
 
     # Devices ---------------------------------------------------------------------------------
 

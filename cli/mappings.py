@@ -10,7 +10,7 @@ import click
 from energybus.adapters import adapter_class
 from energybus.documents import read_toml
 from energybus.errors import MappingError
-from energybus.mappings import mapping_directory, mapping_names, mapping_path
+from energybus.mappings import packaged_files
 
 
 @click.group()
@@ -31,8 +31,7 @@ def check(paths: tuple[str, ...]) -> None:
         path = Path(given)
         files += sorted(path.glob("*.toml")) if path.is_dir() else [path]
     if not paths:
-        files = [mapping_path(name) for name in mapping_names()]
-        files += sorted(mapping_directory("modbus").glob("*.toml"))
+        files = packaged_files()
     failed = False
     for path in files:
         try:

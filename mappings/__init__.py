@@ -10,7 +10,7 @@ from pathlib import Path
 
 from energybus.errors import MappingError
 
-__all__ = ["mapping_directory", "mapping_names", "mapping_path"]
+__all__ = ["mapping_directory", "mapping_names", "mapping_path", "packaged_files"]
 
 _HERE = Path(__file__).resolve().parent
 
@@ -19,6 +19,12 @@ def mapping_directory(name: str) -> Path:
     """The packaged directory of adapter ``name``'s maps, for adapters with one file per
     device family (``modbus/``)."""
     return _HERE / name
+
+
+def packaged_files() -> list[Path]:
+    """Every packaged mapping file: one per adapter, then the device maps of the adapters
+    that have a directory of them."""
+    return sorted(_HERE.glob("*.toml")) + sorted(_HERE.glob("*/*.toml"))
 
 
 def mapping_names() -> list[str]:

@@ -192,7 +192,6 @@ class ModbusSource(Source):
         self._done: list[int] = []
         self._acks = AckQueue(self._done.append)
         self._full = StateLog(log)
-        self._tasks: set[asyncio.Task[None]] = set()
         self._writing = 0
         self._cursor = 0
         """The last poll handed over (polls after it wait in the outbox)."""
