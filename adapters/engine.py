@@ -52,6 +52,7 @@ __all__ = [
     "Template",
     "compile_templates",
     "decode",
+    "implausible",
     "refuse",
 ]
 
@@ -177,7 +178,7 @@ _NO_SPEC: Final = SeriesSpec()
 _WORDS: Final = (str, bool)
 
 
-def _implausible(
+def implausible(
     metric: str, lo: float, hi: float, unit: str | None, path: str = "$"
 ) -> SourceError:
     shown = f" {unit}" if unit else ""
@@ -242,7 +243,7 @@ def _lookup(
             raise SourceError("unknown_code", f"a value the mapping's lookup for {metric} lacks")
         value: Scalar = found if convert is None or type(found) is bool else convert(found)
         if type(value) is not bool and not lo <= value <= hi:
-            raise _implausible(metric, lo, hi, unit)
+            raise implausible(metric, lo, hi, unit)
         return [(metric, value, unit, spec)]
 
     return read_lookup
@@ -679,7 +680,7 @@ def _values(
         if lo <= value <= hi:
             add((metric, value, unit, spec))
         else:
-            errors.append(_implausible(metric, lo, hi, unit, _path(each, index, name)))
+            errors.append(implausible(metric, lo, hi, unit, _path(each, index, name)))
     return out
 
 
@@ -706,7 +707,7 @@ def _plain_values(
         if lo <= raw <= hi:
             add((metric, raw, unit, spec))
         else:
-            errors.append(_implausible(metric, lo, hi, unit, _path(each, index, name)))
+            errors.append(implausible(metric, lo, hi, unit, _path(each, index, name)))
     return out
 
 

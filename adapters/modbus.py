@@ -26,6 +26,7 @@ This adapter is pure translation, like every other:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import struct
@@ -59,7 +60,7 @@ from .base import (
     Rejection,
     SourceDeclaration,
 )
-from .engine import Field
+from .engine import Field, implausible, refuse
 from .mapping import (
     CommandOptions,
     Compiler,
@@ -425,7 +426,7 @@ class Layout:
         # One struct for every plain big-endian register that does not overlap another:
         # the whole poll in one C call. The rest decode one by one.
         fast: list[tuple[Register, int, int]] = []
-        slow: list[tuple[Register, int, int]] = []
+        slow: list[tuple[Register, int, struct.Struct]] = []
         end = 0
         for place in sorted(self.places, key=lambda p: p[2]):
             register, _, at = place
@@ -434,7 +435,7 @@ class Layout:
                 fast.append(place)
                 end = at + 2 * register.words
             else:
-                slow.append(place)
+                slow.append((register, at, struct.Struct(f">{register.words}H")))
         code = [">"]
         cursor = 0
         for register, _, at in fast:
@@ -460,8 +461,8 @@ class Layout:
             self.fast_registers, self.fast.unpack_from(payload), strict=True
         ):
             values[register.index] = value
-        for register, _, at in self.slow:
-            words = struct.unpack_from(f">{register.words}H", payload, at)
+        for register, at, words_of in self.slow:
+            words = words_of.unpack_from(payload, at)
             values[register.index] = decode_registers(
                 register.type,
                 words,
@@ -573,9 +574,15 @@ def poll_payload(
         (
             _HEADER.pack(b"P", at_ms, len(failed), fingerprint),
             bytes(bitmap),
-            struct.pack(f">{len(words)}H", *words),
+            _words(len(words)).pack(*words),
         )
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _words(count: int) -> struct.Struct:
+    """The packer of ``count`` big-endian registers: one per poll size, made once."""
+    return struct.Struct(f">{count}H")
 
 
 def unreachable_payload(at_ms: int, reason: str) -> bytes:
@@ -717,7 +724,6 @@ class _Device:
         "limits",
         "map",
         "name",
-        "reads",
         "scales",
         "site",
         "state",
@@ -735,7 +741,6 @@ class _Device:
         self.name = name
         self.map = register_map
         self.layout = layout
-        self.reads = len(layout.reads)
         self.site = site
         self.entity_id = entity_id
         self.entity_type: EntityType = entity_type
@@ -980,7 +985,7 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
                     continue
                 value = raw if convert is None else convert(raw)
             except EnergyBusError as error:
-                errors.append(SourceError(error.code, error.message, path=f"$.registers.{name}"))
+                errors.append(refuse(error, f"$.registers.{name}"))
                 continue
             if type(value) is float and not math.isfinite(value):
                 errors.append(
@@ -997,14 +1002,7 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
                     if metric in device.limits:
                         self.safety.observe_setpoint((device.name, metric), float(value), observed)
             else:
-                errors.append(
-                    SourceError(
-                        "implausible_value",
-                        f"{metric} is outside its plausible range [{lo:g}, {hi:g}]"
-                        + (f" {unit}" if unit else ""),
-                        path=f"$.registers.{name}",
-                    )
-                )
+                errors.append(implausible(metric, lo, hi, unit, f"$.registers.{name}"))
         # What the interlocks know is this poll's, or nothing: a state of charge that
         # failed, read "not implemented" or implausible is unknown, not the last good one.
         device.scales = scales

@@ -136,10 +136,15 @@ class PollOutbox:
 
 
 class _Device:
-    __slots__ = ("due", "endpoint", "failures", "state", "verified")
+    __slots__ = ("due", "endpoint", "failures", "polls", "state", "verified")
 
-    def __init__(self, endpoint: ModbusEndpoint) -> None:
+    def __init__(self, endpoint: ModbusEndpoint, metrics: Metrics) -> None:
         self.endpoint = endpoint
+        self.polls = {
+            outcome: metrics.modbus_polls.labels(endpoint.name, outcome)
+            for outcome in ("ok", "partial", "failed")
+        }
+        """The device's poll counters, labelled once."""
         self.due = 0.0
         self.failures = 0
         self.state = StateLog(log)
@@ -183,7 +188,7 @@ class ModbusSource(Source):
         grouped: dict[str, list[_Device]] = {}
         self.devices: dict[str, _Device] = {}
         for endpoint in endpoints:
-            device = _Device(endpoint)
+            device = _Device(endpoint, metrics)
             self.devices[endpoint.name] = device
             grouped.setdefault(endpoint.connection, []).append(device)
         self.lines = [_Line(key, devices) for key, devices in grouped.items()]
@@ -496,7 +501,7 @@ class ModbusSource(Source):
             words.extend(registers)
         name = endpoint.name
         if not answered:
-            self.metrics.modbus_polls.labels(name, "failed").inc()
+            device.polls["failed"].inc()
             device.failures += 1
             if device.failures == 1:
                 # Another device than the map's is the configuration's to fix.
@@ -515,7 +520,7 @@ class ModbusSource(Source):
                 )
                 self._store(name, unreachable_payload(at_ms, why))
             return
-        self.metrics.modbus_polls.labels(name, "partial" if any(failed) else "ok").inc()
+        device.polls["partial" if any(failed) else "ok"].inc()
         if device.failures:
             device.state.change("ok", logging.INFO, "modbus device %s answers again", name)
         elif any(failed):
