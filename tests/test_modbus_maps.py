@@ -4,6 +4,7 @@ source (real pymodbus on both sides), decodes to plausible canonical values."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from energybus.samples import Reading
 from energybus.simulators.modbus import ModbusSimulator, load_simulated_map
 from energybus.worker.metrics import Metrics
 from energybus.worker.sources import Delivery, ModbusSource
+from energybus.worker.sources.modbus import PollOutbox
 from tests.modbus import free_port, serial_line
 
 SHIPPED = map_names()
@@ -43,6 +45,16 @@ class _Open:
         return None
 
 
+class _Closed:
+    """A dispatcher gate that stays closed (the bus is away)."""
+
+    def is_open(self) -> bool:
+        return False
+
+    async def wait_open(self) -> None:
+        await asyncio.sleep(3600)
+
+
 def _source(
     endpoints: list[ModbusEndpoint], tmp_path: Path, deliver: Callable[[Delivery], None]
 ) -> ModbusSource:
@@ -55,6 +67,33 @@ def _source(
         deliver=deliver,
         gate=_Open(),
     )
+
+
+class _Delivered(list[Delivery]):
+    """A deliver callback that keeps every delivery and releases it at once."""
+
+    def __call__(self, delivery: Delivery) -> None:
+        self.append(delivery)
+        delivery.entry.release()
+
+    def kinds(self) -> list[bytes]:
+        return [d.payload[:1] for d in self]
+
+
+def _one(
+    map_name: str, *, name: str = "dev", mapping: Path | None = None, **settings: Any
+) -> tuple[ModbusAdapter, ModbusEndpoint]:
+    """An adapter with one device, and the endpoint its poller gets."""
+    adapter = ModbusAdapter(
+        options=ModbusOptions(
+            site="lab",
+            mapping=None if mapping is None else str(mapping),
+            devices={name: ModbusDeviceOptions(map=map_name, **settings)},
+        )
+    )
+    endpoint = adapter.sources[0].endpoint
+    assert isinstance(endpoint, ModbusEndpoint)
+    return adapter, endpoint
 
 
 async def _poll_until(source: ModbusSource, done: Callable[[], bool], timeout: float = 10) -> None:
@@ -83,22 +122,12 @@ def test_every_map_is_shipped() -> None:
 def test_a_shipped_map_decodes_from_the_simulator(name: str, tmp_path: Path) -> None:
     register_map = load_simulated_map(name)
     port = free_port()
-    adapter = ModbusAdapter(
-        options=ModbusOptions(
-            site="lab", devices={"dev": ModbusDeviceOptions(map=name, port=port, interval_s=0.1)}
-        )
-    )
-    endpoint = adapter.sources[0].endpoint
-    assert isinstance(endpoint, ModbusEndpoint)
-    delivered: list[Delivery] = []
-
-    def deliver(delivery: Delivery) -> None:
-        delivered.append(delivery)
-        delivery.entry.release()
+    adapter, endpoint = _one(name, port=port, interval_s=0.1)
+    delivered = _Delivered()
 
     async def main() -> None:
         async with ModbusSimulator(register_map, port=port, seed=7, tick_s=0.05):
-            await _poll_until(_source([endpoint], tmp_path, deliver), lambda: len(delivered) >= 2)
+            await _poll_until(_source([endpoint], tmp_path, delivered), lambda: len(delivered) >= 2)
 
     asyncio.run(main())
     assert len(delivered) >= 2
@@ -198,22 +227,10 @@ def test_rtu_frames_over_tcp_and_over_a_serial_line(transport: str, tmp_path: Pa
             if transport == "rtu"
             else {"transport": "rtu-over-tcp", "port": port}
         )
-        adapter = ModbusAdapter(
-            options=ModbusOptions(
-                site="lab",
-                mapping=str(MAPS),
-                devices={
-                    "bat": ModbusDeviceOptions(map="test_battery", interval_s=0.1, **settings)
-                },
-            )
+        adapter, endpoint = _one(
+            "test_battery", name="bat", mapping=MAPS, interval_s=0.1, **settings
         )
-        endpoint = adapter.sources[0].endpoint
-        assert isinstance(endpoint, ModbusEndpoint)
-        delivered: list[Delivery] = []
-
-        def deliver(delivery: Delivery) -> None:
-            delivered.append(delivery)
-            delivery.entry.release()
+        delivered = _Delivered()
 
         token = _Token()
         request = WriteRequest(command="c1", device="bat", address=200, words=[0, 1500])
@@ -227,7 +244,7 @@ def test_rtu_frames_over_tcp_and_over_a_serial_line(transport: str, tmp_path: Pa
                 baudrate=19200,
             )
             async with simulator:
-                source = _source([endpoint], tmp_path, deliver)
+                source = _source([endpoint], tmp_path, delivered)
                 source.publish(Message("modbus/bat", write_request(request), 1, False), token)
                 await _poll_until(source, lambda: len(delivered) >= 3)
                 return list(simulator.writes)
@@ -235,7 +252,7 @@ def test_rtu_frames_over_tcp_and_over_a_serial_line(transport: str, tmp_path: Pa
         writes = asyncio.run(main())
     assert writes == [(200, [0, 1500])]
     assert token.outcome == "sent"
-    kinds = [d.payload[:1] for d in delivered]
+    kinds = delivered.kinds()
     assert b"W" in kinds and b"P" in kinds
     results = [adapter.normalize("bat", d.payload, datetime.now(UTC)) for d in delivered]
     polls = [r for d, r in zip(delivered, results, strict=True) if d.payload[:1] == b"P"]
@@ -267,13 +284,7 @@ def test_the_simulated_battery_follows_its_setpoint() -> None:
 def test_a_driver_fault_is_a_failed_read_not_a_dead_line(tmp_path: Path) -> None:
     """Whatever the driver raises on a device's answer becomes a failed read with its
     reason; the line goes on polling."""
-    adapter = ModbusAdapter(
-        options=ModbusOptions(
-            site="lab", devices={"dev": ModbusDeviceOptions(map="eastron_sdm630", retries=1)}
-        )
-    )
-    endpoint = adapter.sources[0].endpoint
-    assert isinstance(endpoint, ModbusEndpoint)
+    _, endpoint = _one("eastron_sdm630", retries=1)
     source = _source([endpoint], tmp_path, lambda delivery: None)
 
     class Broken:
@@ -300,15 +311,7 @@ def test_a_write_that_expired_or_whose_scale_factor_changed_is_not_written(
 ) -> None:
     register_map = load_simulated_map(str(MAPS / "test_battery.toml"))
     port = free_port()
-    adapter = ModbusAdapter(
-        options=ModbusOptions(
-            site="lab",
-            mapping=str(MAPS),
-            devices={"bat": ModbusDeviceOptions(map="test_battery", port=port, interval_s=5)},
-        )
-    )
-    endpoint = adapter.sources[0].endpoint
-    assert isinstance(endpoint, ModbusEndpoint)
+    _, endpoint = _one("test_battery", name="bat", mapping=MAPS, port=port, interval_s=5)
     past = int(time.time() * 1000) - 1
     requests = {
         "expired": WriteRequest(
@@ -323,15 +326,11 @@ def test_a_write_that_expired_or_whose_scale_factor_changed_is_not_written(
         ),
     }
     tokens = {name: _Token() for name in requests}
-    delivered: list[Delivery] = []
-
-    def deliver(delivery: Delivery) -> None:
-        delivered.append(delivery)
-        delivery.entry.release()
+    delivered = _Delivered()
 
     async def main() -> list[tuple[int, list[int]]]:
         async with ModbusSimulator(register_map, port=port) as simulator:
-            source = _source([endpoint], tmp_path, deliver)
+            source = _source([endpoint], tmp_path, delivered)
             for name, request in requests.items():
                 source.publish(
                     Message("modbus/bat", write_request(request), 1, False), tokens[name]
@@ -353,25 +352,11 @@ def test_a_write_left_unanswered_is_read_back_on_a_new_connection(tmp_path: Path
     reads back, so the result says what the device holds."""
     register_map = load_simulated_map(str(MAPS / "test_battery.toml"))
     port = free_port()
-    adapter = ModbusAdapter(
-        options=ModbusOptions(
-            site="lab",
-            mapping=str(MAPS),
-            devices={
-                "bat": ModbusDeviceOptions(
-                    map="test_battery", port=port, interval_s=5, timeout_s=0.3
-                )
-            },
-        )
+    _, endpoint = _one(
+        "test_battery", name="bat", mapping=MAPS, port=port, interval_s=5, timeout_s=0.3
     )
-    endpoint = adapter.sources[0].endpoint
-    assert isinstance(endpoint, ModbusEndpoint)
     token = _Token()
-    delivered: list[Delivery] = []
-
-    def deliver(delivery: Delivery) -> None:
-        delivered.append(delivery)
-        delivery.entry.release()
+    delivered = _Delivered()
 
     async def main() -> None:
         simulator = ModbusSimulator(register_map, port=port)
@@ -387,7 +372,7 @@ def test_a_write_left_unanswered_is_read_back_on_a_new_connection(tmp_path: Path
 
         simulator._action = slow_write  # type: ignore[method-assign,assignment]
         async with simulator:
-            source = _source([endpoint], tmp_path, deliver)
+            source = _source([endpoint], tmp_path, delivered)
             request = WriteRequest(command="c1", device="bat", address=200, words=[0, 40])
             source.publish(Message("modbus/bat", write_request(request), 1, False), token)
             await _poll_until(source, lambda: any(d.payload[:1] == b"W" for d in delivered))
@@ -413,23 +398,28 @@ def test_simulate_modbus_serves_until_a_signal_and_says_what_it_served() -> None
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert process.stdout is not None
-    assert process.stdout.readline() == (
-        f"ready    eastron_sdm630 on 127.0.0.1 port {port}, unit 1; SIGINT or SIGTERM stops\n"
-    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == (
+            f"ready    eastron_sdm630 on 127.0.0.1 port {port}, unit 1; SIGINT or SIGTERM stops\n"
+        )
 
-    async def read() -> list[int]:
-        client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
-        await client.connect()
-        try:
-            response = await client.read_input_registers(0, count=2, device_id=1)
-            return list(response.registers)
-        finally:
-            client.close()
+        async def read() -> list[int]:
+            client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2, retries=0)
+            await client.connect()
+            try:
+                response = await client.read_input_registers(0, count=2, device_id=1)
+                return list(response.registers)
+            finally:
+                client.close()
 
-    assert len(asyncio.run(read())) == 2
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=20)
+        assert len(asyncio.run(read())) == 2
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:  # a failed step leaves no server behind
+            process.kill()
+            process.communicate()
     assert out == "stopped  1 reads served, 0 writes taken\n"
     assert err == "" and process.returncode == 0
     config = subprocess.run(
@@ -451,24 +441,9 @@ def test_a_device_whose_sunspec_chain_is_not_the_maps_is_neither_read_nor_writte
     inverter model (101) where the map expects 103 gets no poll and no write."""
     register_map = load_simulated_map("sunspec_battery")
     port = free_port()
-    adapter = ModbusAdapter(
-        options=ModbusOptions(
-            site="lab",
-            devices={
-                "inv": ModbusDeviceOptions(
-                    map="sunspec_battery", port=port, interval_s=0.1, offline_after=2
-                )
-            },
-        )
-    )
-    endpoint = adapter.sources[0].endpoint
-    assert isinstance(endpoint, ModbusEndpoint)
+    _, endpoint = _one("sunspec_battery", name="inv", port=port, interval_s=0.1, offline_after=2)
     assert endpoint.identity[:2] == ((40000, (0x5375, 0x6E53)), (40002, (1, 66)))
-    delivered: list[Delivery] = []
-
-    def deliver(delivery: Delivery) -> None:
-        delivered.append(delivery)
-        delivery.entry.release()
+    delivered = _Delivered()
 
     token = _Token()
 
@@ -476,15 +451,113 @@ def test_a_device_whose_sunspec_chain_is_not_the_maps_is_neither_read_nor_writte
         simulator = ModbusSimulator(register_map, port=port)
         simulator.memory["holding"][40070] = 101  # not the 103 the map's addresses assume
         async with simulator:
-            source = _source([endpoint], tmp_path, deliver)
+            source = _source([endpoint], tmp_path, delivered)
             request = WriteRequest(command="c1", device="inv", address=40152, words=[1000])
             source.publish(Message("modbus/inv", write_request(request), 1, False), token)
             await _poll_until(source, lambda: any(d.payload[:1] == b"F" for d in delivered))
             return list(simulator.writes)
 
     assert asyncio.run(main()) == []
-    assert [d.payload[:1] for d in delivered] == [b"F"]
+    assert delivered.kinds() == [b"F"]
     assert b"not the device its map describes: register 40070 holds [101, 50]" in (
         delivered[0].payload
     )
     assert (token.outcome or "").startswith("failed: modbus device inv: it is not the device")
+
+
+# Failure paths of the poller: each gives one clear line and loses nothing it took. -------
+
+
+def test_a_full_poll_outbox_drops_new_polls_counts_them_and_says_so_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bound holds: past it a poll is dropped (counted, one log line) and the line
+    goes on polling; what the outbox holds stays in it."""
+    register_map = load_simulated_map("eastron_sdm630")
+    port = free_port()
+    _, endpoint = _one("eastron_sdm630", port=port, interval_s=0.05)
+    delivered = _Delivered()
+    metrics = Metrics()
+    source = ModbusSource(
+        name="modbus:poller",
+        endpoints=[endpoint],
+        outbox=tmp_path / "polls.sqlite3",
+        outbox_max_bytes=250,  # two polls of 96 bytes
+        metrics=metrics,
+        deliver=delivered,
+        gate=_Closed(),
+    )
+
+    async def main() -> int:
+        async with ModbusSimulator(register_map, port=port) as simulator:
+            polls = simulator.read_log  # every poll reads input 0 once
+            await _poll_until(source, lambda: polls[("input", 0)] >= 6)
+            return polls[("input", 0)]
+
+    caplog.set_level(logging.ERROR, logger="energybus.worker.source")
+    polls = asyncio.run(main())
+    dropped = metrics.poll_outbox_dropped._value.get()
+    # The last poll may have been cut short by the end of the run.
+    assert polls >= 6 and polls - 2 - 1 <= dropped <= polls - 2
+    assert delivered == []  # the gate stayed closed: nothing handed over
+    full = [r for r in caplog.records if "the poll outbox is full" in r.getMessage()]
+    assert len(full) == 1
+    reopened = PollOutbox(tmp_path / "polls.sqlite3", max_bytes=250)
+    assert reopened.rows == 2  # the two it took are still there for the next run
+    reopened.close()
+
+
+def test_a_poll_outbox_that_cannot_open_is_one_error_line_and_no_polling(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, endpoint = _one("eastron_sdm630", port=free_port(), interval_s=0.05)
+    blocked = tmp_path / "polls.sqlite3"
+    blocked.mkdir()  # a directory where the file should be
+    source = _source([endpoint], tmp_path, _Delivered())
+    source.outbox_path = blocked
+    caplog.set_level(logging.ERROR, logger="energybus.worker.source")
+
+    async def main() -> None:
+        task = asyncio.create_task(source.run())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "cannot open the poll outbox" in lines[0]
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+def test_a_serial_port_that_is_not_there_takes_the_device_offline(tmp_path: Path) -> None:
+    _, endpoint = _one(
+        "eastron_sdm630",
+        transport="rtu",
+        serial_port=str(tmp_path / "ttyUSB9"),
+        interval_s=0.05,
+        offline_after=2,
+    )
+    delivered = _Delivered()
+    asyncio.run(_poll_until(_source([endpoint], tmp_path, delivered), lambda: bool(delivered), 10))
+    assert delivered.kinds() == [b"F"]
+    assert f"no connection to {tmp_path / 'ttyUSB9'} unit 1".encode() in delivered[0].payload
+
+
+def test_a_write_the_device_refuses_is_rejected_with_its_exception(tmp_path: Path) -> None:
+    """A register the device does not let be written (its state of charge) answers the
+    write with an exception: the command fails with it, nothing changed."""
+    register_map = load_simulated_map(str(MAPS / "test_battery.toml"))
+    port = free_port()
+    _, endpoint = _one("test_battery", name="bat", mapping=MAPS, port=port, interval_s=5)
+    token = _Token()
+
+    async def main() -> list[tuple[int, list[int]]]:
+        async with ModbusSimulator(register_map, port=port) as simulator:
+            source = _source([endpoint], tmp_path, _Delivered())
+            request = WriteRequest(command="c1", device="bat", address=100, words=[500])
+            source.publish(Message("modbus/bat", write_request(request), 1, False), token)
+            await _poll_until(source, lambda: token.outcome is not None)
+            return list(simulator.writes)
+
+    assert asyncio.run(main()) == []
+    assert token.outcome == "failed: modbus device bat refused the write (exception 2)"

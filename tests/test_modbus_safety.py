@@ -52,20 +52,42 @@ def _adapter(**options: Any) -> ModbusAdapter:
     )
 
 
-def _poll(adapter: ModbusAdapter, at: datetime, *, soc: float, temperature: float) -> None:
-    """Feed one poll in which the device reports ``soc`` and ``temperature``."""
-    layout = adapter.devices["bat"].layout
+def _feed_poll(
+    adapter: ModbusAdapter, at: datetime, registers: dict[str, list[int]], device: str = "bat"
+) -> Any:
+    """Feed one poll whose named registers hold these words (every other word 0)."""
+    layout = adapter.devices[device].layout
     words = [0] * layout.words
     for register, _, offset in layout.places:
-        index = (offset - layout.data) // 2
-        if register.name == "soc":
-            words[index] = round(soc * 10)
-        elif register.name == "temperature":
-            words[index] = encode_registers("s16", round(temperature * 10))[0]
+        if register.name in registers:
+            index = (offset - layout.data) // 2
+            given = registers[register.name]
+            words[index : index + len(given)] = given
     at_ms = int(at.timestamp() * 1000)
-    reads = [False] * len(layout.reads)
-    payload = poll_payload(at_ms, reads, words, fingerprint=layout.fingerprint)
-    result = adapter.normalize("bat", payload, at)
+    payload = poll_payload(
+        at_ms, [False] * len(layout.reads), words, fingerprint=layout.fingerprint
+    )
+    return adapter.normalize(device, payload, at)
+
+
+def _poll(
+    adapter: ModbusAdapter,
+    at: datetime,
+    *,
+    soc: float,
+    temperature: float = 20.0,
+    setpoint: int = 0,
+) -> None:
+    """Feed one poll of the test battery: its state of charge, temperature and setpoint."""
+    result = _feed_poll(
+        adapter,
+        at,
+        {
+            "soc": [round(soc * 10)],
+            "temperature": encode_registers("s16", round(temperature * 10)),
+            "setpoint": encode_registers("s32", setpoint),
+        },
+    )
     assert not result.rejections, result.rejections
 
 
@@ -278,36 +300,18 @@ def _set(pipeline: Pipeline, value: float, at: datetime, priority: str = "manual
     return pipeline.feed(TOPIC, body, received_at=at)
 
 
-def _poll_setpoint(adapter: ModbusAdapter, at: datetime, setpoint: int, soc: float = 50) -> None:
-    layout = adapter.devices["bat"].layout
-    words = [0] * layout.words
-    for register, _, offset in layout.places:
-        index = (offset - layout.data) // 2
-        if register.name == "soc":
-            words[index] = round(soc * 10)
-        elif register.name == "temperature":
-            words[index] = 200
-        elif register.name == "setpoint":
-            words[index : index + 2] = encode_registers("s32", setpoint)
-    at_ms = int(at.timestamp() * 1000)
-    payload = poll_payload(
-        at_ms, [False] * len(layout.reads), words, fingerprint=layout.fingerprint
-    )
-    assert not adapter.normalize("bat", payload, at).rejections
-
-
 def test_the_rate_limit_starts_from_what_the_device_reports() -> None:
     """A setpoint confirmed at 3000 and then put back to 0 by the device (its watchdog,
     its own panel): the next command is judged from the 0 the polls report."""
     adapter = _adapter()
     pipeline = Pipeline(adapter)
-    _poll_setpoint(adapter, T0, 0)
+    _poll(adapter, T0, soc=50, setpoint=0)
     at = T0 + timedelta(seconds=3)
     out = _set(pipeline, 3000, at)
     request = read_write_request(out.messages[0].payload)
     pipeline.feed("bat", _result(request.command, request.words, at), received_at=at)
     for second in range(1, 30):
-        _poll_setpoint(adapter, at + timedelta(seconds=second), 0)
+        _poll(adapter, at + timedelta(seconds=second), soc=50, setpoint=0)
     again = _set(pipeline, 3000, at + timedelta(seconds=29.5))
     assert [r.code for r in again.rejections] == ["interlock"]
     assert "a change of 3000 in 0.5 s" in again.rejections[0].message
@@ -318,7 +322,7 @@ def test_an_unknown_outcome_keeps_the_hold_and_waits_for_the_device() -> None:
     priority (its hold stays), unknown for the rate limit until the next poll."""
     adapter = _adapter(default_priority="scheduled", priority_hold_s=300)
     pipeline = Pipeline(adapter)
-    _poll_setpoint(adapter, T0, 0)
+    _poll(adapter, T0, soc=50, setpoint=0)
     at = T0 + timedelta(seconds=3)
     out = _set(pipeline, 2000, at, "manual")
     request = read_write_request(out.messages[0].payload)
@@ -332,7 +336,7 @@ def test_an_unknown_outcome_keeps_the_hold_and_waits_for_the_device() -> None:
     waits = _set(pipeline, 1000, later, "manual")
     assert [r.code for r in waits.rejections] == ["interlock"]
     assert "setpoint is unknown" in waits.rejections[0].message
-    _poll_setpoint(adapter, later, 2000)  # the device says: it took it
+    _poll(adapter, later, soc=50, setpoint=2000)  # the device says: it took it
     ok = _set(pipeline, 2500, later + timedelta(seconds=1), "manual")
     assert ok.messages and not ok.rejections
     # That one expires unanswered: the same.
@@ -343,9 +347,7 @@ def test_an_unknown_outcome_keeps_the_hold_and_waits_for_the_device() -> None:
 
 
 def test_a_stale_scale_factor_refuses_and_a_fresh_one_guards_the_write() -> None:
-    from energybus.adapters.modbus import ModbusAdapter as Adapter
-
-    adapter = Adapter(
+    adapter = ModbusAdapter(
         options=ModbusOptions(
             site="s1",
             devices={"inv": ModbusDeviceOptions(map="sunspec_battery")},
@@ -356,17 +358,7 @@ def test_a_stale_scale_factor_refuses_and_a_fresh_one_guards_the_write() -> None
     topic = "s1/energy/storage/inv/max_charge_power/set"
     before = pipeline.feed(topic, b"3000", received_at=T0)
     assert "scale factor of wchamax is unknown or stale" in before.rejections[0].message
-    layout = adapter.devices["inv"].layout
-    words = [0] * layout.words
-    for register, _, offset in layout.places:
-        if register.name == "wchamax_sf":
-            words[(offset - layout.data) // 2] = 1  # WChaMax in tens of W
-    at_ms = int(T0.timestamp() * 1000)
-    adapter.normalize(
-        "inv",
-        poll_payload(at_ms, [False] * len(layout.reads), words, fingerprint=layout.fingerprint),
-        T0,
-    )
+    _feed_poll(adapter, T0, {"wchamax_sf": [1]}, device="inv")  # WChaMax in tens of W
     out = pipeline.feed(topic, b"3000", received_at=T0 + timedelta(seconds=1))
     request = read_write_request(out.messages[0].payload)
     assert request.words == [300] and request.guard == [(40168, 1)]
@@ -380,22 +372,10 @@ def test_what_the_interlocks_know_is_the_last_poll_only() -> None:
     away) is unknown at once, not the last good value for another minute."""
     adapter = _adapter()
     pipeline = Pipeline(adapter)
-    _poll_setpoint(adapter, T0, 0, soc=50)
+    _poll(adapter, T0, soc=50, setpoint=0)
     assert not _set(pipeline, 500, T0 + timedelta(seconds=1)).rejections
-    layout = adapter.devices["bat"].layout
-    words = [0] * layout.words
-    for register, _, offset in layout.places:
-        if register.name == "soc":
-            words[(offset - layout.data) // 2] = 0xFFFF
-        elif register.name == "temperature":
-            words[(offset - layout.data) // 2] = 200
     at = T0 + timedelta(seconds=2)
-    at_ms = int(at.timestamp() * 1000)
-    adapter.normalize(
-        "bat",
-        poll_payload(at_ms, [False] * len(layout.reads), words, fingerprint=layout.fingerprint),
-        at,
-    )
+    _feed_poll(adapter, at, {"soc": [0xFFFF], "temperature": [200]})  # soc "not implemented"
     refused = _set(pipeline, 600, at + timedelta(seconds=1))
     assert "state of charge is unknown" in refused.rejections[0].message
 
