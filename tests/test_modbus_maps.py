@@ -29,7 +29,8 @@ from energybus.simulators.modbus import ModbusSimulator, load_simulated_map
 from energybus.worker.metrics import Metrics
 from energybus.worker.sources import Delivery, ModbusSource
 from energybus.worker.sources.modbus import PollOutbox
-from tests.modbus import free_port, serial_line
+from tests.modbus import serial_line
+from tools.services import free_port
 
 SHIPPED = map_names()
 MAPS = Path(__file__).resolve().parent / "maps"

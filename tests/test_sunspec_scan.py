@@ -33,6 +33,7 @@ from energybus.adapters.sunspec import (
 from energybus.cli.mappings import mappings
 from energybus.cli.modbus import modbus
 from energybus.worker.sunspec import ScanError, ScanResult, scan
+from tools.services import free_port
 
 MARKER = [0x5375, 0x6E53]
 END = [0xFFFF, 0]
@@ -117,13 +118,6 @@ def serving(blocks: dict[int, list[int]]) -> Iterator[int]:
         loop.close()
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 def run_scan(port: int, timeout: float = 2.0) -> ScanResult:
     return asyncio.run(scan("127.0.0.1", port, unit=1, timeout=timeout))
 
@@ -170,7 +164,7 @@ def test_no_marker_anywhere_is_one_clear_line() -> None:
 
 
 def test_a_closed_port_is_one_clear_line() -> None:
-    port = closed_port()
+    port = free_port()
     assert scan_error(port) == f"cannot connect to 127.0.0.1:{port}: connection refused"
 
 
@@ -348,7 +342,7 @@ def test_the_command_prints_the_models_and_writes_the_map(tmp_path: Path) -> Non
 
 
 def test_the_command_reports_failures_in_one_line(tmp_path: Path) -> None:
-    port = closed_port()
+    port = free_port()
     runner = CliRunner()
     result = runner.invoke(modbus, ["scan", f"127.0.0.1:{port}", "--timeout", "1"])
     assert result.exit_code == 1
@@ -368,7 +362,6 @@ def test_the_command_reports_failures_in_one_line(tmp_path: Path) -> None:
 def test_the_simulator_serves_the_chain_its_map_assumes() -> None:
     """``energybus simulate modbus --map sunspec_battery`` is a device the scan finds."""
     from energybus.simulators.modbus import ModbusSimulator, load_simulated_map
-    from tests.modbus import free_port
 
     port = free_port()
 
