@@ -19,7 +19,6 @@ process.
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
+from benchmarks.cpu import tree_seconds
 from energybus.adapters import ModbusEndpoint
 from energybus.adapters.modbus import (
     ModbusAdapter,
@@ -107,11 +107,6 @@ def _decode_figure(
     }
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class _Open:
     def is_open(self) -> bool:
         return True
@@ -185,7 +180,7 @@ def _poll_run(devices: int, hung: int, seconds: float, interval: float) -> dict[
                 deliver=deliver,
                 gate=_Open(),
             )
-            cpu_sim = _cpu_seconds(simulator.pid)
+            cpu_sim = tree_seconds(simulator.pid)
             cpu_own = time.process_time()
 
             async def main() -> float:
@@ -199,7 +194,7 @@ def _poll_run(devices: int, hung: int, seconds: float, interval: float) -> dict[
 
             started = asyncio.run(main())
             cpu_own = time.process_time() - cpu_own
-            cpu_sim = _cpu_seconds(simulator.pid) - cpu_sim
+            cpu_sim = tree_seconds(simulator.pid) - cpu_sim
     finally:
         simulator.terminate()
         simulator.wait(30)
