@@ -53,24 +53,34 @@ CpiTarget = Target
 
 
 class CpiPlant(Document, frozen=True, kw_only=True):
+    """One plant, by its plantId (``[adapters.cpi.plants.<plantId>]``)."""
+
     site: str | None = None
     """Default: the options' ``site``, else the kebab-case plantId."""
     entity_id: str | None = None
     """The plant's own entity; default: the kebab-case plantId."""
     template: str = "plant"
+    """The device template of the plant's own entity."""
     secrets: list[str] = []
     """Active HMAC secrets, newest first (use ``${VAR}``); empty: the plant does not sign."""
     targets: dict[str, CpiTarget] = {}
+    """The plant's sub-devices by their externalId (a message's ``target``)."""
 
 
 class CpiOptions(CommandOptions, frozen=True, kw_only=True):
     """The ``[adapters.cpi]`` section of a site configuration."""
 
     site: str | None = None
+    """The default site of every plant; default: each plant's kebab-case plantId."""
     plants: dict[str, CpiPlant] = {}
+    """The plants taken; a message from any other is rejected (``unknown_plant``)."""
     replay_window_s: Positive = 300.0
+    """How far a message's ``ts`` may be from the receive time; a signed message seen
+    before within it is a replay."""
     command_timeout_s: Positive = 30.0
+    """A command without an ACK by then expires."""
     mapping: str | None = None
+    """Another mapping file instead of the packaged ``cpi.toml``."""
 
 
 class _Plant(Plant):

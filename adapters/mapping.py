@@ -125,10 +125,14 @@ class CommandOptions(Document, frozen=True, kw_only=True):
     the interlocks no command may cross."""
 
     command_max_age_s: NonNegative = 30.0
+    """How old a timed (Profile B) ``set`` may be when it arrives: older ones are stale."""
     command_max_future_s: NonNegative = 5.0
+    """How far ahead of the receive time a ``set`` may be stamped: allowed clock skew."""
     command_series: list[SeriesPolicy] = []
     """Other ages for the ``set`` topics a filter matches (first match wins)."""
     interlocks: list[Interlock] = []
+    """Bounds no command may cross, in the canonical unit, each a ``[[...interlocks]]``
+    table."""
 
 
 class MappingDocument(Document, frozen=True, kw_only=True):

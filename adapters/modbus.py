@@ -641,27 +641,41 @@ class ModbusDeviceOptions(Document, frozen=True, kw_only=True):
     map: str
     """A map's name (its file stem in ``mappings/modbus/`` or the ``maps`` directory)."""
     transport: Literal["tcp", "rtu-over-tcp", "rtu"] = "tcp"
+    """Modbus TCP; RTU frames through a TCP gateway; or RTU on a serial line."""
     host: str = "127.0.0.1"
+    """The device's (or gateway's) address, for ``tcp`` and ``rtu-over-tcp``."""
     port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 502
+    """Its TCP port."""
     serial_port: str | None = None
     """For ``rtu``: the serial device (``/dev/ttyUSB0``)."""
     baudrate: Annotated[int, msgspec.Meta(ge=300)] = 9600
+    """For ``rtu``: the line's speed."""
     parity: Literal["N", "E", "O"] = "N"
+    """For ``rtu``: none, even or odd."""
     stopbits: Literal[1, 2] = 1
+    """For ``rtu``: stop bits."""
     bytesize: Literal[7, 8] = 8
+    """For ``rtu``: data bits."""
     unit_id: UnitId | None = None
     """Default: the map's."""
     site: str | None = None
+    """The device's site; default: the adapter's ``site``."""
     entity_id: str | None = None
     """Default: the device's name."""
     entity_type: EntityType | None = None
     """Default: the map's."""
     interval_s: Positive = 5.0
+    """The poll period, on a fixed schedule: a poll that overruns skips slots."""
     timeout_s: Positive = 1.0
+    """How long one request waits for its answer."""
     retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 1
+    """Tries again per read, with a short backoff, before the poll counts as failed."""
     offline_after: Annotated[int, msgspec.Meta(ge=1)] = 3
+    """Polls in a row without any answer before the device's series go ``offline``."""
     max_registers: Annotated[int, msgspec.Meta(ge=1, le=125)] | None = None
+    """The most registers the device returns in one read; default: the map's."""
     max_gap: Annotated[int, msgspec.Meta(ge=0, le=125)] | None = None
+    """Unused registers one read may span; default: the map's."""
     limits: dict[str, Limits] = {}
     """Interlocks by the metric of a writable register, on top of the map's ratings."""
 
@@ -670,10 +684,14 @@ class ModbusOptions(CommandOptions, frozen=True, kw_only=True):
     """The ``[adapters.modbus]`` section of a site configuration."""
 
     site: str | None = None
+    """The default site of every device."""
     devices: dict[str, ModbusDeviceOptions] = {}
+    """Devices by name (lower case, digits, ``-`` and ``_``), each polled on its own
+    schedule."""
     mapping: str | None = None
     """A directory of register maps searched before the packaged ones (or one map file)."""
     command_timeout_s: Positive = 10.0
+    """A write not read back by then expires."""
     default_priority: Priority = "optimization"
     """The class of a ``set`` that names none (every Profile A ``set``)."""
     priority_hold_s: Positive = 900.0

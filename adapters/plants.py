@@ -74,6 +74,7 @@ class Target(Document, frozen=True, kw_only=True):
     """A sub-device, by its externalId: its template and its bus entity."""
 
     template: str
+    """The device template of the mapping file (``battery``, ``meter``, ``pv``)."""
     entity_id: str | None = None
     """Default: ``<plant entity>-<kebab-case externalId>``."""
     entity_type: EntityType | None = None

@@ -73,6 +73,7 @@ class VenEntry(Document, frozen=True, kw_only=True):
     """One listed VEN; ``site`` overrides the default (the kebab-case venId)."""
 
     site: str | None = None
+    """The VEN's site; default: the adapter's ``site``, else the kebab-case venId."""
 
 
 class VenOptions(CommandOptions, frozen=True, kw_only=True):
@@ -81,6 +82,7 @@ class VenOptions(CommandOptions, frozen=True, kw_only=True):
     site: str | None = None
     """One site for every VEN not listed with its own; default: each VEN's kebab-case id."""
     vens: dict[str, VenEntry] = {}
+    """VENs by venId, each with its own site."""
     accept_unlisted: bool = True
     """With ``false``, a VEN not listed under ``vens`` is rejected (``unknown_ven``)."""
     telemetry: bool = False
@@ -88,6 +90,7 @@ class VenOptions(CommandOptions, frozen=True, kw_only=True):
     loads: bool = False
     """Also consume ``ven/loads/+`` (load snapshots)."""
     command_timeout_s: Positive = 30.0
+    """A command without an answer by then expires."""
     default_duration_s: Positive = 3600.0
     """Event duration when a ``set`` does not give ``duration_s``."""
     mapping: str | None = None

@@ -61,12 +61,15 @@ VokeMapping = PlantMapping
 
 
 class VokePlant(Document, frozen=True, kw_only=True):
+    """One plant of the organisation, by its plantId."""
+
     site: str | None = None
     """Default: the organisation's ``site``, else the options' ``site``, else the
     kebab-case plantId."""
     entity_id: str | None = None
     """The plant's own entity; default: the kebab-case plantId."""
     template: str = "plant"
+    """The device template of the plant's own entity."""
     targets: dict[str, Target] = {}
     """The plant's devices by externalId (the envelope's ``device``)."""
 
@@ -78,15 +81,20 @@ class VokeOrg(Document, frozen=True, kw_only=True):
     """``amqps://host:port`` from the bundle (``amqp://`` on a trusted network); the
     credentials are ``api_key`` and the slug, never part of the URI."""
     vhost: str = "/"
+    """The virtual host of the organisation's queues, as the bundle gives it."""
     api_key: str
     """The API key secret (``vcp:connect`` scope), the AMQP password: use ``${VAR}``."""
     signing_keys: list[str]
     """Active signing keys, newest first (use ``${VAR}``); commands are signed with the
     first, messages verify with any (key rotation)."""
     site: str | None = None
+    """The default site of the organisation's plants; default: the adapter's ``site``."""
     prefetch: Positive = 500
+    """Unacknowledged messages the broker may hand over per queue."""
     ca_file: str | None = None
+    """CA bundle for ``amqps`` with a private CA; default: the system's trust store."""
     plants: dict[str, VokePlant] = {}
+    """The plants taken, by plantId; a message from any other is rejected."""
 
     def __repr__(self) -> str:
         return f"VokeOrg(uri={self.uri!r}, vhost={self.vhost!r}, plants={list(self.plants)})"
@@ -96,14 +104,18 @@ class VokeOptions(CommandOptions, frozen=True, kw_only=True):
     """The ``[adapters.voke]`` section of a site configuration."""
 
     site: str | None = None
+    """The default site of every plant; default: each plant's kebab-case plantId."""
     orgs: dict[str, VokeOrg] = {}
+    """Organisations by slug (the AMQP username), one connection each."""
     replay_window_s: Positive = 300.0
     """How far a status (it confirms commands) may be from the receive time."""
     max_age_s: Positive = 86400.0
     """The oldest telemetry, alarm or execution update taken: they wait in a durable queue
     while energybus is away, and an outage must not cost them."""
     command_timeout_s: Positive = 30.0
+    """A command without a final status by then expires."""
     mapping: str | None = None
+    """Another mapping file instead of the packaged ``voke.toml``."""
 
 
 class _Plant(Plant):

@@ -47,13 +47,16 @@ class CommandPolicy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """How old (or how far ahead) a timed ``set`` may be."""
 
     max_age_s: NonNegative = 30.0
+    """How old a timed (Profile B) ``set`` may be when it arrives: older ones are stale."""
     max_future_s: NonNegative = 5.0
+    """How far ahead of the receive time a ``set`` may be stamped: allowed clock skew."""
 
 
 class SeriesPolicy(CommandPolicy, frozen=True, kw_only=True):
     """A :class:`CommandPolicy` for the ``set`` topics ``filter`` matches (first match wins)."""
 
     filter: str
+    """A canonical topic filter of ``set`` topics (``+/energy/load/+/shed_power/set``)."""
 
 
 class Interlock(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -61,9 +64,13 @@ class Interlock(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     series' canonical unit. ``why`` is told to whoever is refused."""
 
     filter: str
+    """A canonical topic filter of the ``set`` topics it guards."""
     min: float | None = None
+    """The lowest value a command may set; none: no lower bound."""
     max: float | None = None
+    """The highest value a command may set; none: no upper bound."""
     why: str = ""
+    """The reason given with a refusal (a PCS rating, a contract)."""
 
 
 class Admitted(msgspec.Struct, frozen=True, gc=False):

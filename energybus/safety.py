@@ -57,7 +57,9 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     """
 
     min: float | None = None
+    """The lowest setpoint; none: no lower bound."""
     max: float | None = None
+    """The highest setpoint; none: no upper bound."""
     max_rate_per_s: NonNegative | None = None
     """The largest change of the setpoint per second since the last accepted one."""
     soc_floor: float | None = None
@@ -67,7 +69,10 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     temperature_min: float | None = None
     """degC: no non-zero setpoint while the device's ``temperature`` is below it."""
     temperature_max: float | None = None
+    """degC: no non-zero setpoint while the device's ``temperature`` is above it."""
     discharge_positive: bool = True
+    """A positive setpoint discharges; ``false`` for a device whose positive value
+    charges."""
 
     def __post_init__(self) -> None:
         for low, high, what in (

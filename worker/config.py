@@ -56,11 +56,14 @@ class _Section(BaseModel):
 
 
 class TlsConfig(_Section):
+    """TLS to the broker, for both connections of the worker."""
+
     ca_file: FilePath | None = None
     """CA bundle to verify the broker; default: the system's trust store."""
     cert_file: FilePath | None = None
     """Client certificate, for brokers that authenticate clients by certificate."""
     key_file: FilePath | None = None
+    """The private key of ``cert_file``."""
 
     @model_validator(mode="after")
     def _pair(self) -> TlsConfig:
@@ -78,17 +81,25 @@ class TlsConfig(_Section):
 
 
 class MqttConfig(_Section):
+    """The broker of the energy bus; the worker's two MQTT 5 connections both go there."""
+
     host: str = "127.0.0.1"
+    """The broker's host name or address."""
     port: int = Field(default=1883, ge=1, le=65535)
+    """The broker's port (8883 is the usual one with TLS)."""
     client_id: str = Field(
         default="energybus", min_length=1, max_length=60, pattern=r"^[A-Za-z0-9_.-]+$"
     )
     """Stable across restarts: the broker keeps the session (and queued messages) under it.
     The worker uses ``<client_id>-src`` and ``<client_id>-bus`` for its two connections."""
     username: str | None = None
+    """The user both connections log in as; none connects anonymously."""
     password: SecretStr | None = None
+    """The password of ``username``: use ``${VAR}``; never printed or logged."""
     tls: TlsConfig | None = None
+    """TLS to the broker; absent, the connections are plain TCP."""
     keepalive_s: int = Field(default=30, ge=5, le=3600)
+    """MQTT keep-alive: how soon a silent connection is found dead, by either side."""
     session_expiry_s: int = Field(default=7 * 86400, ge=0, le=_NEVER)
     """How long the broker keeps the source session (``<client_id>-src``: source topics
     and command filters) and queues source messages while the worker is away."""
@@ -118,13 +129,22 @@ class MqttConfig(_Section):
     """QoS 1 publishes waiting for their PUBACK; packet ids are 16 bits, so it stays
     well below 65535."""
     reconnect_min_s: float = Field(default=0.5, gt=0)
+    """The first wait before reconnecting (to the broker, or an AMQP source); each
+    failure doubles it, with jitter."""
     reconnect_max_s: float = Field(default=30.0, gt=0)
+    """The longest wait between reconnection attempts (at least ``reconnect_min_s``)."""
 
 
 class CounterDeclaration(_Section):
+    """A counter series the counter historian computes energy from, and its rollover
+    (docs/historian.md)."""
+
     metric: str = Field(pattern=r"^[a-z][a-z0-9_]*_total$")
+    """The counter's metric (a ``_total`` metric)."""
     site: str = "*"
+    """The site it applies to; ``*``: every site."""
     device: str = "*"
+    """The device it applies to (``<entity_type>.<entity_id>``); ``*``: every device."""
     wrap_at: float | None = Field(default=None, gt=0)
     """The value at which the register wraps to 0, in the metric's canonical unit."""
     max_rate: float | None = Field(default=None, gt=0)
@@ -132,30 +152,54 @@ class CounterDeclaration(_Section):
 
 
 class HistorianConfig(_Section):
+    """The PostgreSQL historians the worker writes its rows to (docs/historian.md)."""
+
     dsn: SecretStr | None = None
-    """PostgreSQL connection string; without one the worker only publishes on the bus."""
+    """PostgreSQL connection string; without one the worker only publishes on the bus.
+    Use ``${VAR}`` for a password: plans and logs show the DSN without it."""
     batch_rows: int = Field(default=5000, ge=1)
+    """Rows that make a batch written at once."""
     batch_interval_s: float = Field(default=0.1, gt=0)
+    """The longest a row waits for its batch to fill before it is written."""
     retry_s: float = Field(default=2.0, gt=0)
+    """How often an unreachable database is tried again (meanwhile batches go to the
+    outbox)."""
     outbox_max_mb: float = Field(default=1024.0, gt=0)
+    """Bound of the outbox (``<data_dir>/outbox.sqlite3``), where batches wait while the
+    database is unreachable; when full the worker stops acknowledging source messages."""
     counters: list[CounterDeclaration] = []
+    """Counter declarations, each a ``[[historian.counters]]`` table."""
 
 
 class WorkerConfig(_Section):
+    """The worker itself: where it keeps state, its own topics, logs and metrics."""
+
     data_dir: FilePath = Path("energybus-data")
+    """Holds ``outbox.sqlite3``, and ``poll-outbox-<adapter>.sqlite3`` for Modbus polls."""
     topic_prefix: str = Field(default="energybus", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
     """Root of the worker's own topics: status and dead letters (see docs/worker.md)."""
     availability_timeout_s: float = Field(default=300.0, gt=0)
+    """Silence after which an entity's series go ``offline`` on its ``availability``
+    stream."""
     bus_ingest: list[str] = ["+/energy/+/+/+/value"]
-    """Canonical filters whose traffic from other publishers goes to the historians."""
+    """Canonical filters whose traffic from other publishers goes to the historians;
+    ``[]`` turns the bus ingest off."""
     shared_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Subscribe through ``$share/<group>/...``, so that the workers of a group share the
+    traffic (as ``--shared-group``; docs/worker.md, "Several workers")."""
     metrics_host: str = "127.0.0.1"
+    """The address the Prometheus endpoint listens on."""
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """The port of the Prometheus endpoint (``/metrics``); none: no endpoint."""
     log_format: Literal["human", "json"] = "human"
+    """Log lines for people, or one JSON object per line (as ``--log-format``)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """The least severe log lines written."""
     shutdown_timeout_s: float = Field(default=10.0, gt=0)
+    """How long SIGTERM or SIGINT waits for the last batch and the outstanding
+    acknowledgements; what misses it is redelivered to the next run."""
     poll_outbox_max_mb: float = Field(default=1024.0, gt=0)
-    """Bound of the Modbus poll outbox (``<data_dir>/poll-outbox.sqlite3``): polls wait
+    """Bound of each Modbus poll outbox (``<data_dir>/poll-outbox-<adapter>.sqlite3``): polls wait
     there while the bus is away (docs/modbus.md gives its size for 24 h)."""
 
 

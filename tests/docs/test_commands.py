@@ -1,0 +1,119 @@
+"""Every command shown in the README, docs/ and the examples' READMEs runs as written.
+
+A command added to a document is run here the next time the suite runs, and fails it
+until it works; the only commands not run are those in :data:`NOT_RUN`, each with the
+reason and what covers it instead.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.docs.markdown import ROOT, blocks, commands, documents, name
+from tests.docs.shell import Reader, Services, overlay_venv, sandbox
+from tests.workers import init_schema, query
+from tools import services
+from tools.services import Service
+
+NOT_RUN: dict[str, tuple[str, str]] = {
+    "./dev test": ("runs this very suite, ruff and mypy", ".ci/run"),
+    "./dev test -k filters": ("runs part of this very suite, after ruff and mypy", ".ci/run"),
+    "./dev demo": (
+        "holds the demo's fixed ports, which the suite leaves free, until Ctrl-C; its steps "
+        "are the README's commands run here",
+        "tests/docs/test_commands.py::test_document_commands_run",
+    ),
+    "./dev bench": (
+        "measures this machine for many minutes: figures are measured, never asserted",
+        "tests/test_benchmark_reports.py",
+    ),
+}
+"""Documented commands the suite does not run (by their words, without the comment):
+why, and the test (``path`` or ``path::name``) that covers what they do."""
+
+DOCUMENTS = [path for path in documents() if any(commands(b) for b in blocks(path))]
+
+
+@pytest.fixture(scope="session")
+def doc_venv(run_dir: Path) -> Path:
+    return overlay_venv(run_dir / "docs-venv")
+
+
+def _fresh_database(postgres: Service) -> str:
+    query(postgres.url, "DROP DATABASE IF EXISTS docs WITH (FORCE)")
+    query(postgres.url, "CREATE DATABASE docs OWNER energybus")
+    dsn = postgres.url.rsplit("/", 1)[0] + "/docs"
+    init_schema(dsn)
+    return dsn
+
+
+def follow(
+    document: Path,
+    run_dir: Path,
+    venv: Path,
+    mosquitto: Service,
+    postgres: Service,
+    rabbitmq: Service,
+) -> Reader:
+    """Run one document's commands; the reader holds what failed."""
+    found = Services(
+        mosquitto=mosquitto,
+        postgres=postgres,
+        rabbitmq=rabbitmq,
+        dsn=_fresh_database(postgres),
+        modbus_port=services.free_port(),
+        metrics_port=services.free_port(),
+    )
+    slug = re.sub(r"[^a-z0-9]+", "-", name(document).lower()).strip("-")
+    workdir = sandbox(run_dir / "docs" / slug, found)
+    reader = Reader(document, workdir, venv, found)
+    reader.follow(skip=lambda command: command.key in NOT_RUN)
+    return reader
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("document", DOCUMENTS, ids=[name(p) for p in DOCUMENTS])
+def test_document_commands_run(
+    document: Path,
+    run_dir: Path,
+    doc_venv: Path,
+    mosquitto: Service,
+    postgres: Service,
+    rabbitmq: Service,
+) -> None:
+    reader = follow(document, run_dir, doc_venv, mosquitto, postgres, rabbitmq)
+    assert reader.ran, f"{name(document)} shows no command that runs"
+    assert not reader.failures, "\n\n".join(reader.failures)
+
+
+def test_not_run_list_has_no_stale_entry() -> None:
+    shown = {c.key for path in documents() for block in blocks(path) for c in commands(block)}
+    for command, (reason, covered_by) in NOT_RUN.items():
+        assert command in shown, f"{command!r} is in NOT_RUN but no document shows it"
+        assert reason, command
+        path, _, test = covered_by.partition("::")
+        assert (ROOT / path).is_file(), f"{command!r}: {path} does not exist"
+        if test:
+            source = (ROOT / path).read_text()
+            assert re.search(rf"^def {test}\(", source, re.M), f"{command!r}: no {covered_by}"
+
+
+def test_the_documents_are_found() -> None:
+    found = {name(path) for path in documents()}
+    assert {"README.md", "docs/worker.md", "docs/cli.md"} <= found
+    # What the test runs: every document with a command in a shell or console block.
+    assert {"README.md", "docs/development.md"} <= {name(path) for path in DOCUMENTS}
+
+
+def test_transcripts_are_labelled() -> None:
+    """A command shown with a ``$`` prompt is in a ``console`` block, so it is run too."""
+    unlabelled = [
+        block.where
+        for path in documents()
+        for block in blocks(path)
+        if block.language == "" and any(line.startswith("$ ") for line in block.text.splitlines())
+    ]
+    assert not unlabelled, f"label these blocks ```console: {unlabelled}"
