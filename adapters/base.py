@@ -233,11 +233,18 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
         ``__init__``, so subclasses need not repeat its signature."""
 
     @classmethod
-    def read_mapping(cls, source: str | Path | None = None) -> tuple[Any, Compiler]:
-        """Load and validate a mapping file (the packaged one by default)."""
+    def default_mapping(cls) -> Path:
+        """The mapping file used when the options name none: the packaged
+        ``mappings/<name>.toml``. An adapter of another package ships its own and returns
+        its path (docs/new-source.md)."""
         from energybus.mappings import mapping_path
 
-        data, where = read_toml(source if source is not None else mapping_path(cls.name))
+        return mapping_path(cls.name)
+
+    @classmethod
+    def read_mapping(cls, source: str | Path | None = None) -> tuple[Any, Compiler]:
+        """Load and validate a mapping file (:meth:`default_mapping` by default)."""
+        data, where = read_toml(source if source is not None else cls.default_mapping())
         # The adapter is checked first: another adapter's mapping fails every schema
         # rule, and the one fault worth reporting is that it is the wrong file.
         named = data.get("adapter")
@@ -281,7 +288,7 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
 
     @classmethod
     def load_plan(cls, source: str | Path | None = None) -> tuple[Any, Plan]:
-        """The mapping (the packaged one by default) and its compiled plan. An adapter
+        """The mapping (:meth:`default_mapping` by default) and its compiled plan. An adapter
         whose mapping is several files (one per device family) overrides this, and
         compiles each file with :meth:`read_mapping` and :meth:`compile`."""
         document, compiler = cls.read_mapping(source)

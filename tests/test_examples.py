@@ -52,24 +52,6 @@ def test_normalize_ven_example() -> None:
     assert lines[-1] == "ven/cmd/ven-042 event accepted"
 
 
-def test_new_dialect_example_is_a_mapping_and_a_small_adapter() -> None:
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "new_dialect" / "acme.py")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
-        "acme/energy/source/inv-1/active_power/value 4200.0",
-        "acme/energy/source/inv-1/operating_state/value 2",
-        "acme/energy/source/inv-1/grid_connected/value true",
-        "acme/energy/source/inv-1/fan_running/value true",
-        "acme/energy/source/inv-1/derated/value true",
-        "refused $.values.Pdc implausible_value",
-    ]
-
-
 def _run(example: str) -> list[str]:
     """The lines an example prints; it must exit 0."""
     result = subprocess.run(

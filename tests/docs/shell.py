@@ -82,11 +82,14 @@ def substitute(text: str, services: Services) -> str:
 
 def overlay_venv(path: Path) -> Path:
     """A virtualenv that sees every package of the one running the tests, installs into
-    itself, and has that one's scripts (``energybus``, ``pytest``) running on it."""
+    itself, and has that one's scripts (``energybus``, ``pytest``, ``pip``) running on
+    it: what a document installs lands here, built with the setuptools already there."""
     python = path / "bin" / "python"
     if python.exists():
         return path
-    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(path)], check=True, capture_output=True
+    )
     purelib = Path(
         subprocess.run(
             [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -147,11 +150,15 @@ class Reader:
         self.document = document
         self.workdir = workdir
         self.services = services
+        self.cwd = workdir
+        """Where the next command runs: ``cd`` in a document moves it, as in a shell."""
         self.failures: list[str] = []
         self.ran: list[Command] = []
         self.env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONHOME"}}
         self.env.update(
-            PATH=f"{venv / 'bin'}{os.pathsep}{self.env.get('PATH', '')}",
+            PATH=os.pathsep.join(
+                [str(venv / "bin"), str(Path(sys.executable).parent), self.env.get("PATH", "")]
+            ),
             ENERGYBUS_DSN=services.dsn,
             ENERGYBUS_VOKE_URL=services.rabbitmq.url,
             PIP_NO_INDEX="1",
@@ -185,6 +192,12 @@ class Reader:
 
     def run(self, command: Command, started: list[Running]) -> None:
         text = substitute(command.text, self.services)
+        move = re.fullmatch(r"cd (\S+)", text)
+        if move:
+            self.cwd = (self.cwd / move.group(1)).resolve()
+            if not self.cwd.is_dir():
+                self.fail(command, f"no directory {self.cwd}")
+            return
         export = re.fullmatch(r"export (\w+)=(.*)", text, re.DOTALL)
         if export:
             value = subprocess.run(
@@ -206,7 +219,7 @@ class Reader:
         try:
             result = subprocess.run(
                 ["bash", "-c", text],
-                cwd=self.workdir,
+                cwd=self.cwd,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -225,7 +238,8 @@ class Reader:
             return
         output = result.stdout.decode(errors="replace")
         self.check(command, result.returncode, output)
-        if command.output is not None and not output_matches(command.output, output):
+        shown = None if command.output is None else substitute(command.output, self.services)
+        if shown is not None and not output_matches(shown, output):
             self.fail(
                 command, f"printed something else than shown:\n{command.output}\n--- got:", output
             )
@@ -242,7 +256,7 @@ class Reader:
         with log.open("wb") as out:
             process = subprocess.Popen(
                 ["bash", "-c", text],
-                cwd=self.workdir,
+                cwd=self.cwd,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.docs.markdown import ROOT, blocks, commands, documents, name
-from tests.docs.shell import Reader, Services, overlay_venv, sandbox
+from tests.docs.markdown import ROOT, blocks, commands, documents, files, name
+from tests.docs.shell import Reader, Services, overlay_venv, sandbox, substitute
 from tests.workers import init_schema, query
 from tools import services
 from tools.services import Service
@@ -87,6 +87,31 @@ def test_document_commands_run(
     reader = follow(document, run_dir, doc_venv, mosquitto, postgres, rabbitmq)
     assert reader.ran, f"{name(document)} shows no command that runs"
     assert not reader.failures, "\n\n".join(reader.failures)
+    for block in files(document):
+        # What the document shows is what its commands leave (a golden case's expect).
+        assert block.file is not None
+        written = (reader.workdir / block.file).read_text()
+        assert written == substitute(block.text, reader.services), f"{block.where}: {block.file}"
+
+
+def test_the_new_source_walkthrough_is_the_example() -> None:
+    """docs/new-source.md shows examples/new_dialect/, file by file, and nothing else."""
+    example = ROOT / "examples" / "new_dialect"
+    shown = {}
+    for block in files(ROOT / "docs" / "new-source.md"):
+        assert block.file is not None and block.file.startswith("acme-energybus/"), block.where
+        shown[block.file.removeprefix("acme-energybus/")] = block.text
+    generated = {"__pycache__", "energybus-data", ".pytest_cache"}
+    on_disk = {
+        str(path.relative_to(example))
+        for path in example.rglob("*")
+        if path.is_file()
+        and not generated & set(path.parts)
+        and not any(part.endswith(".egg-info") for part in path.parts)
+    }
+    assert set(shown) == on_disk
+    for relative, text in shown.items():
+        assert (example / relative).read_text() == text, relative
 
 
 def test_not_run_list_has_no_stale_entry() -> None:

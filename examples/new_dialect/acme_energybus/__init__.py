@@ -1,8 +1,8 @@
-"""A new JSON dialect on the row engine: this adapter plus ``acme.toml`` is all of it.
+"""Acme site gateways for energybus: this adapter plus ``acme.toml`` is all of it.
 
 Acme gateways publish ``acme/{device}/state`` with ``{"t": <unix ms>, "values": {...}}``.
 The adapter knows only that envelope and which template each device uses (its options);
-what every signal means is in the mapping. Run it to see one message translated.
+what every signal means is in the mapping, shipped beside this module.
 """
 
 from __future__ import annotations
@@ -27,9 +27,12 @@ class AcmeMapping(MappingDocument, frozen=True, kw_only=True):
 
 
 class AcmeOptions(Document, frozen=True, kw_only=True):
+    """The ``[adapters.acme]`` table of a site configuration."""
+
     site: str = "acme"
+    """The site of every device."""
     devices: dict[str, str] = {}
-    """Device name -> template."""
+    """Device name (the topic's ``{device}``) -> its template in the mapping."""
 
 
 class AcmePlan(Plan):
@@ -52,6 +55,10 @@ class AcmeAdapter(Adapter[AcmeOptions, AcmeMapping]):
     sources = (SourceDeclaration(transport="mqtt", patterns=("acme/+/state",)),)
     command_filters = ()
     plan: AcmePlan
+
+    @classmethod
+    def default_mapping(cls) -> Path:
+        return Path(__file__).with_name("acme.toml")
 
     @classmethod
     def compile(cls, document: AcmeMapping, compiler: Compiler) -> AcmePlan:
@@ -77,24 +84,3 @@ class AcmeAdapter(Adapter[AcmeOptions, AcmeMapping]):
         raise CommandError(
             "not_commandable", "acme devices take no commands", topic=str(command.topic)
         )
-
-
-if __name__ == "__main__":
-    from energybus.adapters import Pipeline
-
-    adapter = AcmeAdapter(
-        options=AcmeOptions(devices={"INV_1": "inverter"}),
-        mapping=Path(__file__).with_name("acme.toml"),
-    )
-    body = {
-        "t": 1729700000000,
-        "values": {"P": 4.2, "mode": 2, "grid": "on", "flags": 9, "Pdc": 40.0, "fw": "1.2"},
-    }
-    out = Pipeline(adapter).feed(
-        "acme/INV_1/state", msgspec.json.encode(body), received_at=datetime.now(UTC)
-    )
-    for message in out.messages:
-        if message.topic.endswith("/value"):
-            print(message.topic, message.payload.decode())
-    for rejection in out.rejections:
-        print("refused", rejection.path, rejection.code)
