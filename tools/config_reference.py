@@ -34,8 +34,8 @@ import pydantic
 
 from energybus.adapters import BUILTIN, adapter_class
 
-ROOT = Path(__file__).resolve().parent.parent
-TARGET = ROOT / "docs" / "configuration.md"
+TARGET = Path("docs") / "configuration.md"
+"""Where ``--write`` writes, from the checkout's root (``python -m tools...`` runs there)."""
 REGENERATE = "python -m tools.config_reference --write"
 
 Schema = dict[str, Any]
@@ -275,7 +275,7 @@ def _classes(root: type) -> dict[str, type]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     action = parser.add_mutually_exclusive_group()
-    action.add_argument("--write", action="store_true", help=f"write {TARGET.relative_to(ROOT)}")
+    action.add_argument("--write", action="store_true", help=f"write {TARGET}")
     action.add_argument("--check", action="store_true", help="exit 1 when it is out of date")
     args = parser.parse_args(argv)
     missing = undocumented()
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         TARGET.write_text(text)
     elif args.check:
         if not TARGET.is_file() or TARGET.read_text() != text:
-            print(f"{TARGET.relative_to(ROOT)} is out of date: run {REGENERATE}", file=sys.stderr)
+            print(f"{TARGET} is out of date: run {REGENERATE}", file=sys.stderr)
             return 1
     else:
         sys.stdout.write(text)

@@ -35,7 +35,8 @@ def documents() -> list[Path]:
 
 
 def name(path: Path) -> str:
-    return str(path.relative_to(ROOT))
+    """A document's path from the checkout (as is, for one outside it)."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 @dataclass(frozen=True)

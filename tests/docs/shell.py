@@ -22,8 +22,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from tests.docs.markdown import ROOT, Block, Command, blocks, commands, name, output_matches
+from tests.docs.markdown import ROOT, Block, Command, blocks, commands, output_matches
 from tools.services import Service
 
 TRACEBACK = "Traceback (most recent call last)"
@@ -218,14 +219,7 @@ class Reader:
             return
         try:
             result = subprocess.run(
-                ["bash", "-c", text],
-                cwd=self.cwd,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                timeout=COMMAND_TIMEOUT_S,
-                start_new_session=True,
+                **self.shell(text), stdout=subprocess.PIPE, timeout=COMMAND_TIMEOUT_S
             )
         except subprocess.TimeoutExpired as timeout:
             output = (timeout.output or b"").decode(errors="replace")
@@ -244,6 +238,18 @@ class Reader:
                 command, f"printed something else than shown:\n{command.output}\n--- got:", output
             )
 
+    def shell(self, text: str) -> dict[str, Any]:
+        """How a command runs: in bash, where the document is, in a session of its own
+        (so that its whole process group can be signalled), stderr with stdout."""
+        return {
+            "args": ["bash", "-c", text],
+            "cwd": self.cwd,
+            "env": self.env,
+            "stdin": subprocess.DEVNULL,
+            "stderr": subprocess.STDOUT,
+            "start_new_session": True,
+        }
+
     def check(self, command: Command, status: int, output: str) -> None:
         if status != command.expect_status:
             expected = command.expect_status
@@ -254,15 +260,7 @@ class Reader:
     def start(self, command: Command, text: str, marker: str, started: list[Running]) -> None:
         log = self.workdir / f".command-{command.line}.log"
         with log.open("wb") as out:
-            process = subprocess.Popen(
-                ["bash", "-c", text],
-                cwd=self.cwd,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            process = subprocess.Popen(**self.shell(text), stdout=out)
         running = Running(command, process, log)
         started.append(running)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -304,7 +302,3 @@ def _words(command: Command) -> str:
     while words and re.fullmatch(r"\w+=.*", words[0]):
         words.pop(0)
     return " ".join(words)
-
-
-def label(document: Path) -> str:
-    return name(document)

@@ -142,3 +142,31 @@ def test_transcripts_are_labelled() -> None:
         if block.language == "" and any(line.startswith("$ ") for line in block.text.splitlines())
     ]
     assert not unlabelled, f"label these blocks ```console: {unlabelled}"
+
+
+def test_the_reader_reports_what_a_reader_would_see_fail(
+    tmp_path: Path, doc_venv: Path, mosquitto: Service, postgres: Service, rabbitmq: Service
+) -> None:
+    document = tmp_path / "broken.md"
+    document.write_text(
+        "```sh\n"
+        "true\n"
+        "false\n"
+        "python -c 'raise SystemExit(3)'   # exit status 3: on purpose\n"
+        "python -c 'import sys; sys.stderr.write(\"Traceback (most recent call last):\")'\n"
+        "energybus run --config missing.toml\n"
+        "```\n\n"
+        "```console\n$ echo hello\ngoodbye\n$ echo same\nsame\n```\n"
+    )
+    found = Services(mosquitto, postgres, rabbitmq, postgres.url, 1, 2)
+    reader = Reader(document, tmp_path, doc_venv, found)
+    reader.follow(skip=lambda command: False)
+    assert len(reader.ran) == 7
+    problems = [failure.splitlines()[1].strip() for failure in reader.failures]
+    assert problems == [
+        "exit status 1, the document says 0",
+        "printed a traceback",
+        "no 'source: connected' (its start-up line) came out",
+        "exit status 2, the document says 0",
+        "printed something else than shown:",
+    ]

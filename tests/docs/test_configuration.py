@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tests.docs.markdown import ROOT
 from tools import config_reference
 
 
@@ -11,7 +12,7 @@ def test_every_key_has_a_description() -> None:
 
 
 def test_the_committed_reference_is_generated_from_the_schemas() -> None:
-    committed = config_reference.TARGET.read_text()
+    committed = (ROOT / config_reference.TARGET).read_text()
     assert committed == config_reference.render(), (
         f"docs/configuration.md is out of date: run {config_reference.REGENERATE}"
     )
