@@ -9,7 +9,8 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
@@ -27,6 +28,21 @@ CPI_SECRET_ENV = "ENERGYBUS_CPI_SECRET"
 @click.group()
 def simulate() -> None:
     """Play a source platform, for demos, tests and benchmarks."""
+
+
+_answer_delay = click.option(
+    "--answer-delay",
+    type=click.FloatRange(min=0),
+    default=0.5,
+    show_default=True,
+    metavar="S",
+    help="Seconds before a command is answered.",
+)
+_duration = click.option(
+    "--duration", type=click.FloatRange(min=0), metavar="S", help="Stop after S s."
+)
+_seed = click.option("--seed", type=int, help="Reproducible values.")
+_site = click.option("--site", default="demo", show_default=True, help="Site of --print-config.")
 
 
 def _every(value: float) -> float | None:
@@ -67,14 +83,7 @@ def _every(value: float) -> float | None:
     show_default=True,
     help="How commands are answered (none: never, so they expire).",
 )
-@click.option(
-    "--answer-delay",
-    type=click.FloatRange(min=0),
-    default=0.5,
-    show_default=True,
-    metavar="S",
-    help="Seconds before a command is answered.",
-)
+@_answer_delay
 @click.option(
     "--meter-interval",
     type=click.FloatRange(min=0, min_open=True),
@@ -99,11 +108,11 @@ def _every(value: float) -> float | None:
     metavar="S",
     help="Seconds between plant mode changes (0: none).",
 )
-@click.option("--duration", type=click.FloatRange(min=0), metavar="S", help="Stop after S s.")
+@_duration
 @click.option(
     "--count", type=click.IntRange(min=0), metavar="N", help="Stop after N telemetry messages."
 )
-@click.option("--seed", type=int, help="Reproducible values.")
+@_seed
 @click.option("--print-config", is_flag=True, help="Print the plants' site configuration; exit.")
 def voke(
     org: str,
@@ -231,9 +240,9 @@ def voke(
     metavar="N",
     help="The last N devices take requests and never answer (to see timeouts).",
 )
-@click.option("--site", default="demo", show_default=True, help="Site of --print-config.")
-@click.option("--duration", type=click.FloatRange(min=0), metavar="S", help="Stop after S s.")
-@click.option("--seed", type=int, help="Reproducible values.")
+@_site
+@_duration
+@_seed
 @click.option("--print-config", is_flag=True, help="Print the devices' site configuration; exit.")
 def modbus(
     map_name: str,
@@ -333,19 +342,26 @@ _broker = [
         metavar="S",
         help="Seconds between telemetry rounds.",
     ),
-    click.option(
-        "--answer-delay",
-        type=click.FloatRange(min=0),
-        default=0.5,
-        show_default=True,
-        metavar="S",
-        help="Seconds before a command is answered.",
-    ),
-    click.option("--duration", type=click.FloatRange(min=0), metavar="S", help="Stop after S s."),
-    click.option("--seed", type=int, help="Reproducible values."),
-    click.option("--site", default="demo", show_default=True, help="Site of --print-config."),
+    _answer_delay,
+    _duration,
+    _seed,
+    _site,
     click.option("--print-config", is_flag=True, help="Print the site configuration; exit."),
 ]
+
+
+@dataclass(frozen=True)
+class _Mqtt:
+    """The options every MQTT platform's command takes."""
+
+    host: str
+    port: int
+    interval: float
+    answer_delay: float
+    duration: float | None
+    seed: int | None
+    site: str
+    print_config: bool
 
 
 def _mqtt_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -354,31 +370,23 @@ def _mqtt_options(command: Callable[..., None]) -> Callable[..., None]:
     return command
 
 
-def _play_mqtt(
-    platform: Platform,
-    *,
-    host: str,
-    port: int,
-    name: str,
-    interval: float,
-    answer_delay: float,
-    duration: float | None,
-    ready: str,
-) -> None:
-    """Connect, play ``platform`` until a signal or ``duration``, print what was done.
+def _play_mqtt(platform: Platform, options: _Mqtt, *, name: str, ready: str) -> None:
+    """Connect, play ``platform`` until a signal or ``--duration``, print what was done.
     A broker that cannot be reached or goes away is one line and exit status 1."""
     from energybus.cli.mqtt import MqttLink
     from energybus.simulators.mqtt import Played, Player
 
+    o = options
+
     async def main(stop: asyncio.Event) -> Played:
         link = MqttLink()
-        await link.connect(host, port, name=name)
+        await link.connect(o.host, o.port, name=name)
         try:
-            player = Player(platform, link, interval_s=interval, answer_delay_s=answer_delay)
+            player = Player(platform, link, interval_s=o.interval, answer_delay_s=o.answer_delay)
             link.on_message = lambda topic, payload, retain: player.received(topic, payload)
             await link.subscribe(list(platform.filters))
             click.echo(f"ready    {ready}; SIGINT or SIGTERM stops")
-            return await player.run(stop=stop, duration_s=duration)
+            return await player.run(stop=stop, duration_s=o.duration)
         finally:
             await link.close()
 
@@ -396,17 +404,7 @@ def _play_mqtt(
 @simulate.command()
 @click.option("--ven-id", default="ven-1", show_default=True, help="The VEN's venId.")
 @_mqtt_options
-def ven(
-    ven_id: str,
-    host: str,
-    port: int,
-    interval: float,
-    answer_delay: float,
-    duration: float | None,
-    seed: int | None,
-    site: str,
-    print_config: bool,
-) -> None:
+def ven(ven_id: str, **options: Any) -> None:
     """Play a VEN (demand-response node) on an MQTT broker, in its own format.
 
     Publishes metering on volttron/metering every --interval (its load, battery, panel
@@ -419,26 +417,19 @@ def ven(
     """
     from energybus.simulators.ven import METERING_TOPIC, VenMessages, site_config
 
+    o = _Mqtt(**options)
     try:
-        platform = VenMessages(ven_id=ven_id, seed=seed)
+        platform = VenMessages(ven_id=ven_id, seed=o.seed)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--ven-id") from None
-    if print_config:
-        click.echo(site_config(ven_id=ven_id, site=site), nl=False)
+    if o.print_config:
+        click.echo(site_config(ven_id=ven_id, site=o.site), nl=False)
         return
-    _play_mqtt(
-        platform,
-        host=host,
-        port=port,
-        name=f"ven-{ven_id}",
-        interval=interval,
-        answer_delay=answer_delay,
-        duration=duration,
-        ready=(
-            f"ven {ven_id} on {host}:{port}: {METERING_TOPIC} every {interval:g} s, "
-            f"commands on {platform.filters[0]}"
-        ),
+    ready = (
+        f"ven {ven_id} on {o.host}:{o.port}: {METERING_TOPIC} every {o.interval:g} s, "
+        f"commands on {platform.filters[0]}"
     )
+    _play_mqtt(platform, o, name=f"ven-{ven_id}", ready=ready)
 
 
 @simulate.command()
@@ -451,18 +442,7 @@ def ven(
     help="The environment variable holding the plant's HMAC secret.",
 )
 @_mqtt_options
-def cpi(
-    plant_id: str,
-    secret_env: str,
-    host: str,
-    port: int,
-    interval: float,
-    answer_delay: float,
-    duration: float | None,
-    seed: int | None,
-    site: str,
-    print_config: bool,
-) -> None:
+def cpi(plant_id: str, secret_env: str, **options: Any) -> None:
     """Play a Voke / CPI plant on an MQTT broker: signed telemetry, signed ACKs.
 
     The plant and its devices B1 (battery), M1 (grid meter) and PV1 (pv) each publish a
@@ -476,12 +456,13 @@ def cpi(
     """
     from energybus.simulators.cpi import DEVICES, CpiMessages, check_plant_id, site_config
 
+    o = _Mqtt(**options)
     try:
         check_plant_id(plant_id)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--plant") from None
-    if print_config:
-        click.echo(site_config(plant_id=plant_id, site=site, secret_env=secret_env), nl=False)
+    if o.print_config:
+        click.echo(site_config(plant_id=plant_id, site=o.site, secret_env=secret_env), nl=False)
         return
     secret = os.environ.get(secret_env)
     if not secret:
@@ -491,17 +472,9 @@ def cpi(
             err=True,
         )
         sys.exit(2)
-    platform = CpiMessages(plant_id=plant_id, secret=secret, seed=seed)
-    _play_mqtt(
-        platform,
-        host=host,
-        port=port,
-        name=f"cpi-{plant_id}",
-        interval=interval,
-        answer_delay=answer_delay,
-        duration=duration,
-        ready=(
-            f"plant {plant_id} on {host}:{port}: {len(DEVICES)} devices "
-            f"every {interval:g} s, signed; commands on {platform.filters[0]}"
-        ),
+    platform = CpiMessages(plant_id=plant_id, secret=secret, seed=o.seed)
+    ready = (
+        f"plant {plant_id} on {o.host}:{o.port}: {len(DEVICES)} devices every {o.interval:g} s,"
+        f" signed; commands on {platform.filters[0]}"
     )
+    _play_mqtt(platform, o, name=f"cpi-{plant_id}", ready=ready)

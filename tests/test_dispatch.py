@@ -327,26 +327,29 @@ def test_static_fields_keep_their_type_across_vens() -> None:
     assert meta("w2", True) is True
 
 
+def _voke_pipeline() -> Pipeline:
+    """A Voke org ``acme`` whose plant P-1 (site hq) has a battery B1."""
+    from energybus.adapters.voke import VokeOptions
+
+    options = {
+        "orgs": {
+            "acme": {
+                "api_key": "k",
+                "signing_keys": ["s"],
+                "site": "hq",
+                "plants": {"P-1": {"targets": {"B1": {"template": "battery"}}}},
+            }
+        }
+    }
+    return Pipeline(create_adapter("voke", options=msgspec.convert(options, VokeOptions)))
+
+
 def test_a_command_for_an_outlet_leaves_by_it_and_a_failure_rejects_it() -> None:
     """A Voke command goes to the org's AMQP connection, not the bus; if that connection
     cannot take it, the record is rejected with the reason and the set acknowledged."""
-    from energybus.adapters.voke import VokeOptions
     from energybus.messages import Message
 
-    options = msgspec.convert(
-        {
-            "orgs": {
-                "acme": {
-                    "api_key": "k",
-                    "signing_keys": ["s"],
-                    "site": "hq",
-                    "plants": {"P-1": {"targets": {"B1": {"template": "battery"}}}},
-                }
-            }
-        },
-        VokeOptions,
-    )
-    voke = Pipeline(create_adapter("voke", options=options))
+    voke = _voke_pipeline()
     sink = FakeSink()
     dispatcher = Dispatcher(
         pipelines={"voke": voke},
@@ -413,26 +416,8 @@ def test_a_set_two_adapters_take_goes_to_the_adapter_of_its_device() -> None:
     knows its device, whatever order the adapters were routed in; a set for a device
     neither knows is refused by the first, as when one adapter takes it alone."""
     from energybus.adapters.cpi import CpiOptions
-    from energybus.adapters.voke import VokeOptions
 
-    voke = Pipeline(
-        create_adapter(
-            "voke",
-            options=msgspec.convert(
-                {
-                    "orgs": {
-                        "acme": {
-                            "api_key": "k",
-                            "signing_keys": ["s"],
-                            "site": "hq",
-                            "plants": {"P-1": {"targets": {"B1": {"template": "battery"}}}},
-                        }
-                    }
-                },
-                VokeOptions,
-            ),
-        )
-    )
+    voke = _voke_pipeline()
     cpi = Pipeline(
         create_adapter(
             "cpi",
