@@ -19,6 +19,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import click
@@ -71,11 +72,13 @@ async def follow(
     every_s: float = 1.0,
     draw: Callable[[], None] | None = None,
     max_commands: int = 8,
+    commands_since: datetime | None = None,
 ) -> None:
     """Feed ``board`` until ``stop`` is set: the bus as messages arrive, the historian
-    and the metrics every ``every_s``, then ``draw``. Raises ConnectionError when the
-    broker cannot be reached at the start; later faults of any part are shown on the
-    board (:attr:`Board.problems`) while it tries again."""
+    (the newest commands, those that arrived from ``commands_since`` if given) and the
+    metrics every ``every_s``, then ``draw``. Raises ConnectionError when the broker
+    cannot be reached at the start; later faults of any part are shown on the board
+    (:attr:`Board.problems`) while it tries again."""
     from energybus.cli.mqtt import MqttLink
 
     def on_message(topic: str, payload: bytes, retain: bool) -> None:
@@ -89,7 +92,7 @@ async def follow(
     conn: Any = None
     try:
         while not stop.is_set():
-            conn = await _poll_database(board, where, conn, max_commands)
+            conn = await _poll_database(board, where, conn, max_commands, commands_since)
             await _poll_metrics(board, where)
             if draw is not None:
                 draw()
@@ -129,7 +132,9 @@ async def _bus(
         await link.close()
 
 
-async def _poll_database(board: Board, where: Where, conn: Any, limit: int) -> Any:
+async def _poll_database(
+    board: Board, where: Where, conn: Any, limit: int, since: datetime | None
+) -> Any:
     """Row counts and the newest command records; the connection kept for next time,
     or None after a fault (shown on the board)."""
     if where.dsn is None:
@@ -142,7 +147,7 @@ async def _poll_database(board: Board, where: Where, conn: Any, limit: int) -> A
         if conn is None or conn.is_closed():
             conn = await asyncpg.connect(where.dsn, timeout=5)
         board.set_rows(await table_rows(conn))
-        records = await recent_commands(conn, limit=limit)
+        records = await recent_commands(conn, since=since, limit=limit)
     except (OSError, TimeoutError, asyncpg.PostgresError) as error:
         board.problem("database", str(error).splitlines()[0] if str(error) else repr(error))
         if conn is not None:

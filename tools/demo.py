@@ -366,6 +366,7 @@ class Demo:
                     stop=stop,
                     every_s=1.0 if self.live else self.args.every,
                     draw=self.draw,
+                    commands_since=datetime.fromtimestamp(self.started, UTC),
                 )
             )
             commander = asyncio.create_task(self._commands(stop))
