@@ -20,6 +20,7 @@ from tools import services
 from tools.demo import COMMANDS, EXAMPLE, Ports, site_config
 
 SOURCES = ("ven", "cpi", "voke", "modbus")
+SERVICES = ("mosquitto", "postgres", "rabbitmq")
 ENV = {
     "ENERGYBUS_DSN": "postgresql://energybus@127.0.0.1:1/energybus",
     "ENERGYBUS_CPI_SECRET": "c",
@@ -102,8 +103,7 @@ def test_the_demo_shows_every_source_and_command_and_stops_what_it_started(
         ]
         assert json.loads((where / "demo.json").read_text()) == children
         servers = [
-            json.loads((where / name / "service.json").read_text())["pid"]
-            for name in ("mosquitto", "postgres", "rabbitmq")
+            json.loads((where / name / "service.json").read_text())["pid"] for name in SERVICES
         ]
     finally:
         status = demo.stop(signal.SIGINT, timeout=120)
@@ -122,26 +122,37 @@ def test_the_demo_shows_every_source_and_command_and_stops_what_it_started(
     assert set(children) == {"worker", "ven", "cpi", "voke", "modbus-meter", "modbus-battery"}
     assert [pid for pid in [*children.values(), *servers] if _alive(pid)] == []
     assert not (where / "demo.json").exists()
-    assert all(services.running(name, where) is None for name in ("mosquitto", "postgres"))
+    assert [name for name in SERVICES if services.running(name, where)] == []
 
 
 @pytest.mark.services
-def test_a_failure_stops_what_the_demo_started_in_one_line(run_dir: Path) -> None:
-    """The Modbus meter's port is taken: its simulator cannot start, and the demo says
-    so with the end of its log, stops the rest and exits 1."""
-    where = run_dir / "demo-failure"
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        demo = _demo(where, "--plain", "--stop-services", "--modbus-meter-port", str(port))
+@pytest.mark.parametrize(
+    ("taken", "error"),
+    [
+        ("modbus-meter", "modbus-meter exited with status 1; the end of its log:"),
+        ("postgres", "postgres: 127.0.0.1:{port} is already in use by another process"),
+    ],
+)
+def test_a_failure_stops_what_the_demo_started_in_one_line(
+    run_dir: Path, taken: str, error: str
+) -> None:
+    """A port the demo needs is taken: by the Modbus meter's simulator, which cannot
+    start, or by PostgreSQL. The demo says so (with the end of the simulator's log),
+    stops everything else it started, and exits 1."""
+    where = run_dir / f"demo-failure-{taken}"
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        demo = _demo(where, "--plain", "--stop-services", f"--{taken}-port", str(port))
         try:
             assert demo.process.wait(180) == 1
         finally:
             demo.stop()
     errors = "\n".join(demo.errors)
-    assert errors.startswith("error    modbus-meter exited with status 1")
-    assert f"cannot serve on 127.0.0.1:{port}" in errors
+    assert errors.startswith("error    " + error.format(port=port))
+    if taken == "modbus-meter":
+        assert f"cannot serve on 127.0.0.1:{port}" in errors
     assert "Traceback" not in demo.text + errors
     assert not (where / "demo.json").exists()  # every process stopped
-    assert all(services.running(name, where) is None for name in ("mosquitto", "postgres"))
+    assert [name for name in SERVICES if services.running(name, where)] == []

@@ -341,10 +341,14 @@ class Demo:
         self.status = dict.fromkeys(("mosquitto", "postgres", "rabbitmq"), "starting")
         rabbitmq = asyncio.create_task(self._service("rabbitmq", self.ports.rabbitmq))
         try:
+            # Both to their end, so that whatever started is known and can be stopped.
             mosquitto = self._service("mosquitto", self.ports.mqtt)
-            await _until(
-                stop, asyncio.gather(mosquitto, self._service("postgres", self.ports.postgres))
-            )
+            postgres = self._service("postgres", self.ports.postgres)
+            both = asyncio.gather(mosquitto, postgres, return_exceptions=True)
+            started = await _until(stop, both)
+            for outcome in started or ():
+                if isinstance(outcome, BaseException):
+                    raise outcome
             if stop.is_set():
                 return
             await _until(stop, self._schema())
@@ -454,7 +458,9 @@ class Demo:
 
     async def _voke(self, rabbitmq: asyncio.Task[services.Service], env: dict[str, str]) -> None:
         """Once RabbitMQ is up: the org's user and vhost, then the Voke simulator."""
-        service = await rabbitmq
+        # Shielded: stopping this task must not cancel RabbitMQ's start, which goes on in
+        # its thread regardless and must be known to have ended, to be stopped.
+        service = await asyncio.shield(rabbitmq)
         api_key = env["ENERGYBUS_VOKE_API_KEY"]
         await asyncio.to_thread(services.rabbitmq_tenants, service, {ORG: (api_key, ORG)})
         voke_env = {
