@@ -17,8 +17,9 @@ from typing import Final
 
 import msgspec
 
+from energybus.commands import FINAL_STATES
 from energybus.errors import PayloadError, TopicError
-from energybus.payloads import decode_last, decode_meta, decode_value
+from energybus.payloads import Envelope, decode_last, decode_meta, decode_value
 from energybus.topics import parse_topic
 
 __all__ = ["Board", "CommandLine", "Entity", "Series", "format_value", "render"]
@@ -42,8 +43,8 @@ _FIRST: Final = (
     "temperature",
 )
 """Metrics shown first in an entity's row, when it has them; the rest follow by name."""
-_SCALED: Final = {"W": "W", "Wh": "Wh", "VA": "VA", "var": "var"}
-_FINAL: Final = frozenset({"confirmed", "rejected", "expired", "refused"})
+_SCALED: Final = frozenset({"W", "Wh", "VA", "var"})
+"""Units shown with k or M when large: a site's powers and energies span six decades."""
 _dead_letter: Final = msgspec.json.Decoder(dict[str, object])
 
 _RESET: Final = "\x1b[0m"
@@ -53,7 +54,6 @@ _STYLES: Final = {
     "green": "\x1b[32m",
     "yellow": "\x1b[33m",
     "red": "\x1b[31m",
-    "cyan": "\x1b[36m",
 }
 _STATE_STYLE: Final = {
     "confirmed": "green",
@@ -142,7 +142,8 @@ class Board:
         """The worker's newest metrics, ``name{label="value",...}`` to value."""
         self._scrapes: deque[tuple[float, dict[str, float]]] = deque()
         self.source_rates: dict[str, float] = {}
-        """Source messages per second, per adapter, between the last two scrapes."""
+        """Source messages per second, per adapter, over the scrapes of the last
+        :data:`RATE_WINDOW_S`."""
         self.problems: dict[str, str] = {}
         """What could not be read (``database``, ``metrics``, ``bus``), in one line each."""
 
@@ -191,7 +192,7 @@ class Board:
                     series.unit = last.unit or series.unit
             elif stream == "value" and not retain:
                 decoded = decode_value(payload)
-                if isinstance(decoded, msgspec.Struct):
+                if isinstance(decoded, Envelope):
                     series.value = decoded.value
                     if decoded.observed_at is not None:
                         series.observed_at = decoded.observed_at.timestamp()
@@ -446,7 +447,7 @@ def render(
     series_w = max([len(c.series) for c in recent] + [6])
     for command in recent:
         took = ""
-        if command.state in _FINAL and command.updated_at is not None:
+        if command.state in FINAL_STATES and command.updated_at is not None:
             took = f"in {(command.updated_at - command.accepted_at).total_seconds():.1f}s"
         answer = command.response_status or ""
         detail = command.why or answer
