@@ -318,6 +318,13 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
         it ``sent`` once the broker has the command.
         """
 
+    def knows_target(self, parsed: Topic) -> bool:
+        """Whether the ``set`` on ``parsed`` names a device this adapter commands. Asked
+        when several adapters take sets of the same metric (CPI and Voke plants both take
+        ``power_setpoint``), so that a command goes to the adapter of its device. The
+        default, for an adapter that learns its devices from their traffic: yes."""
+        return True
+
     def expire(self, now: datetime) -> list[CommandRecord]:
         """Commands whose answer is overdue, now ``expired``."""
         return self.commands.expire(now)

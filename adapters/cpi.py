@@ -29,6 +29,7 @@ from energybus.filters import canonical_filter
 from energybus.messages import Message
 from energybus.payloads import DECODE_ERRORS, explain
 from energybus.samples import Reading
+from energybus.topics import Topic
 
 from .base import Adapter, Formatted, Normalized, Rejection, SourceDeclaration
 from .mapping import CommandOptions, Compiler, Document, MappingDocument, Positive
@@ -127,6 +128,9 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
                 path=path,
             )
             self._plants[plant_id] = plant
+
+    def knows_target(self, parsed: Topic) -> bool:
+        return self.devices.knows(parsed)
 
     # Compiling ------------------------------------------------------------------------
 

@@ -47,7 +47,7 @@ from energybus.payloads import Scalar
 from energybus.rows import device_id
 from energybus.safety import Limits, Priority, Safety
 from energybus.samples import Reading
-from energybus.topics import EntityType, build_topic, to_kebab
+from energybus.topics import EntityType, Topic, build_topic, to_kebab
 from energybus.units import Conversion
 
 from .base import (
@@ -1099,6 +1099,10 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
         return raw if convert is None else convert(raw)
 
     # Commands ----------------------------------------------------------------------------
+
+    def knows_target(self, parsed: Topic) -> bool:
+        device = self._by_entity.get((parsed.site, parsed.entity_type, parsed.entity_id))
+        return device is not None and parsed.metric in device.map.writable
 
     def format(self, command: Admitted, *, received_at: datetime) -> Formatted:
         parsed = command.topic

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 
 from energybus.commands import CommandRecord
-from energybus.errors import EnergyBusError
+from energybus.errors import EnergyBusError, TopicError
 from energybus.filters import matches
 from energybus.messages import Message
 from energybus.payloads import Scalar, SetEnvelope, decode_set
@@ -80,6 +80,15 @@ class Pipeline:
 
     def is_command(self, topic: str) -> bool:
         return topic.endswith("/set") and any(matches(f, topic) for f in self._command_filters)
+
+    def knows_target(self, topic: str) -> bool:
+        """Whether the ``set`` on ``topic`` names a device of this adapter
+        (:meth:`Adapter.knows_target`); False for a topic that is not canonical."""
+        try:
+            parsed = parse_topic(topic)
+        except TopicError:
+            return False
+        return self.adapter.knows_target(parsed)
 
     def feed(
         self, topic: str, payload: bytes, *, received_at: datetime, retain: bool = False

@@ -136,6 +136,10 @@ class Plants:
         self.by_entity: dict[tuple[str, str, str], Device] = {}
         self._alarm_specs: dict[tuple[str, str | None], SeriesSpec] = {}
 
+    def knows(self, parsed: Topic) -> bool:
+        """Whether a configured device is the entity of ``parsed``."""
+        return (parsed.site, parsed.entity_type, parsed.entity_id) in self.by_entity
+
     def command_metrics(self) -> list[str]:
         return sorted({m for t in self.templates.values() for m in t.actions})
 

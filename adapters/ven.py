@@ -34,7 +34,7 @@ from energybus.filters import canonical_filter
 from energybus.messages import Message
 from energybus.render import SeriesSpec
 from energybus.samples import Reading, observation
-from energybus.topics import EntityType, build_topic, to_kebab
+from energybus.topics import EntityType, Topic, build_topic, to_kebab
 from energybus.units import Conversion
 
 from .base import Adapter, Formatted, Normalized, Plan, Rejection, SourceDeclaration
@@ -355,6 +355,9 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
         return ven
 
     # Commands -------------------------------------------------------------------------
+
+    def knows_target(self, parsed: Topic) -> bool:
+        return (parsed.site, parsed.entity_id) in self._targets
 
     def format(self, command: Admitted, *, received_at: datetime) -> Formatted:
         parsed = command.topic

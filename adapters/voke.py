@@ -31,6 +31,7 @@ from energybus.filters import canonical_filter
 from energybus.messages import Message
 from energybus.payloads import DECODE_ERRORS, explain
 from energybus.samples import Reading
+from energybus.topics import Topic
 
 from .base import Adapter, AmqpEndpoint, Formatted, Normalized, Rejection, SourceDeclaration
 from .mapping import CommandOptions, Compiler, Document, MappingDocument, Positive
@@ -226,6 +227,9 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
             endpoint=endpoint,
             publishes=(f"vcp.{slug}.command",),
         )
+
+    def knows_target(self, parsed: Topic) -> bool:
+        return self.devices.knows(parsed)
 
     # Compiling ------------------------------------------------------------------------
 

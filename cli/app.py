@@ -21,6 +21,7 @@ COMMANDS: Final = {
     "run": "energybus.cli.run:run",
     "simulate": "energybus.cli.simulate:simulate",
     "validate": "energybus.cli.validate:validate",
+    "watch": "energybus.cli.watch:watch",
 }
 
 

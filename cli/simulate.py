@@ -7,25 +7,42 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import sys
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
-if TYPE_CHECKING:
-    from energybus.simulators.voke import Stats
+from energybus.cli.signals import until_signal
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from energybus.simulators.mqtt import Platform
+    from energybus.simulators.voke import Stats
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:15672/"  # tools/services.py's demo RabbitMQ
 KEY_ENV = "ENERGYBUS_VOKE_SIGNING_KEY"
+CPI_SECRET_ENV = "ENERGYBUS_CPI_SECRET"
 
 
 @click.group()
 def simulate() -> None:
     """Play a source platform, for demos, tests and benchmarks."""
+
+
+_answer_delay = click.option(
+    "--answer-delay",
+    type=click.FloatRange(min=0),
+    default=0.5,
+    show_default=True,
+    metavar="S",
+    help="Seconds before a command is answered.",
+)
+_duration = click.option(
+    "--duration", type=click.FloatRange(min=0), metavar="S", help="Stop after S s."
+)
+_seed = click.option("--seed", type=int, help="Reproducible values.")
+_site = click.option("--site", default="demo", show_default=True, help="Site of --print-config.")
 
 
 def _every(value: float) -> float | None:
@@ -66,14 +83,7 @@ def _every(value: float) -> float | None:
     show_default=True,
     help="How commands are answered (none: never, so they expire).",
 )
-@click.option(
-    "--answer-delay",
-    type=click.FloatRange(min=0),
-    default=0.5,
-    show_default=True,
-    metavar="S",
-    help="Seconds before a command is answered.",
-)
+@_answer_delay
 @click.option(
     "--meter-interval",
     type=click.FloatRange(min=0, min_open=True),
@@ -98,11 +108,11 @@ def _every(value: float) -> float | None:
     metavar="S",
     help="Seconds between plant mode changes (0: none).",
 )
-@click.option("--duration", type=click.FloatRange(min=0), metavar="S", help="Stop after S s.")
+@_duration
 @click.option(
     "--count", type=click.IntRange(min=0), metavar="N", help="Stop after N telemetry messages."
 )
-@click.option("--seed", type=int, help="Reproducible values.")
+@_seed
 @click.option("--print-config", is_flag=True, help="Print the plants' site configuration; exit.")
 def voke(
     org: str,
@@ -193,43 +203,13 @@ def voke(
         return await simulator.run(stop=stop, duration_s=duration, count=count, on_ready=ready)
 
     try:
-        stats = _until_signal(main)
+        stats = until_signal(main)
     except VokeConnectionError as error:
         click.echo(f"error    {error}", err=True)
         if any(error.stats.published.values()):
             click.echo(f"stopped  {error.stats.summary()}")
         sys.exit(1)
     click.echo(f"stopped  {stats.summary()}")
-
-
-def _until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
-    """Run ``main`` with an event SIGINT and SIGTERM set. A signal before the event loop
-    takes them over stops the run as soon as it starts, and one after it is over changes
-    nothing; the previous handlers come back at the end."""
-    early: list[int] = []
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, lambda signum, _: early.append(signum))
-
-    async def run() -> T:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in previous:
-            loop.add_signal_handler(sig, stop.set)
-        if early:
-            stop.set()
-        return await main(stop)
-
-    try:
-        try:
-            return asyncio.run(run())
-        finally:
-            for sig in previous:  # asyncio.run put back the defaults
-                signal.signal(sig, lambda signum, _: early.append(signum))
-    finally:
-        for sig, handler in previous.items():
-            if handler is not None:  # None: not set from Python, nothing to put back
-                signal.signal(sig, handler)
 
 
 @simulate.command()
@@ -260,9 +240,9 @@ def _until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
     metavar="N",
     help="The last N devices take requests and never answer (to see timeouts).",
 )
-@click.option("--site", default="demo", show_default=True, help="Site of --print-config.")
-@click.option("--duration", type=click.FloatRange(min=0), metavar="S", help="Stop after S s.")
-@click.option("--seed", type=int, help="Reproducible values.")
+@_site
+@_duration
+@_seed
 @click.option("--print-config", is_flag=True, help="Print the devices' site configuration; exit.")
 def modbus(
     map_name: str,
@@ -332,10 +312,169 @@ def modbus(
                 await simulator.stop()
 
     try:
-        _until_signal(main)
+        until_signal(main)
     except (OSError, RuntimeError) as error:
         click.echo(f"error    cannot serve on {host}:{port}: {error}", err=True)
         sys.exit(1)
     reads = sum(s.reads for s in simulators)
     writes = sum(len(s.writes) for s in simulators)
     click.echo(f"stopped  {reads} reads served, {writes} writes taken")
+
+
+# Platforms that speak MQTT -------------------------------------------------------------------
+
+_broker = [
+    click.option(
+        "--host", default="127.0.0.1", show_default=True, help="The MQTT broker's address."
+    ),
+    click.option(
+        "--port",
+        type=click.IntRange(1, 65535),
+        default=18830,
+        show_default=True,
+        help="The MQTT broker's port (default: the demo broker's).",
+    ),
+    click.option(
+        "--interval",
+        type=click.FloatRange(min=0, min_open=True),
+        default=5.0,
+        show_default=True,
+        metavar="S",
+        help="Seconds between telemetry rounds.",
+    ),
+    _answer_delay,
+    _duration,
+    _seed,
+    _site,
+    click.option("--print-config", is_flag=True, help="Print the site configuration; exit."),
+]
+
+
+@dataclass(frozen=True)
+class _Mqtt:
+    """The options every MQTT platform's command takes."""
+
+    host: str
+    port: int
+    interval: float
+    answer_delay: float
+    duration: float | None
+    seed: int | None
+    site: str
+    print_config: bool
+
+
+def _mqtt_options(command: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(_broker):
+        command = option(command)
+    return command
+
+
+def _play_mqtt(platform: Platform, options: _Mqtt, *, name: str, ready: str) -> None:
+    """Connect, play ``platform`` until a signal or ``--duration``, print what was done.
+    A broker that cannot be reached or goes away is one line and exit status 1."""
+    from energybus.cli.mqtt import MqttLink
+    from energybus.simulators.mqtt import Played, Player
+
+    o = options
+
+    async def main(stop: asyncio.Event) -> Played:
+        link = MqttLink()
+        await link.connect(o.host, o.port, name=name)
+        try:
+            player = Player(platform, link, interval_s=o.interval, answer_delay_s=o.answer_delay)
+            link.on_message = lambda topic, payload, retain: player.received(topic, payload)
+            await link.subscribe(list(platform.filters))
+            click.echo(f"ready    {ready}; SIGINT or SIGTERM stops")
+            return await player.run(stop=stop, duration_s=o.duration)
+        finally:
+            await link.close()
+
+    try:
+        played = until_signal(main)
+    except ConnectionError as error:
+        click.echo(f"error    {error}", err=True)
+        sys.exit(1)
+    click.echo(
+        f"stopped  published {played.telemetry} telemetry, {played.answers} answers; "
+        f"{platform.summary()}"
+    )
+
+
+@simulate.command()
+@click.option("--ven-id", default="ven-1", show_default=True, help="The VEN's venId.")
+@_mqtt_options
+def ven(ven_id: str, **options: Any) -> None:
+    """Play a VEN (demand-response node) on an MQTT broker, in its own format.
+
+    Publishes metering on volttron/metering every --interval (its load, battery, panel
+    and circuits) and answers the commands on ven/cmd/<venId> on ven/ack/<venId>: an
+    event sheds circuits and reports what it shed, a restore ends it, a ping is answered
+    pong. --print-config prints the site configuration that takes it.
+
+    Runs until SIGINT or SIGTERM or --duration, then prints what it did. Exit status: 0
+    done; 1 broker unreachable or gone; 2 usage error.
+    """
+    from energybus.simulators.ven import METERING_TOPIC, VenMessages, site_config
+
+    o = _Mqtt(**options)
+    try:
+        platform = VenMessages(ven_id=ven_id, seed=o.seed)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--ven-id") from None
+    if o.print_config:
+        click.echo(site_config(ven_id=ven_id, site=o.site), nl=False)
+        return
+    ready = (
+        f"ven {ven_id} on {o.host}:{o.port}: {METERING_TOPIC} every {o.interval:g} s, "
+        f"commands on {platform.filters[0]}"
+    )
+    _play_mqtt(platform, o, name=f"ven-{ven_id}", ready=ready)
+
+
+@simulate.command()
+@click.option("--plant", "plant_id", default="PLANT-1", show_default=True, help="The plantId.")
+@click.option(
+    "--secret-env",
+    default=CPI_SECRET_ENV,
+    show_default=True,
+    metavar="NAME",
+    help="The environment variable holding the plant's HMAC secret.",
+)
+@_mqtt_options
+def cpi(plant_id: str, secret_env: str, **options: Any) -> None:
+    """Play a Voke / CPI plant on an MQTT broker: signed telemetry, signed ACKs.
+
+    The plant and its devices B1 (battery), M1 (grid meter) and PV1 (pv) each publish a
+    telemetry message on cpi/<plantId>/telemetry every --interval, signed with the secret
+    in the environment variable --secret-env. Commands on cpi/<plantId>/commands are
+    verified (signature, time, a cmdId not seen before), carried out and answered on
+    cpi/<plantId>/commands/ack. --print-config prints the site configuration.
+
+    Runs until SIGINT or SIGTERM or --duration, then prints what it did. Exit status: 0
+    done; 1 broker unreachable or gone; 2 usage error or no secret.
+    """
+    from energybus.simulators.cpi import DEVICES, CpiMessages, check_plant_id, site_config
+
+    o = _Mqtt(**options)
+    try:
+        check_plant_id(plant_id)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--plant") from None
+    if o.print_config:
+        click.echo(site_config(plant_id=plant_id, site=o.site, secret_env=secret_env), nl=False)
+        return
+    secret = os.environ.get(secret_env)
+    if not secret:
+        click.echo(
+            f"error    no secret: the environment variable {secret_env} is not set "
+            "(it holds the plant's HMAC secret; --secret-env names another)",
+            err=True,
+        )
+        sys.exit(2)
+    platform = CpiMessages(plant_id=plant_id, secret=secret, seed=o.seed)
+    ready = (
+        f"plant {plant_id} on {o.host}:{o.port}: {len(DEVICES)} devices every {o.interval:g} s,"
+        f" signed; commands on {platform.filters[0]}"
+    )
+    _play_mqtt(platform, o, name=f"cpi-{plant_id}", ready=ready)

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from .batch import Batch, RowTuple, decode_batch, encode_batch
 from .outbox import Outbox, OutboxFull
-from .queries import COMMAND_COLUMNS, counter_energy, counter_events, recent_commands
+from .queries import (
+    COMMAND_COLUMNS,
+    TABLES,
+    counter_energy,
+    counter_events,
+    recent_commands,
+    table_rows,
+)
 from .schema import SCHEMA, MigrationResult, migrate, migrations
 from .writer import QUALITY_CODES, Historian, SchemaBehind, WriteResult
 
@@ -17,6 +24,7 @@ __all__ = [
     "COMMAND_COLUMNS",
     "QUALITY_CODES",
     "SCHEMA",
+    "TABLES",
     "Batch",
     "Historian",
     "MigrationResult",
@@ -32,4 +40,5 @@ __all__ = [
     "migrate",
     "migrations",
     "recent_commands",
+    "table_rows",
 ]

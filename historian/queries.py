@@ -1,4 +1,5 @@
-"""Reading the historians: counter energy per interval, counter events, command records."""
+"""Reading the historians: counter energy per interval, counter events, command records,
+how many rows each table holds."""
 
 from __future__ import annotations
 
@@ -8,7 +9,17 @@ import asyncpg
 
 from .schema import SCHEMA
 
-__all__ = ["COMMAND_COLUMNS", "counter_energy", "counter_events", "recent_commands"]
+__all__ = [
+    "COMMAND_COLUMNS",
+    "TABLES",
+    "counter_energy",
+    "counter_events",
+    "recent_commands",
+    "table_rows",
+]
+
+TABLES = ("measurement_samples", "counter_samples", "command_logs")
+"""The tables that grow: samples of each historian, and the command records."""
 
 
 async def counter_energy(
@@ -78,3 +89,12 @@ async def recent_commands(
         " ORDER BY accepted_at DESC, id LIMIT $8",
         site, entity_type, entity_id, metric, states, since, until, limit,
     )  # fmt: skip
+
+
+async def table_rows(conn: asyncpg.Connection[asyncpg.Record]) -> dict[str, int]:
+    """How many rows each of :data:`TABLES` holds (an exact count: for watching a site
+    grow, not for tables of billions of rows)."""
+    counts = " UNION ALL ".join(
+        f"SELECT '{table}', count(*) FROM {SCHEMA}.{table}" for table in TABLES
+    )
+    return {table: int(count) for table, count in await conn.fetch(counts)}

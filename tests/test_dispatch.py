@@ -327,26 +327,29 @@ def test_static_fields_keep_their_type_across_vens() -> None:
     assert meta("w2", True) is True
 
 
+def _voke_pipeline() -> Pipeline:
+    """A Voke org ``acme`` whose plant P-1 (site hq) has a battery B1."""
+    from energybus.adapters.voke import VokeOptions
+
+    options = {
+        "orgs": {
+            "acme": {
+                "api_key": "k",
+                "signing_keys": ["s"],
+                "site": "hq",
+                "plants": {"P-1": {"targets": {"B1": {"template": "battery"}}}},
+            }
+        }
+    }
+    return Pipeline(create_adapter("voke", options=msgspec.convert(options, VokeOptions)))
+
+
 def test_a_command_for_an_outlet_leaves_by_it_and_a_failure_rejects_it() -> None:
     """A Voke command goes to the org's AMQP connection, not the bus; if that connection
     cannot take it, the record is rejected with the reason and the set acknowledged."""
-    from energybus.adapters.voke import VokeOptions
     from energybus.messages import Message
 
-    options = msgspec.convert(
-        {
-            "orgs": {
-                "acme": {
-                    "api_key": "k",
-                    "signing_keys": ["s"],
-                    "site": "hq",
-                    "plants": {"P-1": {"targets": {"B1": {"template": "battery"}}}},
-                }
-            }
-        },
-        VokeOptions,
-    )
-    voke = Pipeline(create_adapter("voke", options=options))
+    voke = _voke_pipeline()
     sink = FakeSink()
     dispatcher = Dispatcher(
         pipelines={"voke": voke},
@@ -406,3 +409,45 @@ def test_a_command_for_an_outlet_leaves_by_it_and_a_failure_rejects_it() -> None
     # (the rejection comes before the accepted snapshot; the historian keeps the later state)
     last_two = [(c.state, c.reason) for c in sink.commands[-2:]]
     assert ("rejected", "no connection carries commands to vcp.acme.command") in last_two
+
+
+def test_a_set_two_adapters_take_goes_to_the_adapter_of_its_device() -> None:
+    """CPI and Voke plants both take power_setpoint: each command reaches the adapter that
+    knows its device, whatever order the adapters were routed in; a set for a device
+    neither knows is refused by the first, as when one adapter takes it alone."""
+    from energybus.adapters.cpi import CpiOptions
+
+    voke = _voke_pipeline()
+    cpi = Pipeline(
+        create_adapter(
+            "cpi",
+            options=msgspec.convert(
+                {"site": "hq", "plants": {"p1": {"targets": {"B1": {"template": "battery"}}}}},
+                CpiOptions,
+            ),
+        )
+    )
+    assert "+/energy/+/+/power_setpoint/set" in set(cpi.command_filters) & set(voke.command_filters)
+    for first, second in ((cpi, voke), (voke, cpi)):
+        sink = FakeSink()
+        dispatcher = Dispatcher(
+            pipelines={"cpi": cpi, "voke": voke},
+            sink=sink,
+            metrics=Metrics(),
+            availability=Availability(timeout_s=60),
+            dead_letter_prefix="energybus/dead_letter",
+            worker_id="w1",
+        )
+        for pipeline in (first, second):
+            dispatcher.route("mqtt", list(pipeline.command_filters), pipeline)
+        dispatcher.outlet("vcp.acme.command", type("Outlet", (), {"publish": lambda *a: None})())
+        dispatcher.attach(FakeBus())
+        acks = AckQueue(lambda packet_id: None)
+        for packet_id, device in enumerate(("p-1-b1", "p1-b1", "nobody"), start=1):
+            topic = f"hq/energy/storage/{device}/power_setpoint/set"
+            dispatcher.handle(Delivery("mqtt", topic, b"1000", AT, acks.add(packet_id)))
+        assert [(c.adapter, c.entity_id, c.state) for c in sink.commands] == [
+            ("voke", "p-1-b1", "accepted"),
+            ("cpi", "p1-b1", "accepted"),
+            (first.name, "nobody", "refused"),
+        ]

@@ -218,7 +218,24 @@ class Dispatcher:
         cache = self._cache
         if key in cache:
             return cache[key]
-        found = next((p for f, p in self._filters.get(source, ()) if matches(f, topic)), None)
+        found = None
+        for f, pipeline in self._filters.get(source, ()):
+            if not matches(f, topic):
+                continue
+            if found is None:
+                found = pipeline
+            elif pipeline is not found and topic.endswith("/set"):
+                # Several adapters take this set (CPI and Voke plants share metrics): it
+                # goes to the one that knows its device, else to the first, which refuses
+                # it. Not cached: a device may become known later (a VEN, when it reports).
+                return next(
+                    (
+                        p
+                        for _, p in self._filters[source]
+                        if p.knows_target(topic) and p.is_command(topic)
+                    ),
+                    found,
+                )
         if len(cache) >= _ROUTE_CACHE:
             cache.clear()
         cache[key] = found
