@@ -22,9 +22,8 @@ NOT_RUN: dict[str, tuple[str, str]] = {
     "./dev test": ("runs this very suite, ruff and mypy", ".ci/run"),
     "./dev test -k filters": ("runs part of this very suite, after ruff and mypy", ".ci/run"),
     "./dev demo": (
-        "holds the demo's fixed ports, which the suite leaves free, until Ctrl-C; its steps "
-        "are the README's commands run here",
-        "tests/docs/test_commands.py::test_document_commands_run",
+        "holds the demo's fixed ports until Ctrl-C; the test runs the same demo on free ports",
+        "tests/test_demo.py",
     ),
     "./dev bench": (
         "measures this machine for many minutes: figures are measured, never asserted",
