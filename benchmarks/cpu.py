@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["Meter", "machine_busy", "tree_seconds"]
+__all__ = ["Meter", "machine_busy", "own_seconds", "tree_seconds"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -50,6 +50,17 @@ def tree_seconds(root: int) -> float:
         ticks += int(rest[11]) + int(rest[12]) + int(rest[13]) + int(rest[14])
         stack.extend(children.get(pid, ()))
     return ticks / _TICK
+
+
+def own_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` alone, none of its children's (0 when it is gone): with
+    :func:`tree_seconds`, what a process did and what the processes it started did
+    (Node-RED, and the energybus processes its flows run)."""
+    stat = _stat(pid)
+    if stat is None:
+        return 0.0
+    rest = stat[1]
+    return (int(rest[11]) + int(rest[12])) / _TICK
 
 
 def machine_busy() -> tuple[float, float]:

@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -76,6 +79,16 @@ def publish_at(port: int, rate: int, seconds: float, tag: str) -> tuple[int, flo
         return "volttron/metering", json.dumps(body).encode()
 
     return paced(port, rate, seconds, f"bench-load-{tag}", make)
+
+
+def start(port: int, rate: int, seconds: float, tag: str) -> subprocess.Popen[bytes]:
+    """This load generator as a process of its own (so its CPU is counted apart); it
+    prints its report, one JSON line, on standard output when done."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.load", "--port", str(port), "--rate", str(rate),
+         "--seconds", str(seconds), "--tag", tag],
+        stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
 
 
 def main() -> None:

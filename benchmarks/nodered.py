@@ -57,7 +57,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -93,6 +93,7 @@ METERING = "volttron/metering"
 DEAD_LETTERS = "energybus/dead_letter/ven"
 _CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _PORT = "@@MQTT_PORT@@"
+_VALUE = re.compile(r"[^\s\"'\\]+")
 # Loopback needs no proxy, whatever http_proxy says.
 _LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -106,8 +107,22 @@ def status_topic(client_id: str) -> str:
     return f"energybus/worker/{client_id}/status"
 
 
-def flow(*, mqtt_port: int, site: str, client_id: str) -> list[dict[str, Any]]:
-    """``flow.json`` with its placeholders filled in: Node-RED's flow, ready to deploy."""
+def flow(
+    *,
+    mqtt_port: int,
+    site: str,
+    client_id: str,
+    path: Path = FLOW,
+    values: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """A flow file (by default the benchmark's) with its placeholders filled in: Node-RED's
+    flow, ready to deploy.
+
+    ``@@MQTT_PORT@@``, ``@@SITE@@`` and ``@@CLIENT_ID@@`` come from the arguments,
+    ``@@NAME@@`` from ``values["NAME"]`` (the examples' ``CONFIG``). A value may hold no
+    white space, quote or backslash: it lands in JavaScript strings and in ``exec``
+    commands, which Node-RED splits at white space.
+    """
     if not 0 < mqtt_port < 65536:
         raise ValueError(f"mqtt_port must be a TCP port, not {mqtt_port}")
     try:
@@ -116,7 +131,11 @@ def flow(*, mqtt_port: int, site: str, client_id: str) -> list[dict[str, Any]]:
         raise ValueError(f"site: {error.message}") from None
     if _CLIENT_ID.fullmatch(client_id) is None:
         raise ValueError(f"client_id must match {_CLIENT_ID.pattern}, not {client_id!r}")
-    values = {"@@SITE@@": site, "@@CLIENT_ID@@": client_id}
+    for name, value in (values or {}).items():
+        if _VALUE.fullmatch(value) is None:
+            raise ValueError(f"{name} must match {_VALUE.pattern}, not {value!r}")
+    filling = {f"@@{name}@@": value for name, value in (values or {}).items()}
+    filling.update({"@@SITE@@": site, "@@CLIENT_ID@@": client_id})
 
     def fill(node: Any) -> Any:
         if isinstance(node, dict):
@@ -126,26 +145,37 @@ def flow(*, mqtt_port: int, site: str, client_id: str) -> list[dict[str, Any]]:
         if node == _PORT:
             return mqtt_port
         if isinstance(node, str):
-            for placeholder, value in values.items():
+            for placeholder, value in filling.items():
                 node = node.replace(placeholder, value)
             if "@@" in node:
-                raise ValueError(f"{FLOW}: unknown placeholder in {node[:80]!r}")
+                raise ValueError(f"{path}: unknown placeholder in {node[:80]!r}")
         return node
 
-    filled = fill(json.loads(FLOW.read_text()))
+    filled = fill(json.loads(path.read_text()))
     assert isinstance(filled, list)
     return filled
 
 
-def deploy(url: str, *, mqtt_port: int, site: str, client_id: str, timeout: float = 30.0) -> None:
-    """Deploy the flow to the Node-RED at ``url`` (a full deployment, replacing any
-    flow there) and wait until its MQTT connection is up.
+def deploy(
+    url: str,
+    *,
+    mqtt_port: int,
+    site: str,
+    client_id: str,
+    timeout: float = 30.0,
+    path: Path = FLOW,
+    values: Mapping[str, str] | None = None,
+) -> None:
+    """Deploy a flow (:func:`flow` of ``path`` and ``values``, by default the benchmark's)
+    to the Node-RED at ``url`` (a full deployment, replacing any flow there) and wait
+    until its MQTT connection is up.
 
     ``client_id`` is the flow's MQTT client id, used by no other client (a worker's
     connections are ``<client_id>-src`` and ``-bus``, so a worker's ``client_id`` may be
     the same); the flow's status topic is :func:`status_topic` of it.
     """
-    body = json.dumps(flow(mqtt_port=mqtt_port, site=site, client_id=client_id)).encode()
+    filled = flow(mqtt_port=mqtt_port, site=site, client_id=client_id, path=path, values=values)
+    body = json.dumps(filled).encode()
     request = urllib.request.Request(
         f"{url.rstrip('/')}/flows",
         data=body,

@@ -51,6 +51,7 @@ from typing import Any
 import asyncpg
 
 from benchmarks.cpu import Meter, tree_seconds
+from benchmarks.load import start as start_load
 from energybus.worker.bus import BusClient, Received
 from tools import services
 
@@ -243,11 +244,7 @@ def _run_one(
         else:
             components["worker"] = worker.start()
         with _BusMeter(mqtt.port, site) as meter:
-            load = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.load", "--port", str(mqtt.port),
-                 "--rate", str(rate), "--seconds", str(seconds), "--tag", site],
-                stdout=subprocess.PIPE, cwd=ROOT,
-            )  # fmt: skip
+            load = start_load(mqtt.port, rate, seconds, site)
             cpu = Meter(components)
             cpu.start()
             meter_cpu = time.process_time()

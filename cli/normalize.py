@@ -3,7 +3,9 @@ scripts. A thin layer over :class:`energybus.adapters.Pipeline`."""
 
 from __future__ import annotations
 
+import binascii
 import sys
+from base64 import b64decode
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -25,6 +27,21 @@ class _Input(msgspec.Struct, forbid_unknown_fields=False):
 
 
 _input = msgspec.json.Decoder(_Input)
+
+
+def _read_input(line: bytes, topic: str | None) -> tuple[str, bytes, bool] | str:
+    """One input as ``--stream`` and ``--input-base64`` take it: (topic, payload bytes,
+    retain), or why it cannot be read (the message of a ``bad_input`` error)."""
+    try:
+        item = _input.decode(line)
+    except msgspec.MsgspecError as exc:
+        return str(exc)
+    item_topic = item.topic or topic
+    if item_topic is None:
+        return "no topic in the input or --topic"
+    payload = item.payload
+    data = payload.encode("utf-8") if isinstance(payload, str) else _json.encode(payload)
+    return item_topic, data, item.retain
 
 
 def _pipeline(adapter: str, config: str | None, site: str | None, mapping: str | None) -> Pipeline:
@@ -82,6 +99,12 @@ def _time(text: str | None) -> datetime | None:
 @click.option("--retain", is_flag=True, help="The input arrived retained.")
 @click.option("--stream", is_flag=True, help="Read JSON lines from stdin until EOF.")
 @click.option("--received-at", metavar="TIME", help="When the input arrived (default: now).")
+@click.option(
+    "--input-base64",
+    "encoded",
+    metavar="BASE64",
+    help="One input as --stream reads it, base64-encoded (for Node-RED's exec node).",
+)
 @click.argument("payload", required=False)
 def normalize(
     adapter_name: str,
@@ -92,6 +115,7 @@ def normalize(
     retain: bool,
     stream: bool,
     received_at: str | None,
+    encoded: str | None,
     payload: str | None,
 ) -> None:
     """Translate a source message into canonical messages, one JSON line each.
@@ -102,7 +126,9 @@ def normalize(
 
     With --stream, stdin carries JSON lines {"topic", "payload", "retain"?} and each
     input's messages are written as soon as they are ready; errors go to stderr and the
-    stream goes on. Exit status: 0 done, 1 input refused (one-shot), 2 usage error.
+    stream goes on. --input-base64 gives one such line, base64-encoded, as an argument
+    that no argument splitting or shell can change. Exit status: 0 done, 1 input refused
+    (one-shot), 2 usage error.
     """
     at = _time(received_at)
     pipeline = _pipeline(adapter_name, config, site, mapping)
@@ -110,13 +136,22 @@ def normalize(
     if stream:
         if payload is not None:
             raise click.UsageError("--stream reads payloads from stdin, not an argument")
+        if encoded is not None:
+            raise click.UsageError("--stream reads its inputs from stdin, not --input-base64")
         _stream(pipeline, topic, at, out)
         return
-    if topic is None:
-        raise click.UsageError("--topic is required (except with --stream)")
-    data = (
-        sys.stdin.buffer.read() if payload is None else payload.encode("utf-8", "surrogateescape")
-    )
+    if encoded is not None:
+        if payload is not None:
+            raise click.UsageError("--input-base64 carries the payload: give no PAYLOAD")
+        topic, data, retain = _decoded(encoded, topic, retain)
+    elif topic is None:
+        raise click.UsageError("--topic is required (except with --stream or --input-base64)")
+    else:
+        data = (
+            sys.stdin.buffer.read()
+            if payload is None
+            else payload.encode("utf-8", "surrogateescape")
+        )
     result = pipeline.feed(topic, data, received_at=at or datetime.now(UTC), retain=retain)
     if result.rejections:
         _complain(result)
@@ -124,29 +159,34 @@ def normalize(
     _write(out, result)
 
 
+def _decoded(encoded: str, topic: str | None, retain: bool) -> tuple[str, bytes, bool]:
+    """The input ``--input-base64`` carries; bad input (exit 1) when it carries none."""
+    try:
+        line = b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        read: tuple[str, bytes, bool] | str = "--input-base64 is not base64"
+    else:
+        read = _read_input(line, topic)
+    if isinstance(read, str):
+        sys.stderr.write(f"error: bad_input: {read}\n")
+        sys.exit(1)
+    item_topic, data, item_retain = read
+    return item_topic, data, item_retain or retain
+
+
 def _stream(pipeline: Pipeline, topic: str | None, at: datetime | None, out: IO[str]) -> None:
     for number, line in enumerate(sys.stdin.buffer, start=1):
         if not line.strip():
             continue
         where = f"line {number}: "
-        try:
-            item = _input.decode(line)
-        except msgspec.MsgspecError as exc:
-            sys.stderr.write(f"error: {where}bad_input: {exc}\n")
+        read = _read_input(line, topic)
+        if isinstance(read, str):
+            sys.stderr.write(f"error: {where}bad_input: {read}\n")
             sys.stderr.flush()
             continue
-        item_topic = item.topic or topic
-        if item_topic is None:
-            sys.stderr.write(f"error: {where}bad_input: no topic in the line or --topic\n")
-            sys.stderr.flush()
-            continue
-        data = (
-            item.payload.encode("utf-8")
-            if isinstance(item.payload, str)
-            else _json.encode(item.payload)
-        )
+        item_topic, data, retain = read
         now = at or datetime.now(UTC)
-        result = pipeline.feed(item_topic, data, received_at=now, retain=item.retain)
+        result = pipeline.feed(item_topic, data, received_at=now, retain=retain)
         pipeline.expire(now)
         if result.rejections:
             _complain(result, where)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import string
 import subprocess
 from pathlib import Path
 
@@ -185,3 +187,64 @@ def test_received_at_must_be_a_zoned_time() -> None:
             METERING,
         )
         assert result.returncode == 2 and "--received-at" in result.stderr
+
+
+NAME = 'Küche "main" $(touch x) `id`; rm -rf /\nline 2 \u2603 \U0001f50c'
+
+
+def _base64(item: dict[str, object]) -> str:
+    return base64.b64encode(json.dumps(item).encode()).decode()
+
+
+def test_input_base64_carries_any_payload_and_topic_as_one_argument() -> None:
+    awkward = {
+        "venId": "ven-042",
+        "timestamp": 1729700000,
+        "circuits": [
+            {
+                "id": "circuit_1",
+                "name": NAME,
+                "currentKw": 1.5,
+            }
+        ],
+    }
+    text = json.dumps(awkward, ensure_ascii=False)
+    plain = run("normalize", "--adapter", "ven", "--topic", "volttron/metering", text)
+    assert plain.returncode == 0, plain.stderr
+    encoded = _base64({"topic": "volttron/metering", "payload": text})
+    assert set(encoded) <= set(string.ascii_letters + string.digits + "+/=")
+    result = run("normalize", "--adapter", "ven", "--input-base64", encoded)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == plain.stdout
+    meta = "ven-042/energy/load/circuit-1/active_power/meta"
+    [attributes] = [
+        json.loads(str(m["payload"]))["attributes"]
+        for m in _lines(result.stdout)
+        if m["topic"] == meta
+    ]
+    assert attributes["name"] == NAME
+    # The topic may come from --topic, and a payload may be any JSON value.
+    again = run(
+        "normalize", "--adapter", "ven", "--topic", "volttron/metering", "--input-base64",
+        _base64({"payload": awkward}),
+    )  # fmt: skip
+    assert again.returncode == 0 and again.stdout == plain.stdout
+
+
+def test_input_base64_refuses_what_it_cannot_read() -> None:
+    for encoded in ["not base64!", base64.b64encode(b"{nonsense").decode(), _base64({"x": 1})]:
+        result = run("normalize", "--adapter", "ven", "--input-base64", encoded)
+        assert result.returncode == 1 and result.stdout == ""
+        assert result.stderr.startswith("error: bad_input: ") and result.stderr.count("\n") == 1
+    no_topic = run("normalize", "--adapter", "ven", "--input-base64", _base64({"payload": "1"}))
+    assert no_topic.returncode == 1 and "no topic" in no_topic.stderr
+    retained_set = _base64(
+        {"topic": "vad/energy/load/ven-042/shed_power/set", "payload": "0", "retain": True}
+    )
+    refused = run("normalize", "--adapter", "ven", "--input-base64", retained_set)
+    assert refused.returncode == 1 and "retained_set" in refused.stderr
+    encoded = _base64({"topic": "volttron/metering", "payload": METERING})
+    assert run("normalize", "--adapter", "ven", "--input-base64", encoded, "1").returncode == 2
+    assert (
+        run("normalize", "--adapter", "ven", "--stream", "--input-base64", encoded).returncode == 2
+    )

@@ -1,8 +1,14 @@
-"""Node-RED beside the worker, for the worker benchmark: installed from npm, run on loopback.
+"""Node-RED beside the worker, for the worker benchmark and the examples: installed from
+npm, run on loopback.
 
 The benchmark runs Node-RED with a flow that does by hand what energybus's VEN adapter
 does (``benchmarks/nodered/flow.json``, deployed by ``benchmarks/nodered.py``), so both
-are measured on the same broker with the same messages.
+are measured on the same broker with the same messages. The flows of
+``examples/node-red`` run in it too, for their tests and their benchmark
+(``benchmarks/nodered_flows.py``): they start ``energybus`` from the core ``exec`` node,
+or from function nodes through Node.js's built-in ``child_process`` module, so the
+settings allow function nodes built-in modules (``functionExternalModules``) while
+installing modules stays off.
 
 **Why these versions, and why from npm.** Node-RED is pinned (:data:`NODE_RED_VERSION`),
 and so is the Node.js that runs it (:data:`NODE_VERSION`): a benchmark figure means
@@ -29,8 +35,8 @@ the pinned Node.js.
 127.0.0.1 only, editor UI off but the Admin API on, since flows are deployed through it;
 no HTTP-in endpoints, no palette installs, no update checks, no credentials; logging at
 ``warn``), Node-RED in a session of its own with its output in ``nodered.log``, and
-the return once the Admin API answers. Standard library only, like tools/services.py: it
-runs before the project's virtualenv exists::
+the return once the Admin API answers; :func:`stop_nodered` stops it. Standard library
+only, like tools/services.py: it runs before the project's virtualenv exists::
 
     python3 tools/nodered.py install     # prints the launcher; reuses an installed one
 """
@@ -50,7 +56,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 __all__ = [
@@ -60,6 +66,7 @@ __all__ = [
     "default_cache",
     "install",
     "start_nodered",
+    "stop_nodered",
 ]
 
 NODE_VERSION = "22.23.5"
@@ -249,7 +256,8 @@ def _tail(path: Path, lines: int = 20) -> str:
 
 
 def settings_js(port: int, user_dir: Path) -> str:
-    """Node-RED's settings for the benchmark: loopback, Admin API without the editor."""
+    """Node-RED's settings for the benchmarks and tests: loopback, Admin API without the
+    editor."""
     settings = {
         "uiHost": HOST,
         "uiPort": port,
@@ -272,12 +280,13 @@ def settings_js(port: int, user_dir: Path) -> str:
             "palette": {"allowInstall": False, "allowUpdate": False, "allowUpload": False},
             "modules": {"allowInstall": False},
         },
-        "functionExternalModules": False,
+        # Built-in modules only (the examples' child_process): installing is off above.
+        "functionExternalModules": True,
         "exportGlobalContextKeys": False,
         "editorTheme": {"tours": False},
     }
     return (
-        "// Written by tools/nodered.py for the energybus worker benchmark.\n"
+        "// Written by tools/nodered.py for energybus's benchmarks and tests.\n"
         f"module.exports = {json.dumps(settings, indent=4)};\n"
     )
 
@@ -288,12 +297,15 @@ def start_nodered(
     *,
     error: ErrorType = NodeRedError,
     cache: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start Node-RED with its userDir under ``run_dir/nodered``, listening on
     127.0.0.1:``port``; the process and the Admin API's URL, once that answers.
 
     Installs Node-RED first if needed (:func:`install`). The flow file starts empty
-    (``[]``) every time; ``benchmarks.nodered.deploy`` deploys the benchmark's flow.
+    (``[]``) every time; ``benchmarks.nodered.deploy`` deploys a flow. ``env`` is added
+    to the environment Node-RED inherits, and so do the processes its flows start (a
+    ``PATH`` that finds ``energybus``, the secrets a site configuration names).
     """
     launcher = install(cache, error=error)
     user_dir = run_dir / "nodered"
@@ -303,7 +315,8 @@ def start_nodered(
     # Always empty at start: a flow left from another run must not consume its messages.
     (user_dir / "flows.json").write_text("[]\n")
     log = user_dir / "nodered.log"
-    env = {key: value for key, value in os.environ.items() if key != "NODE_OPTIONS"}
+    inherited = {key: value for key, value in os.environ.items() if key != "NODE_OPTIONS"}
+    inherited.update(env or {})
     with log.open("ab") as output:
         process = subprocess.Popen(
             [str(launcher), "--userDir", str(user_dir), "--settings", str(settings)],
@@ -311,18 +324,28 @@ def start_nodered(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            env=env,
+            env=inherited,
         )
     url = f"http://{HOST}:{port}"
     try:
         _wait_for_admin(url, process, START_TIMEOUT_S, log, error)
     except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(10)
+        stop_nodered(process)
         raise
     return process, url
+
+
+def stop_nodered(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """Stop a Node-RED that :func:`start_nodered` started, with the processes its flows
+    started (its session): SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _wait_for_admin(

@@ -1,0 +1,2 @@
+// The processes end with the flow (a deploy starts them again).
+context.get("stop")();

@@ -1,0 +1,2 @@
+// The process ends with the flow (a deploy starts it again).
+context.get("stop")();
