@@ -43,8 +43,11 @@ class BusConnection:
         dispatcher: Dispatcher,
         metrics: Metrics,
         on_ingest: Callable[[Received, Entry], None],
+        properties: bytes = b"",
     ) -> None:
         self.config = config
+        self.properties = properties
+        """Sent with every publish (the worker's group mark, when it has a group)."""
         self.ingest_filters = ingest_filters
         self.session_expiry_s = session_expiry_s
         self.dispatcher = dispatcher
@@ -70,6 +73,7 @@ class BusConnection:
                 on_message=self._received,
                 on_puback=self.dispatcher.on_puback,
                 max_inflight=m.max_inflight,
+                properties=self.properties,
             )
             acks = AckQueue(client.ack)
             if self._acks is not None:

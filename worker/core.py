@@ -31,7 +31,7 @@ from energybus.historian import Historian, Outbox
 
 from .acks import Entry
 from .availability import Availability
-from .bus import Received
+from .bus import Received, user_property
 from .config import Config
 from .connection import BusConnection
 from .dispatch import Dispatcher
@@ -44,6 +44,9 @@ __all__ = ["Plan", "Worker", "run_worker"]
 log = logging.getLogger("energybus.worker")
 
 TRANSPORTS: Final = frozenset({"mqtt", "amqp", "modbus"})
+GROUP_PROPERTY: Final = "energybus-group"
+"""The MQTT 5 User Property that marks each publish of a worker in a shared group; its
+value is the group's name."""
 """The transports this worker has sources for (adapters declare theirs)."""
 
 
@@ -144,6 +147,11 @@ class Worker:
             dead_letter_prefix=plan.dead_letter_prefix,
             worker_id=config.mqtt.client_id,
         )
+        # Every worker of a group marks what it publishes, so that the group's bus ingest
+        # passes over the group's own output: No Local covers only a worker's own
+        # publishes, and a Profile A value read back takes its arrival as its time, so
+        # ingesting another member's value would store the sample a second time.
+        self.group_mark = user_property(GROUP_PROPERTY, w.shared_group) if w.shared_group else b""
         self.bus = BusConnection(
             config=config.mqtt,
             ingest_filters=plan.ingest,
@@ -151,6 +159,7 @@ class Worker:
             dispatcher=self.dispatcher,
             metrics=self.metrics,
             on_ingest=self._ingest,
+            properties=self.group_mark,
         )
         self.sources = self._sources(plan)
         self._stop = asyncio.Event()
@@ -221,6 +230,9 @@ class Worker:
     def _ingest(self, received: Received, entry: Entry) -> None:
         if not self._consuming:
             return  # not acknowledged: the broker redelivers it to the next run
+        if self.group_mark and self.group_mark in received.properties:
+            entry.release()  # the group's own output: its member stored it already
+            return
         self.dispatcher.ingest(received.topic, received.payload, entry)
 
     # Running ----------------------------------------------------------------------------
