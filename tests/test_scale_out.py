@@ -8,13 +8,17 @@ sample (docs/scaling.md)."""
 from __future__ import annotations
 
 import json
+import secrets
 import signal
 import threading
 import time
+import urllib.request
 import uuid
+import zlib
 from collections import defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from benchmarks.adapters import ven_messages
 from energybus.adapters import Pipeline, create_adapter
 from energybus.adapters.signing import Signer
+from energybus.errors import MappingError
 from energybus.worker.config import load_config
 from tests.workers import (
     Collector,
@@ -35,7 +40,7 @@ from tests.workers import (
     query,
     write_config,
 )
-from tools.services import Service
+from tools.services import Service, free_port
 
 pytestmark = pytest.mark.services
 
@@ -51,6 +56,7 @@ SPACING_S = 2.0
 """Between two samples of one series (docs/scaling.md: what `last` needs)."""
 KILL_ROUND = 6
 DOWN_S = 2.5 * SPACING_S
+SETTLE_S = 1.0
 
 Key = tuple[str, str, str, datetime]
 """(site, device_id, metric, observed_at): a sample, as the historian keys it."""
@@ -107,11 +113,19 @@ class _Group:
     """The workers of one shared group, each with its own client id and data directory."""
 
     def __init__(
-        self, tmp_path: Path, size: int, mqtt: Service, dsn: str, extra: list[str]
+        self,
+        tmp_path: Path,
+        size: int,
+        mqtt: Service,
+        dsn: str,
+        extra: list[str],
+        *,
+        partitioned: bool = False,
     ) -> None:
         self.name = f"g-{uuid.uuid4().hex[:8]}"
         self.workers: list[WorkerProcess] = []
         self.configs: list[Path] = []
+        self.ports: list[int] = []
         for index in range(size):
             folder = tmp_path / f"w{index}"
             folder.mkdir()
@@ -122,14 +136,31 @@ class _Group:
                 client_id=f"{self.name}-w{index}",
                 extra=extra[index],
             )
-            self.configs.append(config)
-            self.workers.append(
-                WorkerProcess(config, folder / "worker.log", args=["--shared-group", self.name])
+            port = free_port()
+            self.ports.append(port)
+            config.write_text(
+                config.read_text().replace("[worker]\n", f"[worker]\nmetrics_port = {port}\n", 1)
             )
+            self.configs.append(config)
+            args = ["--shared-group", self.name]
+            if partitioned:
+                args += ["--member", f"{index}/{size}"]
+            self.workers.append(WorkerProcess(config, folder / "worker.log", args=args))
 
     def start(self) -> None:
         for worker in self.workers:
             worker.start()
+
+    def counted(self, index: int, metric: str) -> float:
+        """A counter of member ``index``, summed over its labels."""
+        url = f"http://127.0.0.1:{self.ports[index]}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(metric + "{") or line.startswith(metric + " ")
+        )
 
     def logs(self) -> str:
         return "\n".join(w.text() for w in self.workers)
@@ -253,6 +284,10 @@ class _Commands:
                     if not _confirmed(self.dsn, command_id):
                         self.failure = f"command {command_id} ({topic}) never confirmed"
                         return
+                    # The member acknowledges the ACK message to the broker just after
+                    # committing the record; a kill before that makes the broker deliver
+                    # it again (an answer to no waiting command), not what this tests.
+                    time.sleep(SETTLE_S)
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
@@ -361,3 +396,150 @@ def test_a_group_ingests_other_publishers_values_but_not_its_own_output(
         assert [r[0] for r in ingested] == ["degraded"]  # Profile A: stamped on arrival
     finally:
         group.kill()
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_a_shared_group_with_a_member_killed_stores_confirms_and_orders_once(
+    tmp_path: Path, mosquitto: Service, postgres: Service, size: int
+) -> None:
+    init_schema(postgres.url)
+    tag = f"s{uuid.uuid4().hex[:8]}"
+    plant = f"{tag}-plant"
+    cpi_site = f"{tag}-cpi"
+    key = secrets.token_hex(16)
+    signer = Signer([key])
+    targets = "".join(
+        f'[adapters.cpi.plants.{plant}.targets.B{t}]\ntemplate = "battery"\n'
+        for t in range(1, TARGETS + 1)
+    )
+    extra = (
+        "[adapters.ven]\n"
+        f'[adapters.cpi]\nsite = "{cpi_site}"\n'
+        f'[adapters.cpi.plants.{plant}]\nsecrets = ["{key}"]\n{targets}'
+    )
+    group = _Group(tmp_path, size, mosquitto, postgres.url, [extra] * size, partitioned=True)
+    load = _Load(group.configs[0], tag, plant, signer)
+    sites = [f"{tag}-v{v}" for v in range(VENS)] + [cpi_site]
+    filters = [f"{site}/energy/+/+/+/last" for site in sites]
+    lasts = Collector(mosquitto, filters)
+    letters = Collector(mosquitto, ["energybus/dead_letter/#"])
+    answers = _Plant(mosquitto, plant, signer)
+    commands = _Commands(mosquitto, postgres.url, cpi_site, plant, answers)
+    # The member that holds the plant's site, its commands and their answers.
+    victim = group.workers[zlib.crc32(cpi_site.encode()) % size]
+    try:
+        group.start()
+        load.started = time.monotonic()
+        publisher = load.run(mosquitto)
+        driver = commands.run(ROUNDS - 2)
+        # Mid-load, between two commands: SIGKILL one member, start it again.
+        time.sleep(KILL_ROUND * SPACING_S)
+        with commands.quiet:
+            assert victim.stop(signal.SIGKILL) == -signal.SIGKILL
+            # Down for more than a sample interval, as a supervisor's restart delay
+            # would keep it: the broker queues the member's share meanwhile, and the
+            # other members go on with the next samples of the same series.
+            time.sleep(DOWN_S)
+            victim.start()
+        publisher.join(120)
+        driver.join(120)
+        assert load.done.is_set() and not driver.is_alive()
+        assert commands.failure is None, commands.failure
+        assert answers.faults == []
+
+        # Drained: every sample in the historian, the newest `last` of every series seen.
+        confirmations = {
+            (
+                cpi_site,
+                f"storage.{topic.split('/')[3]}",
+                "power_setpoint",
+                datetime.fromtimestamp(answers.answered[command_id] / 1000, UTC),
+            )
+            for command_id, (topic, _) in zip(answers.received, commands.sent, strict=True)
+        }
+        expected = load.expected | confirmations
+        site_list = sorted(load.sites | {cpi_site})
+        _wait(
+            lambda: len(_stored(postgres.url, site_list)) >= len(expected),
+            90,
+            f"{len(expected)} samples in the historian",
+        )
+        newest: dict[str, datetime] = {}
+        for sample in expected:
+            topic = _last_topic(sample)
+            newest[topic] = max(newest.get(topic, sample[3]), sample[3])
+
+        def newest_seen() -> bool:
+            seen = _lasts(lasts)
+            return all(seen.get(t) and seen[t][-1] >= at for t, at in newest.items())
+
+        _wait(newest_seen, 60, "the newest `last` of every series on the bus")
+        # Each member handled its share and left the rest to the others.
+        for index in range(size):
+            assert group.counted(index, "energybus_messages_in_total") > 0
+            assert group.counted(index, "energybus_messages_elsewhere_total") > 0
+        assert sorted(group.stop()) == [0] * size
+
+        # Every sample exactly once, nothing else.
+        stored = _stored(postgres.url, site_list)
+        assert sum(stored.values()) == len(expected)
+        assert {k for k, n in stored.items() if n != 1} == set()
+        assert set(stored) == expected
+
+        # Every command sent to the plant once and confirmed once.
+        assert len(answers.received) == len(set(answers.received)) == len(commands.sent)
+        records = query(
+            postgres.url,
+            "SELECT id, state, response_status FROM energybus.command_logs WHERE site = $1",
+            cpi_site,
+        )
+        assert sorted(r[0] for r in records) == sorted(answers.received)
+        assert {(r[1], r[2]) for r in records} == {("confirmed", "ok")}
+        confirmed_lasts = [
+            at
+            for t, ats in _lasts(lasts).items()
+            if t.endswith("/power_setpoint/last")
+            for at in ats
+        ]
+        assert sorted(confirmed_lasts) == sorted(c[3] for c in confirmations)
+
+        # `last` never moved backwards, and ends on the newest sample of every series.
+        seen = _lasts(lasts)
+        assert set(seen) == set(newest)
+        backwards = {
+            topic: [(a.isoformat(), b.isoformat()) for a, b in pairwise(ats) if b < a]
+            for topic, ats in seen.items()
+        }
+        assert {t: b for t, b in backwards.items() if b} == {}
+        assert _retained(mosquitto, filters) == newest
+
+        # Nothing of this traffic was refused, in any member.
+        ours = [
+            json.loads(p)
+            for _, p, _ in list(letters.messages)
+            if plant in json.loads(p).get("topic", "") or tag in json.loads(p).get("payload", "")
+        ]
+        assert ours == []
+        assert "Traceback" not in group.logs()
+    finally:
+        lasts.close()
+        letters.close()
+        answers.close()
+        group.kill()
+
+
+@pytest.mark.parametrize(
+    ("worker", "error"),
+    [
+        ('shared_group = "g"\nmember = "3/3"', "out_of_range"),
+        ('member = "0/2"', "missing_field"),
+        ('shared_group = "g"\nmember = "two"', "invalid_value"),
+    ],
+)
+def test_a_member_is_one_of_its_group(tmp_path: Path, worker: str, error: str) -> None:
+    config = tmp_path / "site.toml"
+    config.write_text(f"[worker]\n{worker}\n[adapters.ven]\n")
+    with pytest.raises(MappingError) as raised:
+        load_config(config)
+    assert raised.value.code == error and raised.value.path == "$.worker.member"
+    assert raised.value.line is not None

@@ -82,6 +82,9 @@ class Worker:
         if pipelines is None:
             pipelines = _pipelines(config)
         share = f"$share/{w.shared_group}/" if w.shared_group else ""
+        # A member of a partitioned group takes every source message and keeps its own
+        # sites' (Dispatcher.handle); only the bus ingest is shared.
+        sources = "" if config.member is not None else share
         connections = []
         devices = []
         for name, pipeline in pipelines.items():
@@ -103,8 +106,8 @@ class Worker:
             adapters=[
                 (
                     name,
-                    [share + f for d in p.sources if d.transport == "mqtt" for f in d.patterns],
-                    [share + f for f in p.command_filters],
+                    [sources + f for d in p.sources if d.transport == "mqtt" for f in d.patterns],
+                    [sources + f for f in p.command_filters],
                 )
                 for name, p in pipelines.items()
             ],
@@ -146,6 +149,7 @@ class Worker:
             availability=Availability(timeout_s=w.availability_timeout_s),
             dead_letter_prefix=plan.dead_letter_prefix,
             worker_id=config.mqtt.client_id,
+            member=config.member,
         )
         # Every worker of a group marks what it publishes, so that the group's bus ingest
         # passes over the group's own output: No Local covers only a worker's own
