@@ -29,9 +29,16 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from benchmarks.adapters import ven_messages
 from energybus.adapters import Pipeline, create_adapter
+from energybus.adapters.cpi import CpiOptions, CpiPlant, CpiTarget
 from energybus.adapters.signing import Signer
 from energybus.errors import MappingError
+from energybus.worker.acks import AckQueue
+from energybus.worker.availability import Availability
 from energybus.worker.config import load_config
+from energybus.worker.dispatch import Dispatcher
+from energybus.worker.metrics import Metrics
+from energybus.worker.sources import Delivery
+from tests.test_dispatch import AT, FakeBus, FakeSink
 from tests.workers import (
     Collector,
     WorkerProcess,
@@ -543,3 +550,53 @@ def test_a_member_is_one_of_its_group(tmp_path: Path, worker: str, error: str) -
         load_config(config)
     assert raised.value.code == error and raised.value.path == "$.worker.member"
     assert raised.value.line is not None
+
+
+def test_a_site_is_one_members_with_its_commands_and_their_answers() -> None:
+    """What members split by (``Pipeline.site_of``), and two members of a partitioned
+    group each handling exactly the VENs whose site hashes to them."""
+    ven = Pipeline(create_adapter("ven"))
+    assert ven.site_of("volttron/metering", b'{"venId": "Ven_7", "circuits": []}') == "ven-7"
+    assert ven.site_of("ven/ack/Ven_7", b"{}") == "ven-7"
+    assert ven.site_of("ven-7/energy/load/ven-7/shed_power/set", b"1") == "ven-7"
+    assert ven.site_of("volttron/metering", b"{not json") == "volttron/metering"
+    cpi = Pipeline(
+        create_adapter(
+            "cpi",
+            options=CpiOptions(
+                site="yard",
+                plants={"P1": CpiPlant(targets={"B1": CpiTarget(template="battery")})},
+            ),
+        )
+    )
+    assert cpi.site_of("cpi/P1/telemetry", b"{}") == "yard"
+    assert cpi.site_of("cpi/P1/commands/ack", b"{}") == "yard"
+    assert cpi.site_of("yard/energy/storage/p1-b1/power_setpoint/set", b"1") == "yard"
+    assert cpi.site_of("cpi/P9/telemetry", b"{}") == "cpi/P9/telemetry"  # refused by one
+
+    handled: list[set[str]] = []
+    for index in range(2):
+        sink = FakeSink()
+        pipeline = Pipeline(create_adapter("ven"))
+        dispatcher = Dispatcher(
+            pipelines={"ven": pipeline},
+            sink=sink,
+            metrics=Metrics(),
+            availability=Availability(timeout_s=60),
+            dead_letter_prefix="energybus/dead_letter",
+            worker_id=f"w{index}",
+            member=(index, 2),
+        )
+        dispatcher.route("mqtt", list(pipeline.sources[0].patterns), pipeline)
+        dispatcher.attach(FakeBus())
+        acks = AckQueue(lambda mid: None)
+        for number in range(12):
+            body = {"venId": f"v{number}", "timestamp": 1729700000, "usedPowerKw": 1.0}
+            delivery = Delivery(
+                "mqtt", "volttron/metering", msgspec.json.encode(body), AT, acks.add(number)
+            )
+            dispatcher.handle(delivery)
+        handled.append({row.site for row in sink.rows})
+    assert handled[0] | handled[1] == {f"v{n}" for n in range(12)}
+    assert handled[0] & handled[1] == set() and handled[0] and handled[1]
+    assert all(zlib.crc32(site.encode()) % 2 == 0 for site in handled[0])

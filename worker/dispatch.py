@@ -144,8 +144,16 @@ class Dispatcher:
     ) -> None:
         self.pipelines = pipelines
         self.member = member
-        """``(index, count)`` in a partitioned group: MQTT source messages about other
-        members' sites are acknowledged and left to them."""
+        """``(index, count)`` in a partitioned group: messages about other members' sites
+        are acknowledged and left to them. That holds for adapters whose sources are MQTT
+        topics, which every member receives; an adapter with connections of its own (an
+        AMQP account, Modbus devices) is configured on one member, which also takes its
+        ``set`` commands."""
+        self._partitioned = {
+            name
+            for name, pipeline in pipelines.items()
+            if any(d.transport == "mqtt" for d in pipeline.sources)
+        }
         self.sink = sink
         self.metrics = metrics
         self.availability = availability
@@ -271,7 +279,7 @@ class Dispatcher:
             return
         if (
             self.member is not None
-            and delivery.source == "mqtt"
+            and pipeline.name in self._partitioned
             and not self._mine(pipeline, delivery)
         ):
             self.metrics.elsewhere.labels(pipeline.name).inc()
