@@ -179,16 +179,20 @@ def _wait_drained(
 
 
 class _Worker:
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, args: list[str] | None = None) -> None:
         self.config = config
         self.log = log
+        self.args = args or []
+        """More options of ``energybus run`` (a group's)."""
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> int:
         offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [*ENERGYBUS, "run", "--config", str(self.config)], stdout=out, stderr=out
+                [*ENERGYBUS, "run", "--config", str(self.config), *self.args],
+                stdout=out,
+                stderr=out,
             )
         deadline = time.monotonic() + 60
         while "source: connected" not in self.log.read_text()[offset:]:
