@@ -15,7 +15,8 @@ process of its own). The run waits for every message's ``soc/last`` on the bus a
 every row in the historian; loss is counted after that drain (a run not drained is
 reported as such, its workers stopped, which writes what they hold, and started again so
 the broker redelivers what they had not acknowledged). CPU comes from ``/proc`` per
-process tree: each worker, the broker, the database, and the machine in all.
+process tree: each worker, the broker, the database, and the machine in all; and the
+bytes a stored row takes on disk (the sample table's partitions with their indexes).
 """
 
 from __future__ import annotations
@@ -112,6 +113,14 @@ def _run(setup: str, rate: int, seconds: float, drain: float) -> dict[str, objec
             " FROM energybus.measurements WHERE site LIKE $1 AND metric_name = 'soc'",
             f"ven-{tag}-%",
         )[0][0]
+        # On disk: the sample table's partitions with their key and BRIN indexes, after
+        # a VACUUM so that the visibility map and free space map are counted as they stay.
+        _fetch(pg.url, "VACUUM energybus.measurement_samples")
+        size = _fetch(
+            pg.url,
+            "SELECT sum(pg_total_relation_size(inhrelid)) FROM pg_inherits"
+            " WHERE inhparent = 'energybus.measurement_samples'::regclass",
+        )[0][0]
     finally:
         stop_services()
     workers_cores = sum(v for k, v in cores.items() if k.startswith("worker_"))
@@ -137,6 +146,7 @@ def _run(setup: str, rate: int, seconds: float, drain: float) -> dict[str, objec
         "workers_cpu_us_per_sample": round(workers_cores * wall / expected * 1e6, 2),
         "broker_cpu_us_per_sample": round(cores["broker"] * wall / expected * 1e6, 2),
         "database_cpu_us_per_row": round(cores["database"] * wall / expected * 1e6, 2),
+        "bytes_per_stored_row": round(int(size) / stored, 1) if stored else None,
     }
 
 
