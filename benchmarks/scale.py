@@ -116,7 +116,7 @@ def _run(setup: str, rate: int, seconds: float, drain: float) -> dict[str, objec
         # On disk: the sample table's partitions with their key and BRIN indexes, after
         # a VACUUM so that the visibility map and free space map are counted as they stay.
         _fetch(pg.url, "VACUUM energybus.measurement_samples")
-        size = _fetch(
+        on_disk = _fetch(
             pg.url,
             "SELECT sum(pg_total_relation_size(inhrelid)) FROM pg_inherits"
             " WHERE inhparent = 'energybus.measurement_samples'::regclass",
@@ -146,7 +146,7 @@ def _run(setup: str, rate: int, seconds: float, drain: float) -> dict[str, objec
         "workers_cpu_us_per_sample": round(workers_cores * wall / expected * 1e6, 2),
         "broker_cpu_us_per_sample": round(cores["broker"] * wall / expected * 1e6, 2),
         "database_cpu_us_per_row": round(cores["database"] * wall / expected * 1e6, 2),
-        "bytes_per_stored_row": round(int(size) / stored, 1) if stored else None,
+        "bytes_per_stored_row": round(int(on_disk) / stored, 1) if stored else None,
     }
 
 
