@@ -31,7 +31,6 @@ from pathlib import Path
 from benchmarks.cpu import Meter
 from benchmarks.worker import (
     ENERGYBUS,
-    ROOT,
     SAMPLES_PER_MESSAGE,
     _BusMeter,
     _fetch,
@@ -39,6 +38,8 @@ from benchmarks.worker import (
     _wait_drained,
     _Worker,
     fresh_services,
+    load_report,
+    start_load,
     stop_services,
 )
 
@@ -75,17 +76,11 @@ def _run(setup: str, rate: int, seconds: float, drain: float) -> dict[str, objec
                 components[f"worker_{index}"] = worker.start()
             # Every VEN is its own site: ven-<tag>-<n>.
             with _BusMeter(mqtt.port, "+") as meter:
-                load = subprocess.Popen(
-                    [sys.executable, "-m", "benchmarks.load", "--port", str(mqtt.port),
-                     "--rate", str(rate), "--seconds", str(seconds), "--tag", tag],
-                    stdout=subprocess.PIPE, cwd=ROOT,
-                )  # fmt: skip
+                load = start_load(mqtt.port, rate, seconds, tag)
                 cpu = Meter(components)
                 cpu.start()
                 begun = time.monotonic()
-                out, _ = load.communicate(timeout=seconds + 180)
-                report = json.loads(out)
-                sent, published = int(report["sent"]), float(report["seconds"])
+                report, sent, published = load_report(load, seconds)
                 expected = sent * SAMPLES_PER_MESSAGE
 
                 def progress() -> int:

@@ -178,6 +178,23 @@ def _wait_drained(
         time.sleep(0.2)
 
 
+def start_load(port: int, rate: int, seconds: float, tag: str) -> subprocess.Popen[bytes]:
+    """benchmarks/load.py in a process of its own, so that its CPU is counted apart."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.load", "--port", str(port),
+         "--rate", str(rate), "--seconds", str(seconds), "--tag", tag],
+        stdout=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+
+
+def load_report(load: subprocess.Popen[bytes], seconds: float) -> tuple[dict[str, Any], int, float]:
+    """The load generator's report once it is done: the report, messages sent, and the
+    seconds from the first publish to the last PUBACK."""
+    out, _ = load.communicate(timeout=seconds + 180)
+    report: dict[str, Any] = json.loads(out)
+    return report, int(report["sent"]), float(report["seconds"])
+
+
 class _Worker:
     def __init__(self, config: Path, log: Path, args: list[str] | None = None) -> None:
         self.config = config
@@ -247,18 +264,12 @@ def _run_one(
         else:
             components["worker"] = worker.start()
         with _BusMeter(mqtt.port, site) as meter:
-            load = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.load", "--port", str(mqtt.port),
-                 "--rate", str(rate), "--seconds", str(seconds), "--tag", site],
-                stdout=subprocess.PIPE, cwd=ROOT,
-            )  # fmt: skip
+            load = start_load(mqtt.port, rate, seconds, site)
             cpu = Meter(components)
             cpu.start()
             meter_cpu = time.process_time()
             started = time.monotonic()
-            out, _ = load.communicate(timeout=seconds + 180)
-            report = json.loads(out)
-            sent, published = int(report["sent"]), float(report["seconds"])
+            report, sent, published = load_report(load, seconds)
             expected_rows = sent * SAMPLES_PER_MESSAGE
 
             def progress() -> int:

@@ -33,12 +33,9 @@ from energybus.adapters.cpi import CpiOptions, CpiPlant, CpiTarget
 from energybus.adapters.signing import Signer
 from energybus.errors import MappingError
 from energybus.worker.acks import AckQueue
-from energybus.worker.availability import Availability
 from energybus.worker.config import load_config
-from energybus.worker.dispatch import Dispatcher
-from energybus.worker.metrics import Metrics
 from energybus.worker.sources import Delivery
-from tests.test_dispatch import AT, FakeBus, FakeSink
+from tests.test_dispatch import AT, _dispatcher
 from tests.workers import (
     Collector,
     WorkerProcess,
@@ -73,7 +70,7 @@ def _at(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-class _Plant:
+class _Plant(Collector):
     """A CPI plant: answers every signed command on its topic with a signed ``ok``."""
 
     def __init__(self, mqtt: Service, plant: str, signer: Signer) -> None:
@@ -83,17 +80,9 @@ class _Plant:
         self.answered: dict[str, int] = {}
         """cmdId -> the ``ts`` of its ACK (the confirmation's observation time)."""
         self.faults: list[str] = []
-        self._lock = threading.Lock()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"plant-{plant}")
-        self.client.on_message = self._on_command
-        ready = threading.Event()
-        self.client.on_subscribe = lambda *a: ready.set()
-        self.client.connect(mqtt.host, mqtt.port)
-        self.client.loop_start()
-        self.client.subscribe(f"cpi/{plant}/commands", qos=1)
-        assert ready.wait(10)
+        super().__init__(mqtt, [f"cpi/{plant}/commands"])
 
-    def _on_command(self, client: Any, userdata: Any, message: Any) -> None:
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         try:
             command = json.loads(message.payload)
             self.signer.verify(command)
@@ -110,10 +99,6 @@ class _Plant:
             self.received.append(command["cmdId"])
             self.answered[command["cmdId"]] = ack["ts"]
         client.publish(f"cpi/{self.plant}/commands/ack", json.dumps(ack), qos=1)
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 class _Group:
@@ -576,19 +561,7 @@ def test_a_site_is_one_members_with_its_commands_and_their_answers() -> None:
 
     handled: list[set[str]] = []
     for index in range(2):
-        sink = FakeSink()
-        pipeline = Pipeline(create_adapter("ven"))
-        dispatcher = Dispatcher(
-            pipelines={"ven": pipeline},
-            sink=sink,
-            metrics=Metrics(),
-            availability=Availability(timeout_s=60),
-            dead_letter_prefix="energybus/dead_letter",
-            worker_id=f"w{index}",
-            member=(index, 2),
-        )
-        dispatcher.route("mqtt", list(pipeline.sources[0].patterns), pipeline)
-        dispatcher.attach(FakeBus())
+        dispatcher, _, sink, _ = _dispatcher(member=(index, 2))
         acks = AckQueue(lambda mid: None)
         for number in range(12):
             body = {"venId": f"v{number}", "timestamp": 1729700000, "usedPowerKw": 1.0}
