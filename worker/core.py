@@ -44,10 +44,10 @@ __all__ = ["Plan", "Worker", "run_worker"]
 log = logging.getLogger("energybus.worker")
 
 TRANSPORTS: Final = frozenset({"mqtt", "amqp", "modbus"})
+"""The transports this worker has sources for (adapters declare theirs)."""
 GROUP_PROPERTY: Final = "energybus-group"
 """The MQTT 5 User Property that marks each publish of a worker in a shared group; its
 value is the group's name."""
-"""The transports this worker has sources for (adapters declare theirs)."""
 
 
 class Plan(NamedTuple):
