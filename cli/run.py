@@ -90,6 +90,15 @@ def check(config_path: str) -> None:
         f"receive maximum {m.receive_maximum}, max in flight {m.max_inflight}"
     )
     out(f"           {m.client_id}-src subscribes to sources, {m.client_id}-bus publishes")
+    if w.shared_group is not None:
+        member = config.member
+        split = (
+            f"member {member[0]} of {member[1]}: the sites whose CRC-32 modulo {member[1]}"
+            f" is {member[0]}"
+            if member is not None
+            else "shared subscriptions: each message to one member"
+        )
+        out(f"group      {w.shared_group}, {split}; publishes marked energybus-group")
     for name, filters, commands in plan.adapters:
         out(f"adapter    {name}")
         for f in filters:

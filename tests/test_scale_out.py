@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import secrets
 import signal
+import subprocess
 import threading
 import time
 import urllib.request
@@ -37,6 +38,7 @@ from energybus.worker.config import load_config
 from energybus.worker.sources import Delivery
 from tests.test_dispatch import AT, _dispatcher
 from tests.workers import (
+    ENERGYBUS,
     Collector,
     WorkerProcess,
     init_schema,
@@ -573,3 +575,15 @@ def test_a_site_is_one_members_with_its_commands_and_their_answers() -> None:
     assert handled[0] | handled[1] == {f"v{n}" for n in range(12)}
     assert handled[0] & handled[1] == set() and handled[0] and handled[1]
     assert all(zlib.crc32(site.encode()) % 2 == 0 for site in handled[0])
+
+
+def test_the_plan_says_which_sites_a_member_handles(tmp_path: Path) -> None:
+    config = tmp_path / "site.toml"
+    config.write_text('[worker]\nshared_group = "fleet"\nmember = "1/3"\n[adapters.ven]\n')
+    done = subprocess.run(
+        [*ENERGYBUS, "check", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "group      fleet, member 1 of 3: the sites whose CRC-32 modulo 3 is 1" in done.stdout
+    assert "  source   volttron/metering  (QoS 1)" in done.stdout  # not through $share
+    assert "ingest     $share/fleet/+/energy/+/+/+/value" in done.stdout
