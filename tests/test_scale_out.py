@@ -18,7 +18,7 @@ import uuid
 import zlib
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ from energybus.adapters import Pipeline, create_adapter
 from energybus.adapters.cpi import CpiOptions, CpiPlant, CpiTarget
 from energybus.adapters.signing import Signer
 from energybus.errors import MappingError
+from energybus.render import Renderer
+from energybus.samples import Sample
 from energybus.worker.acks import AckQueue
 from energybus.worker.config import load_config
 from energybus.worker.sources import Delivery
@@ -587,3 +589,72 @@ def test_the_plan_says_which_sites_a_member_handles(tmp_path: Path) -> None:
     assert "group      fleet, member 1 of 3: the sites whose CRC-32 modulo 3 is 1" in done.stdout
     assert "  source   volttron/metering  (QoS 1)" in done.stdout  # not through $share
     assert "ingest     $share/fleet/+/energy/+/+/+/value" in done.stdout
+
+
+def test_a_restart_replays_what_was_not_acknowledged_without_moving_last_back(
+    tmp_path: Path, mosquitto: Service, postgres: Service
+) -> None:
+    """Three samples of one series handled and published, none acknowledged yet (their
+    batch waits 30 s), then SIGKILL: the broker gives the three again at the restart. The
+    worker reads the retained `last`s first (worker/lasts.py), so the replay does not step
+    `last` back; the rows are stored once."""
+    init_schema(postgres.url)
+    tag = f"s{uuid.uuid4().hex[:8]}"
+    config = write_config(
+        tmp_path / "site.toml",
+        mqtt=mosquitto,
+        dsn=postgres.url,
+        client_id=f"w-{tag}",
+        extra=f'[adapters.ven]\nsite = "{tag}"\n',
+    )
+    config.write_text(
+        config.read_text().replace("batch_interval_s = 0.05", "batch_interval_s = 30")
+    )
+    messages = [json.loads(m) for m in ven_messages(3, circuits=1, seed=9)]
+    last = f"{tag}/energy/storage/ven-042-battery/soc/last"
+    lasts = Collector(mosquitto, [f"{tag}/energy/+/+/+/last"])
+    worker = WorkerProcess(config, tmp_path / "worker.log").start()
+    try:
+        for number, body in enumerate(messages):
+            body["timestamp"] = 1764600000 + number
+            publish(mosquitto, [("volttron/metering", msgspec.json.encode(body))])
+        _wait(lambda: len(lasts.payloads(last)) == 3, 30, "three lasts of the series")
+        assert worker.stop(signal.SIGKILL) == -signal.SIGKILL
+        config.write_text(
+            config.read_text().replace("batch_interval_s = 30", "batch_interval_s = 0.05")
+        )
+        worker = WorkerProcess(config, tmp_path / "worker.log").start()
+        sql = f"SELECT count(*) FROM energybus.measurements WHERE site = '{tag}'"
+        pipeline = Pipeline(create_adapter("ven", options=load_config(config).adapters["ven"]))
+        now = datetime.now(UTC)
+        expected = sum(
+            len(pipeline.feed("volttron/metering", msgspec.json.encode(b), received_at=now).samples)
+            for b in messages
+        )
+        _wait(lambda: query(postgres.url, sql)[0][0] >= expected, 90, "every sample stored")
+        assert worker.stop() == 0
+        assert query(postgres.url, sql)[0][0] == expected
+        seen = _lasts(lasts)
+        assert [at.timestamp() for at in seen[last]][:3] == [1764600000, 1764600001, 1764600002]
+        backwards = {t: ats for t, ats in seen.items() if any(b < a for a, b in pairwise(ats))}
+        assert backwards == {}
+    finally:
+        lasts.close()
+        if worker.alive():
+            worker.stop(signal.SIGKILL)
+
+
+def test_a_floor_keeps_an_older_sample_from_last_until_a_newer_one_comes() -> None:
+    renderer = Renderer(source="ven")
+    at = datetime(2026, 12, 1, 12, tzinfo=UTC)
+    renderer.last_floors[("s", "grid", "m", "active_power")] = at
+
+    def lasts(sample: Sample) -> list[str]:
+        return [m.topic for m in renderer.render(sample) if m.topic.endswith("/last")]
+
+    older = Sample("s", "grid", "m", "active_power", 1.0, at - timedelta(seconds=1))
+    assert lasts(older) == []  # the bus already has a newer last
+    assert renderer.last_floors == {}  # read once, when the series is first seen
+    assert lasts(Sample("s", "grid", "m", "active_power", 2.0, at)) == [
+        "s/energy/grid/m/active_power/last"
+    ]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from .acks import AckQueue, Entry
 from .bus import BusClient, BusError, Received
@@ -44,8 +44,12 @@ class BusConnection:
         metrics: Metrics,
         on_ingest: Callable[[Received, Entry], None],
         properties: bytes = b"",
+        prepare: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
+        self.prepare = prepare
+        """Awaited once, after the first connect and before the gate first opens (the
+        worker reads the bus's retained ``last`` values there)."""
         self.properties = properties
         """Sent with every publish (the worker's group mark, when it has a group)."""
         self.ingest_filters = ingest_filters
@@ -103,6 +107,9 @@ class BusConnection:
                 state.change("down", logging.WARNING, "bus: cannot connect: %s", error)
                 await asyncio.sleep(backoff.next())
                 continue
+            if self.prepare is not None:
+                prepare, self.prepare = self.prepare, None
+                await prepare()
             if not first:
                 self.metrics.reconnects.labels("bus").inc()
             first = False

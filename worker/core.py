@@ -35,6 +35,7 @@ from .bus import Received, user_property
 from .config import Config
 from .connection import BusConnection
 from .dispatch import Dispatcher
+from .lasts import read_lasts
 from .metrics import Metrics
 from .sink import HistorianSink
 from .sources import AmqpSource, ModbusSource, MqttSource, Source
@@ -164,6 +165,7 @@ class Worker:
             metrics=self.metrics,
             on_ingest=self._ingest,
             properties=self.group_mark,
+            prepare=self._read_lasts,
         )
         self.sources = self._sources(plan)
         self._stop = asyncio.Event()
@@ -230,6 +232,17 @@ class Worker:
                     dispatcher.outlet(destination, poller)
             result.append(poller)
         return result
+
+    async def _read_lasts(self) -> None:
+        """Before the first message is handled: each series' retained ``last`` becomes
+        its renderer's floor (worker/lasts.py)."""
+        m, w = self.config.mqtt, self.config.worker
+        floors = await read_lasts(
+            m, client_id=m.client_id, marker_prefix=f"{w.topic_prefix}/worker/{m.client_id}/lasts"
+        )
+        for pipeline in self.pipelines.values():
+            pipeline.renderer.last_floors = floors
+        log.info("bus: read the retained last of %d series", len(floors))
 
     def _ingest(self, received: Received, entry: Entry) -> None:
         if not self._consuming:
