@@ -1,9 +1,12 @@
-"""Several workers in one shared group (``--shared-group``) against a real Mosquitto and
-PostgreSQL: steady VEN and signed CPI load, signed CPI commands answered by a plant, one
-member SIGKILLed mid-load and started again. After draining: every sample stored exactly
-once, every command confirmed exactly once, and no series' retained ``last`` ever moved
-back in observation time (a subscriber sees every ``last`` publish), ending on the newest
-sample (docs/scaling.md)."""
+"""Several workers in one group against a real Mosquitto and PostgreSQL (docs/scaling.md).
+
+Two and three members partitioned by site (``--shared-group NAME --member I/N``) under
+steady VEN and signed CPI load, signed CPI commands answered by a plant, one member
+SIGKILLed mid-load and started again: after draining, every sample stored exactly once,
+every command confirmed exactly once, and no series' retained ``last`` ever moved back in
+observation time (a subscriber sees every ``last`` publish), ending on the newest sample.
+Also: a group does not ingest its own output, a restart's replay does not step ``last``
+back, and how members split sites."""
 
 from __future__ import annotations
 
@@ -53,15 +56,13 @@ from tools.services import Service, free_port
 pytestmark = pytest.mark.services
 
 VENS = 41
-"""VENs, each its own site, one metering message (48 samples) per round. Not a multiple
-of the group's size: the broker hands the members a group's messages in turn, so the
-messages of one VEN go to each member in turn too (with 40 and 2 members, every VEN
-would stay with one member)."""
+"""VENs, each its own site (so the members split them), one metering message (48
+samples) per round."""
 TARGETS = 4
 """Batteries of the CPI plant, one telemetry message each per round."""
 ROUNDS = 15
 SPACING_S = 2.0
-"""Between two samples of one series (docs/scaling.md: what `last` needs)."""
+"""Between two rounds: a VEN reporting every 2 s."""
 KILL_ROUND = 6
 DOWN_S = 2.5 * SPACING_S
 SETTLE_S = 1.0
@@ -433,8 +434,8 @@ def test_a_shared_group_with_a_member_killed_stores_confirms_and_orders_once(
         with commands.quiet:
             assert victim.stop(signal.SIGKILL) == -signal.SIGKILL
             # Down for more than a sample interval, as a supervisor's restart delay
-            # would keep it: the broker queues the member's share meanwhile, and the
-            # other members go on with the next samples of the same series.
+            # would keep it: the broker queues what the member's session subscribes to
+            # meanwhile, and the other members go on with their sites.
             time.sleep(DOWN_S)
             victim.start()
         publisher.join(120)
