@@ -396,7 +396,7 @@ def test_a_group_ingests_other_publishers_values_but_not_its_own_output(
 
 
 @pytest.mark.parametrize("size", [2, 3])
-def test_a_shared_group_with_a_member_killed_stores_confirms_and_orders_once(
+def test_a_partitioned_group_with_a_member_killed_stores_confirms_and_orders_once(
     tmp_path: Path, mosquitto: Service, postgres: Service, size: int
 ) -> None:
     init_schema(postgres.url)
