@@ -325,6 +325,13 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
         default, for an adapter that learns its devices from their traffic: yes."""
         return True
 
+    def site_of(self, topic: str, payload: bytes) -> str | None:
+        """The site a source message is about, when it can be told cheaply (from the
+        topic, or one field of the payload), else ``None``. The members of a partitioned
+        group (docs/scaling.md) each handle the sites that hash to them, so every message
+        about a site, its commands and their answers included, meets one member."""
+        return None
+
     def expire(self, now: datetime) -> list[CommandRecord]:
         """Commands whose answer is overdue, now ``expired``."""
         return self.commands.expire(now)

@@ -140,6 +140,11 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
 
     # Translating ----------------------------------------------------------------------
 
+    def site_of(self, topic: str, payload: bytes) -> str | None:
+        parts = topic.split("/")
+        plant = self._plants.get(parts[1]) if len(parts) > 2 else None
+        return plant.site if plant is not None else None
+
     def normalize(self, topic: str, payload: bytes, received_at: datetime) -> Normalized:
         try:
             parts = topic.split("/")

@@ -90,6 +90,14 @@ class Pipeline:
             return False
         return self.adapter.knows_target(parsed)
 
+    def site_of(self, topic: str, payload: bytes) -> str:
+        """What a partitioned group's members split messages by: the site, for a
+        ``set`` the first level of its topic, for a source message what the adapter
+        tells (``Adapter.site_of``), else the topic itself."""
+        if self.is_command(topic):
+            return topic.partition("/")[0]
+        return self.adapter.site_of(topic, payload) or topic
+
     def feed(
         self, topic: str, payload: bytes, *, received_at: datetime, retain: bool = False
     ) -> Output:

@@ -130,6 +130,14 @@ class _Ack(msgspec.Struct):
 
 
 _ack_decoder: Final = msgspec.json.Decoder(_Ack)
+
+
+class _Named(msgspec.Struct):
+    venId: str
+
+
+_named_decoder: Final = msgspec.json.Decoder(_Named)
+"""Only the VEN's id of a metering message (the rest is skipped, not decoded)."""
 _json: Final = msgspec.json.Encoder()
 _OK_STATUSES: Final = frozenset({"accepted", "success", "ok", "pong"})
 _RECENT: Final = 16  # timestamps remembered per VEN to spot the same message twice
@@ -235,6 +243,19 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
         )
 
     # Translating ----------------------------------------------------------------------
+
+    def site_of(self, topic: str, payload: bytes) -> str | None:
+        if topic == METERING_TOPIC:
+            try:
+                source_id = _named_decoder.decode(payload).venId
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                return None
+        else:
+            source_id = topic.rpartition("/")[2]
+        try:
+            return self._ven(source_id).site
+        except EnergyBusError:
+            return None  # refused by whichever member handles it
 
     def normalize(self, topic: str, payload: bytes, received_at: datetime) -> Normalized:
         try:

@@ -212,6 +212,7 @@ def main() -> None:
             "voke-restart",
             "modbus-decode",
             "modbus-poll",
+            "scale",
         ],
     )
     parser.add_argument(
@@ -222,7 +223,8 @@ def main() -> None:
     parser.add_argument(
         "--modes",
         help="worker: which of historian, bus, nodered to run at each rate (default: all);"
-        " voke: which of voke, cpi (default: both)",
+        " voke: which of voke, cpi (default: both);"
+        " scale: which of single, shared, members (default: all)",
     )
     parser.add_argument(
         "--drain", type=float, default=60.0, help="worker: seconds to wait for the output"
@@ -236,6 +238,7 @@ def main() -> None:
     cores = os.cpu_count()
     from benchmarks.adapters import bench_cpi, bench_ven
     from benchmarks.modbus import bench_modbus_decode, bench_modbus_poll
+    from benchmarks.scale import bench_scale
     from benchmarks.voke import bench_voke, bench_voke_restart
     from benchmarks.worker import bench_historian, bench_worker
 
@@ -261,6 +264,12 @@ def main() -> None:
         "voke-restart": lambda: bench_voke_restart(rates[0], 4 * args.seconds, args.drain),
         "modbus-decode": lambda: bench_modbus_decode(args.seconds, _rate),
         "modbus-poll": lambda: bench_modbus_poll(max(args.seconds, 5.0)),
+        "scale": lambda: bench_scale(
+            rates,
+            4 * args.seconds,
+            args.drain,
+            (args.modes or "single,shared,members").split(","),
+        ),
     }
     for name, run in figures.items():
         if args.only in (None, name):

@@ -179,17 +179,38 @@ def _wait_drained(
         time.sleep(0.2)
 
 
+def start_load(port: int, rate: int, seconds: float, tag: str) -> subprocess.Popen[bytes]:
+    """benchmarks/load.py in a process of its own, so that its CPU is counted apart."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.load", "--port", str(port),
+         "--rate", str(rate), "--seconds", str(seconds), "--tag", tag],
+        stdout=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+
+
+def load_report(load: subprocess.Popen[bytes], seconds: float) -> tuple[dict[str, Any], int, float]:
+    """The load generator's report once it is done: the report, messages sent, and the
+    seconds from the first publish to the last PUBACK."""
+    out, _ = load.communicate(timeout=seconds + 180)
+    report: dict[str, Any] = json.loads(out)
+    return report, int(report["sent"]), float(report["seconds"])
+
+
 class _Worker:
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, args: list[str] | None = None) -> None:
         self.config = config
         self.log = log
+        self.args = args or []
+        """More options of ``energybus run`` (a group's)."""
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> int:
         offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [*ENERGYBUS, "run", "--config", str(self.config)], stdout=out, stderr=out
+                [*ENERGYBUS, "run", "--config", str(self.config), *self.args],
+                stdout=out,
+                stderr=out,
             )
         deadline = time.monotonic() + 60
         while "source: connected" not in self.log.read_text()[offset:]:
@@ -249,9 +270,7 @@ def _run_one(
             cpu.start()
             meter_cpu = time.process_time()
             started = time.monotonic()
-            out, _ = load.communicate(timeout=seconds + 180)
-            report = json.loads(out)
-            sent, published = int(report["sent"]), float(report["seconds"])
+            report, sent, published = load_report(load, seconds)
             expected_rows = sent * SAMPLES_PER_MESSAGE
 
             def progress() -> int:

@@ -35,14 +35,25 @@ def _load(config_path: str) -> Config:
 @click.command()
 @_config
 @click.option("--shared-group", help="Subscribe through $share/NAME/... to split the load.")
+@click.option(
+    "--member",
+    metavar="INDEX/COUNT",
+    help="With --shared-group: handle only the sites that hash to INDEX of COUNT members.",
+)
 @click.option("--log-format", type=click.Choice(["human", "json"]), help="Default: human.")
-def run(config_path: str, shared_group: str | None, log_format: str | None) -> None:
+def run(
+    config_path: str, shared_group: str | None, member: str | None, log_format: str | None
+) -> None:
     """Run the worker until SIGTERM or SIGINT (then flush, mark offline, exit 0)."""
     from energybus.worker import run_worker
     from energybus.worker.logs import setup_logging
 
     config = _load(config_path)
-    config.with_overrides(shared_group=shared_group, log_format=log_format)
+    try:
+        config.with_overrides(shared_group=shared_group, member=member, log_format=log_format)
+    except MappingError as error:
+        click.echo(f"invalid  {error}", err=True)
+        sys.exit(2)
     setup_logging(config.worker.log_format, config.worker.log_level)
     try:
         status = run_worker(config)
@@ -79,6 +90,15 @@ def check(config_path: str) -> None:
         f"receive maximum {m.receive_maximum}, max in flight {m.max_inflight}"
     )
     out(f"           {m.client_id}-src subscribes to sources, {m.client_id}-bus publishes")
+    if w.shared_group is not None:
+        member = config.member
+        split = (
+            f"member {member[0]} of {member[1]}: the sites whose CRC-32 modulo {member[1]}"
+            f" is {member[0]}"
+            if member is not None
+            else "shared subscriptions: each message to one member"
+        )
+        out(f"group      {w.shared_group}, {split}; publishes marked energybus-group")
     for name, filters, commands in plan.adapters:
         out(f"adapter    {name}")
         for f in filters:

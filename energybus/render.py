@@ -151,6 +151,12 @@ class Renderer:
         self.suppressed = 0
         """How many ``value`` messages dedupe has held back; the worker exports it."""
         self._series: dict[SeriesKey, _Series] = {}
+        self.last_floors: dict[SeriesKey, datetime] = {}
+        """The observation time each series' retained ``last`` already has on the bus,
+        for series this renderer has not seen yet (a worker reads them at start-up): a
+        series seen for the first time starts from its floor, so a sample older than what
+        an earlier run published (one the broker gives again after a crash) does not
+        replace it. Consulted once per series, when it is first seen."""
         # The samples of one source message share one observation time object, so its
         # encoding is kept for the next sample (an identity test, cheaper than encoding).
         self._time: datetime | None = None
@@ -250,12 +256,11 @@ class Renderer:
             series = series_of.get(key)
             if series is None:
                 try:
-                    series = _Series(key)
+                    series = self._new_series(key)
                 except EnergyBusError as error:  # ids too long or malformed for a topic
                     refused = refused or []
                     refused.append((_at(values, entry), error))
                     continue
-                series_of[key] = series
             if series.spec is not spec:
                 # An equal spec from another object (a second device reporting the same
                 # entity) changes nothing: only a different one reconfigures the series.
@@ -321,7 +326,7 @@ class Renderer:
         series = self._series.get(key)
         if series is None:
             try:
-                series = self._series[key] = _Series(key)
+                series = self._new_series(key)
             except EnergyBusError:
                 return
         if series.spec != spec or series.unit != unit:
@@ -357,6 +362,14 @@ class Renderer:
             deadband=spec.deadband if spec.dedupe and spec.deadband else None,
             attributes=spec.attributes,
         )
+
+    def _new_series(self, key: SeriesKey) -> _Series:
+        series = self._series[key] = _Series(key)
+        if self.last_floors:
+            floor = self.last_floors.pop(key, None)
+            if floor is not None:
+                series.last_at = floor
+        return series
 
     def forget(self, key: SeriesKey | None = None) -> None:
         """Drop what was said for one series (or all), so the next sample repeats everything.

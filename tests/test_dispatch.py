@@ -78,7 +78,9 @@ class FakeSink:
             entry.release()
 
 
-def _dispatcher() -> tuple[Dispatcher, FakeBus, FakeSink, Metrics]:
+def _dispatcher(
+    member: tuple[int, int] | None = None,
+) -> tuple[Dispatcher, FakeBus, FakeSink, Metrics]:
     metrics = Metrics()
     sink = FakeSink()
     ven = Pipeline(create_adapter("ven"))
@@ -89,6 +91,7 @@ def _dispatcher() -> tuple[Dispatcher, FakeBus, FakeSink, Metrics]:
         availability=Availability(timeout_s=60),
         dead_letter_prefix="energybus/dead_letter",
         worker_id="w1",
+        member=member,
     )
     dispatcher.route("mqtt", [*ven.sources[0].patterns, *ven.command_filters], ven)
     bus = FakeBus()

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +44,17 @@ def write_config(
 
 
 class WorkerProcess:
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, *, args: Sequence[str] = ()) -> None:
         self.config = config
         self.log = log
+        self.args = list(args)
+        """More options of ``energybus run`` (``--shared-group NAME``)."""
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
-                [*ENERGYBUS, "run", "--config", str(self.config)],
+                [*ENERGYBUS, "run", "--config", str(self.config), *self.args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )

@@ -10,8 +10,9 @@ buffer for many messages and hands it to the transport in one write, tracks pack
 in a flat table, parses received PUBLISH packets from the buffer they arrived in, and
 lets the caller acknowledge received messages itself. It speaks just what the worker
 needs: CONNECT (clean start, session expiry, receive maximum, will), SUBSCRIBE with
-No Local, Retain As Published and Retain Handling, PUBLISH and PUBACK both ways,
-PINGREQ, DISCONNECT. QoS 2 is never requested, so never received.
+No Local, Retain As Published and Retain Handling, PUBLISH and PUBACK both ways (with
+one fixed set of properties on every PUBLISH it sends, and the raw properties of every
+one it receives), PINGREQ, DISCONNECT. QoS 2 is never requested, so never received.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["BusClient", "BusError", "Received"]
+__all__ = ["BusClient", "BusError", "Received", "user_property"]
 
 _CONNECT: Final = 0x10
 _CONNACK: Final = 0x20
@@ -68,17 +69,32 @@ _HEADS_RETAIN: Final = [b"\x33" + length for length in _LENGTHS]
 _PACKET_IDS: Final = [n.to_bytes(2, "big") for n in range(MAX_PACKET_ID + 1)]
 
 
+def user_property(name: str, value: str) -> bytes:
+    """An MQTT 5 User Property (0x26) as it appears among a PUBLISH's properties."""
+    return b"\x26" + _string(name.encode()) + _string(value.encode())
+
+
 class Received:
-    """An incoming PUBLISH; ``packet_id`` is 0 for QoS 0."""
+    """An incoming PUBLISH; ``packet_id`` is 0 for QoS 0; ``properties`` are its MQTT 5
+    properties as they came (without their length), usually none."""
 
-    __slots__ = ("packet_id", "payload", "qos", "retain", "topic")
+    __slots__ = ("packet_id", "payload", "properties", "qos", "retain", "topic")
 
-    def __init__(self, topic: str, payload: bytes, qos: int, retain: bool, packet_id: int) -> None:
+    def __init__(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        packet_id: int,
+        properties: bytes = b"",
+    ) -> None:
         self.topic = topic
         self.payload = payload
         self.qos = qos
         self.retain = retain
         self.packet_id = packet_id
+        self.properties = properties
 
 
 class BusClient(asyncio.Protocol):
@@ -87,6 +103,8 @@ class BusClient(asyncio.Protocol):
     ``on_message(received)`` runs for each incoming PUBLISH (the caller acknowledges a
     QoS 1 one with :meth:`ack`); ``on_puback(token)`` runs when the broker acknowledges
     a QoS 1 publish made with that token. ``closed`` completes when the connection ends.
+    ``properties`` (encoded properties, such as :func:`user_property`) go with every
+    PUBLISH this client sends.
     """
 
     def __init__(
@@ -95,12 +113,14 @@ class BusClient(asyncio.Protocol):
         on_message: Callable[[Received], None],
         on_puback: Callable[[Any, int], None],
         max_inflight: int = 20000,
+        properties: bytes = b"",
     ) -> None:
         if not 0 < max_inflight < MAX_PACKET_ID:
             raise ValueError(f"max_inflight must be in 1..{MAX_PACKET_ID - 1}")
         self.on_message = on_message
         self.on_puback = on_puback
         self.max_inflight = max_inflight
+        self._properties = _varint(len(properties)) + properties
         self.inflight = 0
         self.session_present = False
         self._tokens: list[Any] = [None] * (MAX_PACKET_ID + 1)
@@ -263,18 +283,19 @@ class BusClient(asyncio.Protocol):
             self._next_id = packet_id + 1 if packet_id < MAX_PACKET_ID else 1
             self._sent[packet_id] = (topic, payload, retain)
             self.inflight += 1
-            length = len(encoded) + 3 + len(payload)
+            properties = self._properties
+            length = len(encoded) + 2 + len(properties) + len(payload)
             if length < 16384:
                 head = (_HEADS_RETAIN if retain else _HEADS)[length]
             else:
                 head = bytes((0x32 | retain,)) + _varint(length)
-            self._out += (head, encoded, _PACKET_IDS[packet_id], b"\x00", payload)
+            self._out += (head, encoded, _PACKET_IDS[packet_id], properties, payload)
         else:
-            length = len(encoded) + 1 + len(payload)
+            length = len(encoded) + len(self._properties) + len(payload)
             head = bytes((0x30 | retain,)) + (
                 _LENGTHS[length] if length < 16384 else _varint(length)
             )
-            self._out += (head, encoded, b"\x00", payload)
+            self._out += (head, encoded, self._properties, payload)
 
     def ack(self, packet_id: int) -> None:
         """Acknowledge a received QoS 1 message; acks of one loop iteration leave together."""
@@ -459,7 +480,10 @@ class BusClient(asyncio.Protocol):
             packet_id = (body[at] << 8) | body[at + 1]
             at += 2
         props, at = self._varint_at(body, at)
-        self.on_message(Received(topic, bytes(body[at + props :]), qos, bool(kind & 1), packet_id))
+        properties = bytes(body[at : at + props]) if props else b""
+        self.on_message(
+            Received(topic, bytes(body[at + props :]), qos, bool(kind & 1), packet_id, properties)
+        )
 
     async def _ping(self, keepalive: int) -> None:
         """PINGREQ every half keep-alive; a broker silent for 1.5 keep-alives is gone

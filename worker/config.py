@@ -187,6 +187,9 @@ class WorkerConfig(_Section):
     shared_group: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
     """Subscribe through ``$share/<group>/...``, so that the workers of a group share the
     traffic (as ``--shared-group``; docs/worker.md, "Several workers")."""
+    member: str | None = Field(default=None, pattern=r"^[0-9]{1,4}/[0-9]{1,4}$")
+    """``INDEX/COUNT``: this worker handles the sites that hash to INDEX among COUNT
+    members of its shared group (docs/scaling.md)."""
     metrics_host: str = "127.0.0.1"
     """The address the Prometheus endpoint listens on."""
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
@@ -228,16 +231,38 @@ class Config:
         self.built = built or {}
         self.file = file
 
+    @property
+    def member(self) -> tuple[int, int] | None:
+        """``(index, count)`` of a partitioned group's member, else ``None``."""
+        if self.worker.member is None:
+            return None
+        index, count = self.worker.member.split("/")
+        return int(index), int(count)
+
     def with_overrides(
-        self, *, shared_group: str | None = None, log_format: str | None = None
+        self,
+        *,
+        shared_group: str | None = None,
+        member: str | None = None,
+        log_format: str | None = None,
     ) -> Config:
+        """Options given on the command line, checked as the file's are."""
         changes: dict[str, Any] = {}
         if shared_group is not None:
             changes["shared_group"] = shared_group
+        if member is not None:
+            changes["member"] = member
         if log_format is not None:
             changes["log_format"] = log_format
+        where = Located(self.file, "")
         if changes:
-            self.worker = self.worker.model_copy(update=changes)
+            try:
+                self.worker = WorkerConfig.model_validate(
+                    {**self.worker.model_dump(exclude_unset=True), **changes}
+                )
+            except ValidationError as exc:
+                raise _first_error(exc, where) from None
+        _check_member(self.worker, where, "$.worker")
         return self
 
     @property
@@ -266,6 +291,7 @@ def load_config(source: str | Path, *, environ: Mapping[str, str] | None = None)
         root = _Root.model_validate(data)
     except ValidationError as exc:
         raise _first_error(exc, where) from None
+    _check_member(root.worker, where, "$.worker")
     if root.mqtt.reconnect_max_s < root.mqtt.reconnect_min_s:
         raise where.error("out_of_range", "must be >= reconnect_min_s", "$.mqtt.reconnect_max_s")
     for index, pattern in enumerate(root.worker.bus_ingest):
@@ -295,6 +321,20 @@ def load_config(source: str | Path, *, environ: Mapping[str, str] | None = None)
             path = f"$.adapters.{name}{exc.path[1:]}"
             raise where.error(exc.code, exc.message, path) from None
     return Config(root, adapters, str(source), built)
+
+
+def _check_member(worker: WorkerConfig, where: Located, path: str) -> None:
+    if worker.member is None:
+        return
+    index, count = (int(n) for n in worker.member.split("/"))
+    if not 0 <= index < count:
+        raise where.error("out_of_range", "INDEX/COUNT needs 0 <= INDEX < COUNT", f"{path}.member")
+    if worker.shared_group is None:
+        raise where.error(
+            "missing_field",
+            "a member needs its shared_group (the members share the bus ingest through it)",
+            f"{path}.member",
+        )
 
 
 def _first_error(exc: ValidationError, where: Located) -> MappingError:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from .acks import AckQueue, Entry
 from .bus import BusClient, BusError, Received
@@ -43,8 +43,15 @@ class BusConnection:
         dispatcher: Dispatcher,
         metrics: Metrics,
         on_ingest: Callable[[Received, Entry], None],
+        properties: bytes = b"",
+        prepare: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
+        self.prepare = prepare
+        """Awaited once, after the first connect and before the gate first opens (the
+        worker reads the bus's retained ``last`` values there)."""
+        self.properties = properties
+        """Sent with every publish (the worker's group mark, when it has a group)."""
         self.ingest_filters = ingest_filters
         self.session_expiry_s = session_expiry_s
         self.dispatcher = dispatcher
@@ -70,6 +77,7 @@ class BusConnection:
                 on_message=self._received,
                 on_puback=self.dispatcher.on_puback,
                 max_inflight=m.max_inflight,
+                properties=self.properties,
             )
             acks = AckQueue(client.ack)
             if self._acks is not None:
@@ -99,6 +107,9 @@ class BusConnection:
                 state.change("down", logging.WARNING, "bus: cannot connect: %s", error)
                 await asyncio.sleep(backoff.next())
                 continue
+            if self.prepare is not None:
+                prepare, self.prepare = self.prepare, None
+                await prepare()
             if not first:
                 self.metrics.reconnects.labels("bus").inc()
             first = False

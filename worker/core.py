@@ -31,10 +31,11 @@ from energybus.historian import Historian, Outbox
 
 from .acks import Entry
 from .availability import Availability
-from .bus import Received
+from .bus import Received, user_property
 from .config import Config
 from .connection import BusConnection
 from .dispatch import Dispatcher
+from .lasts import read_lasts
 from .metrics import Metrics
 from .sink import HistorianSink
 from .sources import AmqpSource, ModbusSource, MqttSource, Source
@@ -45,6 +46,9 @@ log = logging.getLogger("energybus.worker")
 
 TRANSPORTS: Final = frozenset({"mqtt", "amqp", "modbus"})
 """The transports this worker has sources for (adapters declare theirs)."""
+GROUP_PROPERTY: Final = "energybus-group"
+"""The MQTT 5 User Property that marks each publish of a worker in a shared group; its
+value is the group's name."""
 
 
 class Plan(NamedTuple):
@@ -79,6 +83,9 @@ class Worker:
         if pipelines is None:
             pipelines = _pipelines(config)
         share = f"$share/{w.shared_group}/" if w.shared_group else ""
+        # A member of a partitioned group takes every source message and keeps its own
+        # sites' (Dispatcher.handle); only the bus ingest is shared.
+        sources = "" if config.member is not None else share
         connections = []
         devices = []
         for name, pipeline in pipelines.items():
@@ -100,8 +107,8 @@ class Worker:
             adapters=[
                 (
                     name,
-                    [share + f for d in p.sources if d.transport == "mqtt" for f in d.patterns],
-                    [share + f for f in p.command_filters],
+                    [sources + f for d in p.sources if d.transport == "mqtt" for f in d.patterns],
+                    [sources + f for f in p.command_filters],
                 )
                 for name, p in pipelines.items()
             ],
@@ -143,7 +150,13 @@ class Worker:
             availability=Availability(timeout_s=w.availability_timeout_s),
             dead_letter_prefix=plan.dead_letter_prefix,
             worker_id=config.mqtt.client_id,
+            member=config.member,
         )
+        # Every worker of a group marks what it publishes, so that the group's bus ingest
+        # passes over the group's own output: No Local covers only a worker's own
+        # publishes, and a Profile A value read back takes its arrival as its time, so
+        # ingesting another member's value would store the sample a second time.
+        self.group_mark = user_property(GROUP_PROPERTY, w.shared_group) if w.shared_group else b""
         self.bus = BusConnection(
             config=config.mqtt,
             ingest_filters=plan.ingest,
@@ -151,6 +164,8 @@ class Worker:
             dispatcher=self.dispatcher,
             metrics=self.metrics,
             on_ingest=self._ingest,
+            properties=self.group_mark,
+            prepare=self._read_lasts,
         )
         self.sources = self._sources(plan)
         self._stop = asyncio.Event()
@@ -218,9 +233,23 @@ class Worker:
             result.append(poller)
         return result
 
+    async def _read_lasts(self) -> None:
+        """Before the first message is handled: each series' retained ``last`` becomes
+        its renderer's floor (worker/lasts.py)."""
+        m, w = self.config.mqtt, self.config.worker
+        floors = await read_lasts(
+            m, client_id=m.client_id, marker_prefix=f"{w.topic_prefix}/worker/{m.client_id}/lasts"
+        )
+        for pipeline in self.pipelines.values():
+            pipeline.renderer.last_floors = floors
+        log.info("bus: read the retained last of %d series", len(floors))
+
     def _ingest(self, received: Received, entry: Entry) -> None:
         if not self._consuming:
             return  # not acknowledged: the broker redelivers it to the next run
+        if self.group_mark and self.group_mark in received.properties:
+            entry.release()  # the group's own output: its member stored it already
+            return
         self.dispatcher.ingest(received.topic, received.payload, entry)
 
     # Running ----------------------------------------------------------------------------

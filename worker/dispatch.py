@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
@@ -139,8 +140,20 @@ class Dispatcher:
         availability: Availability,
         dead_letter_prefix: str,
         worker_id: str,
+        member: tuple[int, int] | None = None,
     ) -> None:
         self.pipelines = pipelines
+        self.member = member
+        """``(index, count)`` in a partitioned group: messages about other members' sites
+        are acknowledged and left to them. That holds for adapters whose sources are MQTT
+        topics, which every member receives; an adapter with connections of its own (an
+        AMQP account, Modbus devices) is configured on one member, which also takes its
+        ``set`` commands."""
+        self._partitioned = {
+            name
+            for name, pipeline in pipelines.items()
+            if any(d.transport == "mqtt" for d in pipeline.sources)
+        }
         self.sink = sink
         self.metrics = metrics
         self.availability = availability
@@ -281,6 +294,14 @@ class Dispatcher:
             bus.flush()
             entry.release()
             return
+        if (
+            self.member is not None
+            and pipeline.name in self._partitioned
+            and not self._mine(pipeline, delivery)
+        ):
+            self.metrics.elsewhere.labels(pipeline.name).inc()
+            entry.release()
+            return
         name = pipeline.name
         messages_in, samples_out, suppressed_out = self._counters[name]
         messages_in.inc()
@@ -343,6 +364,14 @@ class Dispatcher:
             suppressed_out.inc(suppressed)
         bus.flush_soon()
         entry.release()
+
+    def _mine(self, pipeline: Pipeline, delivery: Delivery) -> bool:
+        """Whether this member handles the message's site: CRC-32 of the site modulo the
+        group's size, the same in every process and on every machine."""
+        assert self.member is not None
+        index, count = self.member
+        site = pipeline.site_of(delivery.topic, delivery.payload)
+        return zlib.crc32(site.encode()) % count == index
 
     def ingest(self, topic: str, payload: bytes, entry: Entry) -> None:
         """Canonical traffic from other publishers: validate, then into the historians.

@@ -21,6 +21,12 @@ class Metrics:
         self.messages_in = Counter(
             "energybus_messages_in", "Source messages received, by adapter", ["adapter"], registry=r
         )
+        self.elsewhere = Counter(
+            "energybus_messages_elsewhere",
+            "Source messages about other members' sites, left to them, by adapter",
+            ["adapter"],
+            registry=r,
+        )
         self.samples_out = Counter(
             "energybus_samples_out",
             "Canonical samples produced, by adapter",
