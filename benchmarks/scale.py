@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from benchmarks.cpu import Meter
+from benchmarks.load import start as start_load
 from benchmarks.worker import (
     ENERGYBUS,
     SAMPLES_PER_MESSAGE,
@@ -39,7 +40,6 @@ from benchmarks.worker import (
     _Worker,
     fresh_services,
     load_report,
-    start_load,
     stop_services,
 )
 

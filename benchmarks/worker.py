@@ -179,15 +179,6 @@ def _wait_drained(
         time.sleep(0.2)
 
 
-def start_load(port: int, rate: int, seconds: float, tag: str) -> subprocess.Popen[bytes]:
-    """benchmarks/load.py in a process of its own, so that its CPU is counted apart."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.load", "--port", str(port),
-         "--rate", str(rate), "--seconds", str(seconds), "--tag", tag],
-        stdout=subprocess.PIPE, cwd=ROOT,
-    )  # fmt: skip
-
-
 def load_report(load: subprocess.Popen[bytes], seconds: float) -> tuple[dict[str, Any], int, float]:
     """The load generator's report once it is done: the report, messages sent, and the
     seconds from the first publish to the last PUBACK."""
