@@ -148,7 +148,15 @@ async def _poll_database(
             conn = await asyncpg.connect(where.dsn, timeout=5)
         board.set_rows(await table_rows(conn))
         records = await recent_commands(conn, since=since, limit=limit)
-    except (OSError, TimeoutError, asyncpg.PostgresError) as error:
+    except (
+        OSError,
+        TimeoutError,
+        ValueError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+    ) as error:
+        # ValueError and InterfaceError: a DSN that cannot be used (their text names the
+        # part at fault, never the password).
         board.problem("database", str(error).splitlines()[0] if str(error) else repr(error))
         if conn is not None:
             conn.terminate()

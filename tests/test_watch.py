@@ -267,3 +267,17 @@ def test_watch_without_a_broker_is_one_line_and_status_1() -> None:
     bad = Output([*ENERGYBUS, "watch", "--mqtt", "nowhere"])
     assert bad.process.wait(30) == 2
     bad.stop()
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("dsn", ["notadsn", "postgresql://u:secret-pw@[bad"])
+def test_a_dsn_that_cannot_be_used_is_shown_on_the_board_not_a_traceback(
+    mosquitto: services.Service, dsn: str
+) -> None:
+    where = ["--mqtt", f"127.0.0.1:{mosquitto.port}", "--dsn", dsn]
+    watch = Output([*ENERGYBUS, "watch", "--once", "--settle", "1", *where])
+    assert watch.process.wait(60) == 0
+    watch.stop()
+    output = watch.text + "\n".join(watch.errors)
+    assert "Traceback" not in output and "secret-pw" not in output
+    assert any(line.lstrip().startswith("database") for line in watch.lines), watch.text
