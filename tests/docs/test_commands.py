@@ -132,7 +132,9 @@ def test_the_documents_are_found() -> None:
     assert {"README.md", "docs/development.md"} <= {name(path) for path in DOCUMENTS}
 
 
-_COMMAND_LINE = re.compile(r"^(\$ )?(\w+=\S* )*(energybus|\./dev|python3?|mosquitto_(sub|pub)|psql)\s")
+_COMMAND_LINE = re.compile(
+    r"^(\$ )?(\w+=\S* )*(energybus|\./dev|python3?|mosquitto_(sub|pub)|psql)\s"
+)
 """A line that starts as a command of this project's would (after ``$ `` or assignments)."""
 
 
