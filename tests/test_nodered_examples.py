@@ -401,9 +401,11 @@ def test_nothing_in_a_message_reaches_a_shell_and_what_arrives_is_whole(
 ) -> None:
     site = _site()
     marker = tmp_path / "touched"
+    kept = tmp_path / "kept"  # a shell running the text would delete it
+    kept.touch()
     awkward = (
         f"Küche \"Nord\" 'Süd' $(touch {marker}) `touch {marker}`; touch {marker} | touch"
-        f" {marker} && rm -rf {marker}\nline 2\t\u2603 \U0001f50c \\ %s {{}} * ~ $HOME"
+        f" {marker} && rm -f {kept}\nline 2\t\u2603 \U0001f50c \\ %s {{}} * ~ $HOME"
     )
     body = {
         "venId": "ven-awk",
@@ -438,4 +440,4 @@ def test_nothing_in_a_message_reaches_a_shell_and_what_arrives_is_whole(
             _expect(collector, site, worker, bus, refused)
             meta = f"{site}/energy/load/circuit-1/active_power/meta"
             assert json.loads(collector.payloads(meta)[0])["attributes"]["name"] == awkward
-        assert not marker.exists() and not here.exists()
+        assert not marker.exists() and not here.exists() and kept.exists()
