@@ -129,6 +129,25 @@ def _installed(home: Path) -> bool:
     )
 
 
+def _install_npm(error: ErrorType) -> str:
+    """Debian's npm, installed as tools/services.py installs the servers; the path of it."""
+    try:
+        from tools import services
+    except ImportError:  # run as a script, beside services.py
+        import services  # type: ignore[no-redef, import-not-found]
+    try:
+        services.apt_install("npm")
+    except services.ServiceError as failed:
+        raise error(
+            "npm not found, and installing Debian's npm failed: Node-RED and its Node.js"
+            f" are installed with npm from the npm registry ({failed})"
+        ) from None
+    npm = shutil.which("npm")
+    if npm is None:
+        raise error("npm not found after installing Debian's npm")
+    return npm
+
+
 def install(cache: Path | None = None, *, error: ErrorType = NodeRedError) -> Path:
     """Install the pinned Node.js and Node-RED under ``cache`` (default
     :func:`default_cache`), unless they already are; the path of the launcher to run.
@@ -140,12 +159,7 @@ def install(cache: Path | None = None, *, error: ErrorType = NodeRedError) -> Pa
     launcher = home / "bin" / "node-red"
     if _installed(home):
         return launcher
-    npm = shutil.which("npm")
-    if npm is None:
-        raise error(
-            "npm not found: Node-RED and its Node.js are installed with npm from the npm"
-            " registry (Debian: apt-get install npm)"
-        )
+    npm = shutil.which("npm") or _install_npm(error)
     package = _node_package(error)
     root.mkdir(parents=True, exist_ok=True)
     log = root / f"{home.name}.install.log"

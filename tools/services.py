@@ -44,6 +44,7 @@ __all__ = [
     "SERVICES",
     "Service",
     "ServiceError",
+    "apt_install",
     "crash",
     "free_port",
     "running",
@@ -103,7 +104,7 @@ def _state_file(run_dir: Path, name: str) -> Path:
     return run_dir / name / "service.json"
 
 
-def _apt_install(*packages: str) -> None:
+def apt_install(*packages: str) -> None:
     """Install Debian packages, as root or through sudo, without prompts."""
     prefix: list[str] = []
     if os.geteuid() != 0:
@@ -126,7 +127,7 @@ def _require(binary: str, *packages: str) -> str:
         None,
     )
     if found is None:
-        _apt_install(*packages)
+        apt_install(*packages)
         found = shutil.which(binary) or str(Path("/usr/sbin") / binary)
     if not Path(found).exists():
         raise ServiceError(f"{binary} not found after installing {' '.join(packages)}")
@@ -228,7 +229,7 @@ def _start_mosquitto(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes],
 def _postgres_bin() -> Path:
     roots = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
     if not roots:
-        _apt_install("postgresql")
+        apt_install("postgresql")
         roots = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
     if not roots:
         raise ServiceError("PostgreSQL binaries not found under /usr/lib/postgresql")
