@@ -325,6 +325,14 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
         default, for an adapter that learns its devices from their traffic: yes."""
         return True
 
+    def connected_sites(self) -> list[tuple[str, str, str]]:
+        """``(device, options path, site)`` of every device this adapter reaches through a
+        connection of its own (an AMQP account, a polled Modbus device). Only the worker
+        that configures such a device receives its messages, so in a partitioned group
+        (docs/scaling.md) its site must be one of that member's, and the worker refuses a
+        configuration where it is not."""
+        return []
+
     def site_of(self, topic: str, payload: bytes) -> str | None:
         """The site a source message is about, when it can be told cheaply (from the
         topic, or one field of the payload), else ``None``. The members of a partitioned

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import zlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -330,8 +331,8 @@ def test_static_fields_keep_their_type_across_vens() -> None:
     assert meta("w2", True) is True
 
 
-def _voke_pipeline() -> Pipeline:
-    """A Voke org ``acme`` whose plant P-1 (site hq) has a battery B1."""
+def _voke_pipeline(site: str = "hq") -> Pipeline:
+    """A Voke org ``acme`` whose plant P-1 (site ``site``) has a battery B1."""
     from energybus.adapters.voke import VokeOptions
 
     options = {
@@ -339,7 +340,7 @@ def _voke_pipeline() -> Pipeline:
             "acme": {
                 "api_key": "k",
                 "signing_keys": ["s"],
-                "site": "hq",
+                "site": site,
                 "plants": {"P-1": {"targets": {"B1": {"template": "battery"}}}},
             }
         }
@@ -454,3 +455,53 @@ def test_a_set_two_adapters_take_goes_to_the_adapter_of_its_device() -> None:
             ("cpi", "p1-b1", "accepted"),
             (first.name, "nobody", "refused"),
         ]
+
+
+def test_a_set_is_handled_by_its_sites_member_whichever_adapter_takes_it() -> None:
+    """Two members of a partitioned group, each with a Voke org whose plant is on one of
+    its own sites (worker/config.py refuses any other) and the same CPI plant. A ``set``
+    for a device no adapter knows goes first to Voke, an adapter without MQTT sources: it
+    is still left to the site's member, so across the group it is refused once, and the
+    Voke plant's ``set`` is taken once, by its member."""
+    from energybus.adapters.cpi import CpiOptions
+
+    assert [zlib.crc32(site.encode()) % 2 for site in ("hq", "site-a")] == [0, 1]
+    records: list[tuple[str, str, str]] = []
+    elsewhere = 0.0
+    for index, site in enumerate(("hq", "site-a")):
+        voke = _voke_pipeline(site)
+        cpi = Pipeline(
+            create_adapter(
+                "cpi",
+                options=msgspec.convert(
+                    {"site": "hq", "plants": {"p1": {"targets": {"B1": {"template": "battery"}}}}},
+                    CpiOptions,
+                ),
+            )
+        )
+        sink = FakeSink()
+        metrics = Metrics()
+        dispatcher = Dispatcher(
+            pipelines={"voke": voke, "cpi": cpi},
+            sink=sink,
+            metrics=metrics,
+            availability=Availability(timeout_s=60),
+            dead_letter_prefix="energybus/dead_letter",
+            worker_id=f"w{index}",
+            member=(index, 2),
+        )
+        for pipeline in (voke, cpi):
+            dispatcher.route("mqtt", list(pipeline.command_filters), pipeline)
+        dispatcher.outlet("vcp.acme.command", type("Outlet", (), {"publish": lambda *a: None})())
+        dispatcher.attach(FakeBus())
+        acks = AckQueue(lambda packet_id: None)
+        for packet_id, device in enumerate(("p-1-b1", "nobody"), start=1):
+            topic = f"hq/energy/storage/{device}/power_setpoint/set"
+            dispatcher.handle(Delivery("mqtt", topic, b"1000", AT, acks.add(packet_id)))
+        records += [(c.adapter, c.entity_id, c.state) for c in sink.commands]
+        elsewhere += sum(
+            _count(metrics, "energybus_messages_elsewhere_total", adapter=name)
+            for name in ("voke", "cpi")
+        )
+    assert records == [("voke", "p-1-b1", "accepted"), ("voke", "nobody", "refused")]
+    assert elsewhere == 2  # both sets, at the member of site-a
