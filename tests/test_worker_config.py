@@ -325,3 +325,13 @@ def test_a_member_configures_only_devices_of_its_own_sites(
     with pytest.raises(MappingError) as caught:
         config.with_overrides(shared_group="fleet", member=other)
     assert (caught.value.code, caught.value.path) == ("wrong_member", path)
+
+
+def test_a_bad_member_on_the_command_line_names_its_setting(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["run", "--config", str(_file(tmp_path, GOOD)), "--shared-group", "g", "--member", "two"],
+        env=ENV,
+    )
+    assert result.exit_code == 2
+    assert "(at $.worker.member) [invalid_value]" in result.output

@@ -263,7 +263,7 @@ class Config:
                     {**self.worker.model_dump(exclude_unset=True), **changes}
                 )
             except ValidationError as exc:
-                raise _first_error(exc, where) from None
+                raise _first_error(exc, where, "$.worker") from None
         _check_member(self.worker, self.built, where)
         return self
 
@@ -361,9 +361,9 @@ def _check_member(
                 )
 
 
-def _first_error(exc: ValidationError, where: Located) -> MappingError:
+def _first_error(exc: ValidationError, where: Located, at: str = "$") -> MappingError:
     error = exc.errors()[0]
-    path = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+    path = at + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
     kind = error["type"]
     code = {
         "extra_forbidden": "unknown_field",
