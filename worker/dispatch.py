@@ -240,8 +240,9 @@ class Dispatcher:
                 found = pipeline
             elif pipeline is not found and topic.endswith("/set"):
                 # Several adapters take this set (CPI and Voke plants share metrics): it
-                # goes to the one that knows its device, else to the first, which refuses
-                # it. Not cached: a device may become known later (a VEN, when it reports).
+                # goes to the one that knows its device (an adapter that does not say
+                # claims none), else to the first, which refuses it. Not cached: a device
+                # may become known later (a VEN, when it reports).
                 return next(
                     (
                         p
@@ -262,7 +263,10 @@ class Dispatcher:
         try:
             self._handle(delivery)
         except Exception:  # an adapter's or the worker's defect: logged, never fatal
-            pipeline = self._pipeline(delivery.source, delivery.topic)
+            try:  # routing asks adapters (knows_target), and may be what failed
+                pipeline = self._pipeline(delivery.source, delivery.topic)
+            except Exception:
+                pipeline = None
             source = pipeline.name if pipeline is not None else "router"
             log.exception("%s failed on a message from %s", source, delivery.topic)
             self._fail(delivery.entry, source, delivery.topic, delivery.payload)
