@@ -362,6 +362,14 @@ def _voke_pipeline(site: str = "hq") -> Pipeline:
     return Pipeline(create_adapter("voke", options=msgspec.convert(options, VokeOptions)))
 
 
+def _cpi_pipeline() -> Pipeline:
+    """A CPI plant p1 (site hq) with a battery B1: its device is p1-b1."""
+    from energybus.adapters.cpi import CpiOptions
+
+    options = {"site": "hq", "plants": {"p1": {"targets": {"B1": {"template": "battery"}}}}}
+    return Pipeline(create_adapter("cpi", options=msgspec.convert(options, CpiOptions)))
+
+
 def test_a_command_for_an_outlet_leaves_by_it_and_a_failure_rejects_it() -> None:
     """A Voke command goes to the org's AMQP connection, not the bus; if that connection
     cannot take it, the record is rejected with the reason and the set acknowledged."""
@@ -433,18 +441,8 @@ def test_a_set_two_adapters_take_goes_to_the_adapter_of_its_device() -> None:
     """CPI and Voke plants both take power_setpoint: each command reaches the adapter that
     knows its device, whatever order the adapters were routed in; a set for a device
     neither knows is refused by the first, as when one adapter takes it alone."""
-    from energybus.adapters.cpi import CpiOptions
-
     voke = _voke_pipeline()
-    cpi = Pipeline(
-        create_adapter(
-            "cpi",
-            options=msgspec.convert(
-                {"site": "hq", "plants": {"p1": {"targets": {"B1": {"template": "battery"}}}}},
-                CpiOptions,
-            ),
-        )
-    )
+    cpi = _cpi_pipeline()
     assert "+/energy/+/+/power_setpoint/set" in set(cpi.command_filters) & set(voke.command_filters)
     for first, second in ((cpi, voke), (voke, cpi)):
         sink = FakeSink()
@@ -477,22 +475,12 @@ def test_a_set_is_handled_by_its_sites_member_whichever_adapter_takes_it() -> No
     for a device no adapter knows goes first to Voke, an adapter without MQTT sources: it
     is still left to the site's member, so across the group it is refused once, and the
     Voke plant's ``set`` is taken once, by its member."""
-    from energybus.adapters.cpi import CpiOptions
-
     assert [zlib.crc32(site.encode()) % 2 for site in ("hq", "site-a")] == [0, 1]
     records: list[tuple[str, str, str]] = []
     elsewhere = 0.0
     for index, site in enumerate(("hq", "site-a")):
         voke = _voke_pipeline(site)
-        cpi = Pipeline(
-            create_adapter(
-                "cpi",
-                options=msgspec.convert(
-                    {"site": "hq", "plants": {"p1": {"targets": {"B1": {"template": "battery"}}}}},
-                    CpiOptions,
-                ),
-            )
-        )
+        cpi = _cpi_pipeline()
         sink = FakeSink()
         metrics = Metrics()
         dispatcher = Dispatcher(
@@ -552,17 +540,7 @@ class _Broken(_Plugin):
 
 
 def _with_cpi(first: Pipeline) -> tuple[Dispatcher, FakeSink, FakeBus]:
-    from energybus.adapters.cpi import CpiOptions
-
-    cpi = Pipeline(
-        create_adapter(
-            "cpi",
-            options=msgspec.convert(
-                {"site": "hq", "plants": {"p1": {"targets": {"B1": {"template": "battery"}}}}},
-                CpiOptions,
-            ),
-        )
-    )
+    cpi = _cpi_pipeline()
     sink, bus = FakeSink(), FakeBus()
     dispatcher = Dispatcher(
         pipelines={first.name: first, "cpi": cpi},
