@@ -321,9 +321,20 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
     def knows_target(self, parsed: Topic) -> bool:
         """Whether the ``set`` on ``parsed`` names a device this adapter commands. Asked
         when several adapters take sets of the same metric (CPI and Voke plants both take
-        ``power_setpoint``), so that a command goes to the adapter of its device. The
-        default, for an adapter that learns its devices from their traffic: yes."""
-        return True
+        ``power_setpoint``), so that a command goes to the adapter of its device; a set
+        that no adapter claims goes to the first adapter routed, which refuses it. The
+        default claims nothing, so that an adapter which does not say which devices are
+        its own never takes another's commands: one that takes sets of a metric other
+        adapters also take overrides this (docs/new-source.md)."""
+        return False
+
+    def connected_sites(self) -> list[tuple[str, str, str]]:
+        """``(device, options path, site)`` of every device this adapter reaches through a
+        connection of its own (an AMQP account, a polled Modbus device). Only the worker
+        that configures such a device receives its messages, so in a partitioned group
+        (docs/scaling.md) its site must be one of that member's, and the worker refuses a
+        configuration where it is not."""
+        return []
 
     def site_of(self, topic: str, payload: bytes) -> str | None:
         """The site a source message is about, when it can be told cheaply (from the

@@ -1100,6 +1100,9 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
 
     # Commands ----------------------------------------------------------------------------
 
+    def connected_sites(self) -> list[tuple[str, str, str]]:
+        return [(f"device {name}", f"$.devices.{name}", d.site) for name, d in self.devices.items()]
+
     def knows_target(self, parsed: Topic) -> bool:
         device = self._by_entity.get((parsed.site, parsed.entity_type, parsed.entity_id))
         return device is not None and parsed.metric in device.map.writable

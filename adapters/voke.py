@@ -231,6 +231,13 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
     def knows_target(self, parsed: Topic) -> bool:
         return self.devices.knows(parsed)
 
+    def connected_sites(self) -> list[tuple[str, str, str]]:
+        return [
+            (f"plant {plant.id}", f"$.orgs.{org.slug}.plants.{plant.id}", plant.site)
+            for org in self._orgs.values()
+            for plant in org.plants.values()
+        ]
+
     # Compiling ------------------------------------------------------------------------
 
     @classmethod

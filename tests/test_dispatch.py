@@ -5,17 +5,32 @@ from __future__ import annotations
 
 import asyncio
 import json
+import zlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import msgspec
 import pytest
 
-from energybus.adapters import Pipeline, create_adapter
+from energybus.adapters import (
+    Adapter,
+    Formatted,
+    Normalized,
+    Pipeline,
+    Plan,
+    SourceDeclaration,
+    create_adapter,
+)
+from energybus.adapters.mapping import Compiler, Document, MappingDocument
+from energybus.admission import Admitted
 from energybus.commands import CommandRecord
+from energybus.errors import CommandError
+from energybus.filters import canonical_filter
 from energybus.rows import Row, reading_rows
 from energybus.samples import Reading
+from energybus.topics import Topic
 from energybus.worker.acks import AckQueue, Entry
 from energybus.worker.availability import Availability
 from energybus.worker.dispatch import Dispatcher
@@ -330,8 +345,8 @@ def test_static_fields_keep_their_type_across_vens() -> None:
     assert meta("w2", True) is True
 
 
-def _voke_pipeline() -> Pipeline:
-    """A Voke org ``acme`` whose plant P-1 (site hq) has a battery B1."""
+def _voke_pipeline(site: str = "hq") -> Pipeline:
+    """A Voke org ``acme`` whose plant P-1 (site ``site``) has a battery B1."""
     from energybus.adapters.voke import VokeOptions
 
     options = {
@@ -339,12 +354,20 @@ def _voke_pipeline() -> Pipeline:
             "acme": {
                 "api_key": "k",
                 "signing_keys": ["s"],
-                "site": "hq",
+                "site": site,
                 "plants": {"P-1": {"targets": {"B1": {"template": "battery"}}}},
             }
         }
     }
     return Pipeline(create_adapter("voke", options=msgspec.convert(options, VokeOptions)))
+
+
+def _cpi_pipeline() -> Pipeline:
+    """A CPI plant p1 (site hq) with a battery B1: its device is p1-b1."""
+    from energybus.adapters.cpi import CpiOptions
+
+    options = {"site": "hq", "plants": {"p1": {"targets": {"B1": {"template": "battery"}}}}}
+    return Pipeline(create_adapter("cpi", options=msgspec.convert(options, CpiOptions)))
 
 
 def test_a_command_for_an_outlet_leaves_by_it_and_a_failure_rejects_it() -> None:
@@ -418,18 +441,8 @@ def test_a_set_two_adapters_take_goes_to_the_adapter_of_its_device() -> None:
     """CPI and Voke plants both take power_setpoint: each command reaches the adapter that
     knows its device, whatever order the adapters were routed in; a set for a device
     neither knows is refused by the first, as when one adapter takes it alone."""
-    from energybus.adapters.cpi import CpiOptions
-
     voke = _voke_pipeline()
-    cpi = Pipeline(
-        create_adapter(
-            "cpi",
-            options=msgspec.convert(
-                {"site": "hq", "plants": {"p1": {"targets": {"B1": {"template": "battery"}}}}},
-                CpiOptions,
-            ),
-        )
-    )
+    cpi = _cpi_pipeline()
     assert "+/energy/+/+/power_setpoint/set" in set(cpi.command_filters) & set(voke.command_filters)
     for first, second in ((cpi, voke), (voke, cpi)):
         sink = FakeSink()
@@ -454,3 +467,120 @@ def test_a_set_two_adapters_take_goes_to_the_adapter_of_its_device() -> None:
             ("cpi", "p1-b1", "accepted"),
             (first.name, "nobody", "refused"),
         ]
+
+
+def test_a_set_is_handled_by_its_sites_member_whichever_adapter_takes_it() -> None:
+    """Two members of a partitioned group, each with a Voke org whose plant is on one of
+    its own sites (worker/config.py refuses any other) and the same CPI plant. A ``set``
+    for a device no adapter knows goes first to Voke, an adapter without MQTT sources: it
+    is still left to the site's member, so across the group it is refused once, and the
+    Voke plant's ``set`` is taken once, by its member."""
+    assert [zlib.crc32(site.encode()) % 2 for site in ("hq", "site-a")] == [0, 1]
+    records: list[tuple[str, str, str]] = []
+    elsewhere = 0.0
+    for index, site in enumerate(("hq", "site-a")):
+        voke = _voke_pipeline(site)
+        cpi = _cpi_pipeline()
+        sink = FakeSink()
+        metrics = Metrics()
+        dispatcher = Dispatcher(
+            pipelines={"voke": voke, "cpi": cpi},
+            sink=sink,
+            metrics=metrics,
+            availability=Availability(timeout_s=60),
+            dead_letter_prefix="energybus/dead_letter",
+            worker_id=f"w{index}",
+            member=(index, 2),
+        )
+        for pipeline in (voke, cpi):
+            dispatcher.route("mqtt", list(pipeline.command_filters), pipeline)
+        dispatcher.outlet("vcp.acme.command", type("Outlet", (), {"publish": lambda *a: None})())
+        dispatcher.attach(FakeBus())
+        acks = AckQueue(lambda packet_id: None)
+        for packet_id, device in enumerate(("p-1-b1", "nobody"), start=1):
+            topic = f"hq/energy/storage/{device}/power_setpoint/set"
+            dispatcher.handle(Delivery("mqtt", topic, b"1000", AT, acks.add(packet_id)))
+        records += [(c.adapter, c.entity_id, c.state) for c in sink.commands]
+        elsewhere += sum(
+            _count(metrics, "energybus_messages_elsewhere_total", adapter=name)
+            for name in ("voke", "cpi")
+        )
+    assert records == [("voke", "p-1-b1", "accepted"), ("voke", "nobody", "refused")]
+    assert elsewhere == 2  # both sets, at the member of site-a
+
+
+class _Plugin(Adapter[Document, MappingDocument]):
+    """A plug-in adapter that takes ``power_setpoint`` sets and keeps the default
+    ``knows_target``."""
+
+    name: ClassVar[str] = "plugin"
+    options_type: ClassVar[type[Document]] = Document
+    mapping_type: ClassVar[type[MappingDocument]] = MappingDocument
+    sources = (SourceDeclaration(transport="mqtt", patterns=("plugin/+",)),)
+    command_filters = (canonical_filter("set", metric="power_setpoint"),)
+
+    @classmethod
+    def load_plan(cls, source: str | Path | None = None) -> tuple[Any, Plan]:
+        return None, Plan()
+
+    @classmethod
+    def compile(cls, document: Any, compiler: Compiler) -> Plan:
+        return Plan()
+
+    def normalize(self, topic: str, payload: bytes, received_at: datetime) -> Normalized:
+        return Normalized()
+
+    def format(self, command: Admitted, *, received_at: datetime) -> Formatted:
+        raise CommandError("unknown_target", "no such device", topic=str(command.topic))
+
+
+class _Broken(_Plugin):
+    def knows_target(self, parsed: Topic) -> bool:
+        raise RuntimeError("a defect")
+
+
+def _with_cpi(first: Pipeline) -> tuple[Dispatcher, FakeSink, FakeBus]:
+    cpi = _cpi_pipeline()
+    sink, bus = FakeSink(), FakeBus()
+    dispatcher = Dispatcher(
+        pipelines={first.name: first, "cpi": cpi},
+        sink=sink,
+        metrics=Metrics(),
+        availability=Availability(timeout_s=60),
+        dead_letter_prefix="energybus/dead_letter",
+        worker_id="w1",
+    )
+    for pipeline in (first, cpi):
+        dispatcher.route("mqtt", list(pipeline.command_filters), pipeline)
+    dispatcher.attach(bus)
+    return dispatcher, sink, bus
+
+
+def test_a_plug_in_routed_first_does_not_take_the_sets_of_anothers_devices() -> None:
+    dispatcher, sink, _ = _with_cpi(Pipeline(_Plugin()))
+    acks = AckQueue(lambda packet_id: None)
+    for packet_id, device in enumerate(("p1-b1", "nobody"), start=1):
+        topic = f"hq/energy/storage/{device}/power_setpoint/set"
+        dispatcher.handle(Delivery("mqtt", topic, b"1000", AT, acks.add(packet_id)))
+    assert [(c.adapter, c.entity_id, c.state) for c in sink.commands] == [
+        ("cpi", "p1-b1", "accepted"),
+        ("plugin", "nobody", "refused"),  # claimed by none: the first routed refuses it
+    ]
+
+
+def test_a_knows_target_that_raises_is_a_dead_letter_not_a_raise(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dispatcher, sink, bus = _with_cpi(Pipeline(_Broken()))
+    acked: list[int] = []
+    acks = AckQueue(acked.append)
+    topic = "hq/energy/storage/p1-b1/power_setpoint/set"
+    with caplog.at_level("ERROR", "energybus.worker"):
+        dispatcher.handle(Delivery("mqtt", topic, b"1000", AT, acks.add(1)))
+    assert sink.commands == []
+    assert bus.topics() == ["energybus/dead_letter/router"]
+    assert b"worker_error" in bus.published[0][1]
+    for token in bus.tokens:
+        dispatcher.on_puback(token, 0)
+    assert acked == [1]
+    assert "router failed on a message from " + topic in caplog.text

@@ -292,3 +292,46 @@ def test_a_bad_modbus_device_is_a_located_error(
     assert caught.value.code == code
     assert caught.value.path is not None and caught.value.path.startswith(path)
     assert caught.value.line is not None
+
+
+MEMBER = '[worker]\nshared_group = "fleet"\nmember = "{member}"\n'
+
+
+@pytest.mark.parametrize(
+    ("adapter", "env", "owner", "path", "device"),
+    [
+        (VOKE, VOKE_ENV, 0, "$.adapters.voke.orgs.acme.plants.P-17", "voke plant P-17"),
+        (MODBUS, ENV, 1, "$.adapters.modbus.devices.battery", "modbus device battery"),
+    ],
+)
+def test_a_member_configures_only_devices_of_its_own_sites(
+    tmp_path: Path, adapter: str, env: dict[str, str], owner: int, path: str, device: str
+) -> None:
+    """A Voke plant or a Modbus device reaches only the member that configures it, and its
+    ``set``s go by site like any other: on another member a ``set`` for it would be taken
+    by that member and refused as an unknown target by the site's member, two records."""
+    body = GOOD.replace("[worker]\n", "") + adapter
+    good = _file(tmp_path, MEMBER.format(member=f"{owner}/2") + body)
+    assert load_config(good, environ=env).member == (owner, 2)
+    other = f"{1 - owner}/2"
+    with pytest.raises(MappingError) as caught:
+        load_config(_file(tmp_path, MEMBER.format(member=other) + body), environ=env)
+    assert (caught.value.code, caught.value.path) == ("wrong_member", path)
+    site = "p-17" if "voke" in device else "plant-7"
+    assert f"{device} is about site {site!r}, which hashes to member {owner}/2" in str(caught.value)
+    assert caught.value.line is not None
+    # The same from the command line, on a file without a member.
+    config = load_config(_file(tmp_path, GOOD + adapter), environ=env)
+    with pytest.raises(MappingError) as caught:
+        config.with_overrides(shared_group="fleet", member=other)
+    assert (caught.value.code, caught.value.path) == ("wrong_member", path)
+
+
+def test_a_bad_member_on_the_command_line_names_its_setting(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["run", "--config", str(_file(tmp_path, GOOD)), "--shared-group", "g", "--member", "two"],
+        env=ENV,
+    )
+    assert result.exit_code == 2
+    assert "(at $.worker.member) [invalid_value]" in result.output

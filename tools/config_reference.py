@@ -8,7 +8,7 @@ next to each field in the code, so the reference cannot say something the code d
 not; a key without one is an error here, fixed where the field is declared.
 
 A maintainer's tool rather than an ``energybus`` command: it writes a file of this
-repository, which no user of an installed energybus has. ``tests/test_docs.py`` fails
+repository, which no user of an installed energybus has. ``tests/docs/test_configuration.py`` fails
 when the committed file is not what this prints::
 
     python -m tools.config_reference --write   # regenerate docs/configuration.md

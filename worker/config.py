@@ -13,6 +13,7 @@ Relative paths (``data_dir``, TLS files) are taken from the current directory.
 from __future__ import annotations
 
 import ssl
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -41,6 +42,7 @@ __all__ = [
     "TlsConfig",
     "WorkerConfig",
     "load_config",
+    "site_member",
 ]
 
 
@@ -261,8 +263,8 @@ class Config:
                     {**self.worker.model_dump(exclude_unset=True), **changes}
                 )
             except ValidationError as exc:
-                raise _first_error(exc, where) from None
-        _check_member(self.worker, where, "$.worker")
+                raise _first_error(exc, where, "$.worker") from None
+        _check_member(self.worker, self.built, where)
         return self
 
     @property
@@ -291,7 +293,6 @@ def load_config(source: str | Path, *, environ: Mapping[str, str] | None = None)
         root = _Root.model_validate(data)
     except ValidationError as exc:
         raise _first_error(exc, where) from None
-    _check_member(root.worker, where, "$.worker")
     if root.mqtt.reconnect_max_s < root.mqtt.reconnect_min_s:
         raise where.error("out_of_range", "must be >= reconnect_min_s", "$.mqtt.reconnect_max_s")
     for index, pattern in enumerate(root.worker.bus_ingest):
@@ -320,26 +321,49 @@ def load_config(source: str | Path, *, environ: Mapping[str, str] | None = None)
                 raise
             path = f"$.adapters.{name}{exc.path[1:]}"
             raise where.error(exc.code, exc.message, path) from None
+    _check_member(root.worker, built, where)
     return Config(root, adapters, str(source), built)
 
 
-def _check_member(worker: WorkerConfig, where: Located, path: str) -> None:
+def site_member(site: str, count: int) -> int:
+    """The member of a partitioned group of ``count`` that handles ``site``: CRC-32 of the
+    site modulo the group's size, the same in every process and on every machine."""
+    return zlib.crc32(site.encode()) % count
+
+
+def _check_member(
+    worker: WorkerConfig, built: Mapping[str, Adapter[Any, Any]], where: Located
+) -> None:
+    """A member's INDEX/COUNT, its group, and that each device reached through a
+    connection of the member's own is about one of the member's sites: the other members
+    never see that device's messages, and a ``set`` for it goes by its site like any
+    other, so on any other member it would be refused as an unknown target."""
     if worker.member is None:
         return
     index, count = (int(n) for n in worker.member.split("/"))
     if not 0 <= index < count:
-        raise where.error("out_of_range", "INDEX/COUNT needs 0 <= INDEX < COUNT", f"{path}.member")
+        raise where.error("out_of_range", "INDEX/COUNT needs 0 <= INDEX < COUNT", "$.worker.member")
     if worker.shared_group is None:
         raise where.error(
             "missing_field",
             "a member needs its shared_group (the members share the bus ingest through it)",
-            f"{path}.member",
+            "$.worker.member",
         )
+    for name, adapter in built.items():
+        for device, path, site in adapter.connected_sites():
+            owner = site_member(site, count)
+            if owner != index:
+                raise where.error(
+                    "wrong_member",
+                    f"{name} {device} is about site {site!r}, which hashes to member"
+                    f" {owner}/{count}, not {index}/{count}: configure it on member {owner}",
+                    f"$.adapters.{name}{path[1:]}",
+                )
 
 
-def _first_error(exc: ValidationError, where: Located) -> MappingError:
+def _first_error(exc: ValidationError, where: Located, at: str = "$") -> MappingError:
     error = exc.errors()[0]
-    path = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+    path = at + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
     kind = error["type"]
     code = {
         "extra_forbidden": "unknown_field",

@@ -238,7 +238,10 @@ class Worker:
         its renderer's floor (worker/lasts.py)."""
         m, w = self.config.mqtt, self.config.worker
         floors = await read_lasts(
-            m, client_id=m.client_id, marker_prefix=f"{w.topic_prefix}/worker/{m.client_id}/lasts"
+            m,
+            client_id=m.client_id,
+            marker_prefix=f"{w.topic_prefix}/worker/{m.client_id}/lasts",
+            member=self.config.member,
         )
         for pipeline in self.pipelines.values():
             pipeline.renderer.last_floors = floors

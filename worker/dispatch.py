@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import zlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
@@ -31,6 +30,7 @@ from energybus.samples import Reading
 from .acks import Entry
 from .availability import Availability
 from .bus import BusError
+from .config import site_member
 from .deadletter import dead_letter
 from .metrics import Metrics
 from .sources.base import CommandToken, Delivery
@@ -145,10 +145,11 @@ class Dispatcher:
         self.pipelines = pipelines
         self.member = member
         """``(index, count)`` in a partitioned group: messages about other members' sites
-        are acknowledged and left to them. That holds for adapters whose sources are MQTT
-        topics, which every member receives; an adapter with connections of its own (an
-        AMQP account, Modbus devices) is configured on one member, which also takes its
-        ``set`` commands."""
+        are acknowledged and left to them. That holds for every ``set`` and for the source
+        messages of adapters whose sources are MQTT topics, which every member receives;
+        the messages of a connection of an adapter's own (an AMQP account, a Modbus
+        device) reach only the member that configures it, whose sites they are about
+        (the configuration is refused otherwise: ``Adapter.connected_sites``)."""
         self._partitioned = {
             name
             for name, pipeline in pipelines.items()
@@ -239,8 +240,9 @@ class Dispatcher:
                 found = pipeline
             elif pipeline is not found and topic.endswith("/set"):
                 # Several adapters take this set (CPI and Voke plants share metrics): it
-                # goes to the one that knows its device, else to the first, which refuses
-                # it. Not cached: a device may become known later (a VEN, when it reports).
+                # goes to the one that knows its device (an adapter that does not say
+                # claims none), else to the first, which refuses it. Not cached: a device
+                # may become known later (a VEN, when it reports).
                 return next(
                     (
                         p
@@ -261,7 +263,10 @@ class Dispatcher:
         try:
             self._handle(delivery)
         except Exception:  # an adapter's or the worker's defect: logged, never fatal
-            pipeline = self._pipeline(delivery.source, delivery.topic)
+            try:  # routing asks adapters (knows_target), and may be what failed
+                pipeline = self._pipeline(delivery.source, delivery.topic)
+            except Exception:
+                pipeline = None
             source = pipeline.name if pipeline is not None else "router"
             log.exception("%s failed on a message from %s", source, delivery.topic)
             self._fail(delivery.entry, source, delivery.topic, delivery.payload)
@@ -296,7 +301,7 @@ class Dispatcher:
             return
         if (
             self.member is not None
-            and pipeline.name in self._partitioned
+            and (pipeline.name in self._partitioned or pipeline.is_command(topic))
             and not self._mine(pipeline, delivery)
         ):
             self.metrics.elsewhere.labels(pipeline.name).inc()
@@ -366,12 +371,10 @@ class Dispatcher:
         entry.release()
 
     def _mine(self, pipeline: Pipeline, delivery: Delivery) -> bool:
-        """Whether this member handles the message's site: CRC-32 of the site modulo the
-        group's size, the same in every process and on every machine."""
+        """Whether this member handles the message's site (:func:`.config.site_member`)."""
         assert self.member is not None
         index, count = self.member
-        site = pipeline.site_of(delivery.topic, delivery.payload)
-        return zlib.crc32(site.encode()) % count == index
+        return site_member(pipeline.site_of(delivery.topic, delivery.payload), count) == index
 
     def ingest(self, topic: str, payload: bytes, entry: Entry) -> None:
         """Canonical traffic from other publishers: validate, then into the historians.
