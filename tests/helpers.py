@@ -21,6 +21,16 @@ def run_python(code: str, *, cwd: Path | None = None) -> str:
     return result.stdout
 
 
+def wait_until(done: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``done`` until it is true; fail naming ``what`` after ``timeout`` seconds.
+    What tests wait for happens on other processes' time, so never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        time.sleep(0.05)
+
+
 class Output:
     """A process started with its output read line by line by a thread, so a test can
     wait for what it prints while it runs, then stop it with a signal."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from energybus.adapters.registers import encode_registers
+from tests.helpers import wait_until
 from tests.modbus import Devices, device_config, devices
 from tests.workers import (
     Collector,
@@ -110,16 +111,6 @@ def _words(value: int) -> list[int]:
     return encode_registers("s32", value)
 
 
-def _wait(predicate: object, timeout: float = 20) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 def test_setpoints_written_read_back_and_refused_by_interlocks_and_priority(
     tmp_path: Path, mosquitto: Service, postgres: Service, served: Devices
 ) -> None:
@@ -133,9 +124,11 @@ def test_setpoints_written_read_back_and_refused_by_interlocks_and_priority(
         collector.wait_for(lambda topics: w.topic("soc") in topics)
         # Accepted: within the limits, manual class, held for a minute.
         w.set(2000, priority="manual", duration_s=60)
-        _wait(lambda: (200, _words(2000)) in served.call(lambda: list(sim.writes)))
+        wait_until(
+            lambda: (200, _words(2000)) in served.call(lambda: list(sim.writes)), 20, "2000 written"
+        )
         collector.wait_for_payload(w.topic("power_setpoint"), b"2000")
-        _wait(lambda: [s for s, _, _ in w.commands()] == ["confirmed"])
+        wait_until(lambda: [s for s, _, _ in w.commands()] == ["confirmed"], 20, "confirmed")
         # A lower class may not override the held manual setpoint.
         w.set(1000, priority="optimization")
         # Above the device's rated maximum, whatever the class.
@@ -146,8 +139,12 @@ def test_setpoints_written_read_back_and_refused_by_interlocks_and_priority(
         w.set(1500, priority="safety")
         # Charging is still allowed there, and safety overrides manual.
         w.set(-1500, priority="safety")
-        _wait(lambda: (200, _words(-1500)) in served.call(lambda: list(sim.writes)))
-        _wait(lambda: len(w.commands()) == 5)
+        wait_until(
+            lambda: (200, _words(-1500)) in served.call(lambda: list(sim.writes)),
+            20,
+            "-1500 written",
+        )
+        wait_until(lambda: len(w.commands()) == 5, 20, "five commands recorded")
         states = w.commands()
         assert [s for s, _, _ in states] == [
             "confirmed",
@@ -189,10 +186,12 @@ def test_not_implemented_is_bad_quality_and_a_scale_factor_change_keeps_the_valu
         # did not (a value read with a stale scale factor would show 12 or 120000).
         assert set(values) == {b"1200"}, values
         served.call(lambda: sim.not_implemented("power"))
-        _wait(
+        wait_until(
             lambda: any(
                 b'"quality":"bad"' in p for p in collector.payloads(w.topic("active_power"))
-            )
+            ),
+            20,
+            "a value of quality bad",
         )
         bad = json.loads(collector.payloads(w.topic("active_power"))[-1])
         assert bad["value"] is None and bad["quality"] == "bad"

@@ -27,6 +27,7 @@ from energybus import parse_topic, validate_topic
 from energybus.adapters import Pipeline, adapter_class
 from energybus.adapters.signing import Signer
 from energybus.payloads import validate_payload
+from tests.helpers import wait_until
 from tests.workers import (
     Collector,
     WorkerProcess,
@@ -111,14 +112,6 @@ def _received(collector: Collector, site: str, worker: str) -> tuple[Counter[Any
     return bus, letters
 
 
-def _until(what: str, done: Callable[[], bool], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:.0f}s")
-        time.sleep(0.1)
-
-
 def _expect(
     collector: Collector, site: str, worker: str, bus: Counter[Any], letters: list[Letter]
 ) -> None:
@@ -129,7 +122,7 @@ def _expect(
         got_bus, got_letters = _received(collector, site, worker)
         return got_bus.total() >= bus.total() and len(got_letters) >= len(letters)
 
-    _until(f"{bus.total()} canonical messages and {len(letters)} dead letters", arrived)
+    wait_until(arrived, 120, f"{bus.total()} canonical messages and {len(letters)} dead letters")
     got_bus, got_letters = _received(collector, site, worker)
     missing, extra = list((bus - got_bus).elements()), list((got_bus - bus).elements())
     assert got_bus == bus, f"missing {missing[:3]}, extra {extra[:3]}"
@@ -244,7 +237,7 @@ def test_stream_flow_keeps_energybus_state_from_message_to_message(
         lasts = {topic: payload for topic, payload in bus if topic.endswith("/last")}
         retained = Collector(mosquitto, [f"{site}/energy/+/+/+/last"])
         try:
-            _until("the retained lasts", lambda: len(retained.messages) >= len(lasts))
+            wait_until(lambda: len(retained.messages) >= len(lasts), 120, "the retained lasts")
             assert {t: p for t, p, _ in retained.messages} == lasts
             assert all(flag for _, _, flag in retained.messages)
         finally:
@@ -279,8 +272,10 @@ def test_stream_flow_starts_energybus_again_when_it_ends(
         killed = _child(node_red[0].pid, "ven")
         assert killed is not None
         os.kill(killed, signal.SIGKILL)
-        _until(
-            "a new energybus process", lambda: _child(node_red[0].pid, "ven") not in (None, killed)
+        wait_until(
+            lambda: _child(node_red[0].pid, "ven") not in (None, killed),
+            120,
+            "a new energybus process",
         )
         publish(mosquitto, [("volttron/metering", second)])
         # A new process, a new state: `meta` again, nothing deduped.
@@ -425,7 +420,7 @@ def test_nothing_in_a_message_reaches_a_shell_and_what_arrives_is_whole(
         if name == "validate":
             topics = [f"{site}/energy/load/{awkward}/active_power/{s}" for s in ("value", "last")]
             letters = {(t, validate_topic(t).code) for t in topics}  # type: ignore[union-attr]
-            _until("dead letters", lambda: len(_received(collector, site, worker)[1]) >= 2)
+            wait_until(lambda: len(_received(collector, site, worker)[1]) >= 2, 120, "dead letters")
             assert {(t, r) for _, r, t, _ in _received(collector, site, worker)[1]} == letters
         else:
             bus, refused = _translate(lambda adapter: _pipeline(adapter, site, tmp_path), messages)

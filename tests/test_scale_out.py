@@ -41,6 +41,7 @@ from energybus.samples import Sample
 from energybus.worker.acks import AckQueue
 from energybus.worker.config import load_config
 from energybus.worker.sources import Delivery
+from tests.helpers import wait_until
 from tests.test_dispatch import AT, _dispatcher
 from tests.workers import (
     ENERGYBUS,
@@ -291,15 +292,6 @@ class _Commands:
         return thread
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"not drained in {timeout:g} s: {what}")
-
-
 def _stored(dsn: str, sites: list[str]) -> dict[Key, int]:
     rows = query(
         dsn,
@@ -381,7 +373,9 @@ def test_a_group_ingests_other_publishers_values_but_not_its_own_output(
         # Another publisher's value: ingested by one member, once.
         publish(mosquitto, [(f"{tag}/energy/grid/meter-x/active_power/value", b"1250.5")])
         sql = f"SELECT count(*) FROM energybus.measurements WHERE site = '{tag}'"
-        _wait(lambda: query(postgres.url, sql)[0][0] >= expected + 1, 60, "every sample stored")
+        wait_until(
+            lambda: query(postgres.url, sql)[0][0] >= expected + 1, 60, "every sample stored"
+        )
         assert sorted(group.stop()) == [0, 0]
         assert query(postgres.url, sql)[0][0] == expected + 1
         ingested = query(
@@ -456,7 +450,7 @@ def test_a_partitioned_group_with_a_member_killed_stores_confirms_and_orders_onc
         }
         expected = load.expected | confirmations
         site_list = sorted(load.sites | {cpi_site})
-        _wait(
+        wait_until(
             lambda: len(_stored(postgres.url, site_list)) >= len(expected),
             90,
             f"{len(expected)} samples in the historian",
@@ -470,7 +464,7 @@ def test_a_partitioned_group_with_a_member_killed_stores_confirms_and_orders_onc
             seen = _lasts(lasts)
             return all(seen.get(t) and seen[t][-1] >= at for t, at in newest.items())
 
-        _wait(newest_seen, 60, "the newest `last` of every series on the bus")
+        wait_until(newest_seen, 60, "the newest `last` of every series on the bus")
         # Each member handled its share and left the rest to the others.
         for index in range(size):
             assert group.counted(index, "energybus_messages_in_total") > 0
@@ -619,7 +613,7 @@ def test_a_restart_replays_what_was_not_acknowledged_without_moving_last_back(
         for number, body in enumerate(messages):
             body["timestamp"] = 1764600000 + number
             publish(mosquitto, [("volttron/metering", msgspec.json.encode(body))])
-        _wait(lambda: len(lasts.payloads(last)) == 3, 30, "three lasts of the series")
+        wait_until(lambda: len(lasts.payloads(last)) == 3, 30, "three lasts of the series")
         assert worker.stop(signal.SIGKILL) == -signal.SIGKILL
         config.write_text(
             config.read_text().replace("batch_interval_s = 30", "batch_interval_s = 0.05")
@@ -632,7 +626,7 @@ def test_a_restart_replays_what_was_not_acknowledged_without_moving_last_back(
             len(pipeline.feed("volttron/metering", msgspec.json.encode(b), received_at=now).samples)
             for b in messages
         )
-        _wait(lambda: query(postgres.url, sql)[0][0] >= expected, 90, "every sample stored")
+        wait_until(lambda: query(postgres.url, sql)[0][0] >= expected, 90, "every sample stored")
         assert worker.stop() == 0
         assert query(postgres.url, sql)[0][0] == expected
         seen = _lasts(lasts)
