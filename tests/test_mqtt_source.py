@@ -126,3 +126,42 @@ def test_after_pause_nothing_is_taken_for_the_next_run() -> None:
     delivered, client = asyncio.run(main())
     assert [d.payload for d in delivered] == [b'{"n": 1}']
     assert client.acked == [1]  # 2 was not taken: not acknowledged
+
+
+def test_a_handled_message_the_broker_sends_again_as_dup_is_acknowledged_not_handled() -> None:
+    """A broker that went down before reading an acknowledgement sends the message again
+    on the next connection, marked DUP under its packet id: handling it again would make
+    a signed message its own replay."""
+
+    async def main() -> tuple[list[Delivery], FakeClient]:
+        gate = FakeGate()
+        gate.open.set()
+        delivered: list[Delivery] = []
+        source, _ = _source(gate, delivered)
+        source._received(_message(1))
+        source._received(_message(2))
+        for delivery in delivered:
+            delivery.entry.release()  # handled and acknowledged; the broker lost the acks
+        second = FakeClient()
+        source._client = second  # type: ignore[assignment]
+        source._renew(AckQueue(second.ack))
+        again = _message(2)
+        again.dup = True
+        source._received(again)
+        # Not DUP: another message with the same bytes (a publisher sent it twice).
+        source._received(_message(1))
+        # DUP, but under another packet id than the one handled: not that message.
+        other = Received("volttron/metering", b'{"n": 2}', 1, False, 7, dup=True)
+        source._received(other)
+        for delivery in delivered[2:]:
+            delivery.entry.release()
+        return delivered, second
+
+    delivered, second = asyncio.run(main())
+    assert [(d.payload, d.entry.packet_id) for d in delivered] == [
+        (b'{"n": 1}', 1),
+        (b'{"n": 2}', 2),
+        (b'{"n": 1}', 1),
+        (b'{"n": 2}', 7),
+    ]
+    assert second.acked == [2, 1, 7]  # each acknowledged, in arrival order

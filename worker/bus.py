@@ -69,16 +69,26 @@ _PACKET_IDS: Final = [n.to_bytes(2, "big") for n in range(MAX_PACKET_ID + 1)]
 
 
 class Received:
-    """An incoming PUBLISH; ``packet_id`` is 0 for QoS 0."""
+    """An incoming PUBLISH; ``packet_id`` is 0 for QoS 0. ``dup`` marks the broker's
+    redelivery of a QoS 1 message it sent before, under the same packet id."""
 
-    __slots__ = ("packet_id", "payload", "qos", "retain", "topic")
+    __slots__ = ("dup", "packet_id", "payload", "qos", "retain", "topic")
 
-    def __init__(self, topic: str, payload: bytes, qos: int, retain: bool, packet_id: int) -> None:
+    def __init__(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        packet_id: int,
+        dup: bool = False,
+    ) -> None:
         self.topic = topic
         self.payload = payload
         self.qos = qos
         self.retain = retain
         self.packet_id = packet_id
+        self.dup = dup
 
 
 class BusClient(asyncio.Protocol):
@@ -459,7 +469,8 @@ class BusClient(asyncio.Protocol):
             packet_id = (body[at] << 8) | body[at + 1]
             at += 2
         props, at = self._varint_at(body, at)
-        self.on_message(Received(topic, bytes(body[at + props :]), qos, bool(kind & 1), packet_id))
+        payload = bytes(body[at + props :])
+        self.on_message(Received(topic, payload, qos, bool(kind & 1), packet_id, bool(kind & 8)))
 
     async def _ping(self, keepalive: int) -> None:
         """PINGREQ every half keep-alive; a broker silent for 1.5 keep-alives is gone
