@@ -311,6 +311,14 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
         it ``sent`` once the broker has the command.
         """
 
+    def owns(self, series: Topic) -> bool:
+        """Whether a ``set`` on ``series`` is for a device of this adapter. When the
+        command filters of several adapters match one ``set`` (a CPI battery, a Voke
+        battery and a Modbus battery all take ``power_setpoint``), the worker gives it
+        to the adapter that owns the device; by default an adapter claims every series
+        its filters match."""
+        return True
+
     def expire(self, now: datetime) -> list[CommandRecord]:
         """Commands whose answer is overdue, now ``expired``."""
         return self.commands.expire(now)

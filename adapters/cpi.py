@@ -29,6 +29,7 @@ from energybus.filters import canonical_filter
 from energybus.messages import Message
 from energybus.payloads import DECODE_ERRORS, explain
 from energybus.samples import Reading
+from energybus.topics import Topic
 
 from .base import Adapter, Formatted, Normalized, Rejection, SourceDeclaration
 from .mapping import CommandOptions, Compiler, Document, MappingDocument, Positive
@@ -208,6 +209,9 @@ class CpiAdapter(Adapter[CpiOptions, CpiMapping]):
         return result
 
     # Commands -------------------------------------------------------------------------
+
+    def owns(self, series: Topic) -> bool:
+        return self.devices.owns(series)
 
     def format(self, command: Admitted, *, received_at: datetime) -> Formatted:
         parsed = command.topic

@@ -47,7 +47,7 @@ from energybus.payloads import Scalar
 from energybus.rows import device_id
 from energybus.safety import Limits, Priority, Safety
 from energybus.samples import Reading
-from energybus.topics import EntityType, build_topic, to_kebab
+from energybus.topics import EntityType, Topic, build_topic, to_kebab
 from energybus.units import Conversion
 
 from .base import (
@@ -1081,6 +1081,9 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
         return raw if convert is None else convert(raw)
 
     # Commands ----------------------------------------------------------------------------
+
+    def owns(self, series: Topic) -> bool:
+        return (series.site, series.entity_type, series.entity_id) in self._by_entity
 
     def format(self, command: Admitted, *, received_at: datetime) -> Formatted:
         parsed = command.topic

@@ -81,6 +81,15 @@ class Pipeline:
     def is_command(self, topic: str) -> bool:
         return topic.endswith("/set") and any(matches(f, topic) for f in self._command_filters)
 
+    def owns(self, topic: str) -> bool:
+        """Whether the ``set`` on ``topic`` is for a device of this adapter
+        (:meth:`Adapter.owns`); a topic that is no series is nobody's."""
+        try:
+            series = parse_topic(topic)
+        except EnergyBusError:
+            return False
+        return self.adapter.owns(series)
+
     def feed(
         self, topic: str, payload: bytes, *, received_at: datetime, retain: bool = False
     ) -> Output:

@@ -248,6 +248,9 @@ class Plants:
             [(metric, value, action.unit, action.spec)],
         )
 
+    def owns(self, series: Topic) -> bool:
+        return (series.site, series.entity_type, series.entity_id) in self.by_entity
+
     def command(self, parsed: Topic, value: Any) -> tuple[Device, Action, dict[str, Any] | None]:
         """The device and action a canonical ``set`` asks for, and the action's payload
         in the device's unit (``None`` for a trigger); refuses what the templates do not

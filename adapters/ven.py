@@ -34,7 +34,7 @@ from energybus.filters import canonical_filter
 from energybus.messages import Message
 from energybus.render import SeriesSpec
 from energybus.samples import Reading, observation
-from energybus.topics import EntityType, build_topic, to_kebab
+from energybus.topics import EntityType, Topic, build_topic, to_kebab
 from energybus.units import Conversion
 
 from .base import Adapter, Formatted, Normalized, Plan, Rejection, SourceDeclaration
@@ -352,6 +352,10 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
         return ven
 
     # Commands -------------------------------------------------------------------------
+
+    def owns(self, series: Topic) -> bool:
+        # Known once the VEN has been seen (VENs register themselves by sending).
+        return (series.site, series.entity_id) in self._targets
 
     def format(self, command: Admitted, *, received_at: datetime) -> Formatted:
         parsed = command.topic

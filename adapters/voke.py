@@ -31,6 +31,7 @@ from energybus.filters import canonical_filter
 from energybus.messages import Message
 from energybus.payloads import DECODE_ERRORS, explain
 from energybus.samples import Reading
+from energybus.topics import Topic
 
 from .base import Adapter, AmqpEndpoint, Formatted, Normalized, Rejection, SourceDeclaration
 from .mapping import CommandOptions, Compiler, Document, MappingDocument, Positive
@@ -400,6 +401,9 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
         return record, command_id
 
     # Commands -------------------------------------------------------------------------
+
+    def owns(self, series: Topic) -> bool:
+        return self.devices.owns(series)
 
     def format(self, command: Admitted, *, received_at: datetime) -> Formatted:
         parsed = command.topic

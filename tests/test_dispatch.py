@@ -406,3 +406,65 @@ def test_a_command_for_an_outlet_leaves_by_it_and_a_failure_rejects_it() -> None
     # (the rejection comes before the accepted snapshot; the historian keeps the later state)
     last_two = [(c.state, c.reason) for c in sink.commands[-2:]]
     assert ("rejected", "no connection carries commands to vcp.acme.command") in last_two
+
+
+def test_a_set_several_adapters_take_goes_to_the_one_that_owns_the_device() -> None:
+    """CPI, Voke and Modbus batteries all take ``power_setpoint``: a set for the Modbus
+    battery is the Modbus adapter's (its refusals counted and dead-lettered there), one
+    for the CPI battery the CPI adapter's, one for no device refused by the first."""
+    from pathlib import Path
+
+    from energybus.adapters.cpi import CpiOptions
+    from energybus.adapters.modbus import ModbusOptions
+
+    maps = Path(__file__).resolve().parent / "maps"
+    cpi = Pipeline(
+        create_adapter(
+            "cpi",
+            options=msgspec.convert(
+                {"plants": {"p1": {"site": "s1", "targets": {"B1": {"template": "battery"}}}}},
+                CpiOptions,
+            ),
+        )
+    )
+    modbus = Pipeline(
+        create_adapter(
+            "modbus",
+            options=msgspec.convert(
+                {"site": "s1", "mapping": str(maps), "devices": {"bat": {"map": "test_battery"}}},
+                ModbusOptions,
+            ),
+        )
+    )
+    metrics = Metrics()
+    dispatcher = Dispatcher(
+        pipelines={"cpi": cpi, "modbus": modbus},
+        sink=FakeSink(),
+        metrics=metrics,
+        availability=Availability(timeout_s=60),
+        dead_letter_prefix="energybus/dead_letter",
+        worker_id="w1",
+    )
+    for pipeline in (cpi, modbus):
+        dispatcher.route("mqtt", list(pipeline.command_filters), pipeline)
+    bus = FakeBus()
+    dispatcher.attach(bus)
+    acks = AckQueue(lambda mid: None)
+    now = datetime.now(UTC)
+    for entity in ("bat", "p1-b1", "nobody"):
+        topic = f"s1/energy/storage/{entity}/power_setpoint/set"
+        dispatcher.handle(Delivery("mqtt", topic, b'{"value": "x"}', now, acks.add(1)))
+    dispatcher.handle(
+        Delivery("mqtt", "s1/energy/storage/p1-b1/power_setpoint/set", b"1000", now, acks.add(2))
+    )
+    letters = [(t, json.loads(p)["reason"]) for t, p, _, _ in bus.published if "dead" in t]
+    assert letters == [
+        ("energybus/dead_letter/modbus", "wrong_type"),
+        ("energybus/dead_letter/cpi", "wrong_type"),
+        ("energybus/dead_letter/cpi", "wrong_type"),
+    ]
+    assert (
+        _count(metrics, "energybus_command_refusals_total", adapter="modbus", reason="wrong_type")
+        == 1
+    )
+    assert "cpi/p1/commands" in bus.topics()

@@ -218,7 +218,17 @@ class Dispatcher:
         cache = self._cache
         if key in cache:
             return cache[key]
-        found = next((p for f, p in self._filters.get(source, ()) if matches(f, topic)), None)
+        candidates = list(
+            dict.fromkeys(p for f, p in self._filters.get(source, ()) if matches(f, topic))
+        )
+        found = candidates[0] if candidates else None
+        if len(candidates) > 1 and topic.endswith("/set"):
+            # Several adapters take this metric's commands: the one that owns the device.
+            found = next((p for p in candidates if p.owns(topic)), None)
+            if found is None:
+                # Nobody's yet (a VEN becomes known when it first sends): the first
+                # refuses it, and the route is not kept.
+                return candidates[0]
         if len(cache) >= _ROUTE_CACHE:
             cache.clear()
         cache[key] = found
