@@ -95,6 +95,9 @@ class MqttSource(Source):
         the broker may not have had their acknowledgements when the connection dropped
         (at most Receive Maximum of them were unacknowledged)."""
         self._handled: set[tuple[int, str, int]] = set()
+        self._early: list[Received] | None = None
+        """What a connection not yet set up received: the broker sends what it redelivers
+        right behind its CONNACK, before the new acknowledgements are in place."""
         self._hold_max = config.receive_maximum + 1000
         self._held: Holding[Received] = Holding(self, self._hand_over, self._resume)
         self._closing = False
@@ -108,6 +111,7 @@ class MqttSource(Source):
         while True:
             client = BusClient(on_message=self._received, on_puback=_released, max_inflight=100)
             acks = AckQueue(client.ack)
+            self._early = []
             try:
                 await client.connect(
                     **m.broker(),
@@ -118,6 +122,9 @@ class MqttSource(Source):
                 )
                 self._renew(acks)
                 self._client = client
+                early, self._early = self._early, None
+                for message in early:
+                    self._received(message)
                 client.publish(self.status_topic, b"online", 1, True, None)
                 client.flush()
                 await client.subscribe(self.filters, no_local=False)
@@ -125,6 +132,7 @@ class MqttSource(Source):
                     self.commands, no_local=False, retain_as_published=True, retain_handling=1
                 )
             except (OSError, BusError, TimeoutError) as error:
+                self._early = None  # never acknowledged: the broker sends it again
                 client.abort()
                 self._lost(client)
                 connected.set(0)
@@ -175,6 +183,9 @@ class MqttSource(Source):
     def _received(self, message: Received) -> None:
         if not self.consuming:
             return  # not acknowledged: the broker delivers it to the next run
+        if self._early is not None:
+            self._early.append(message)
+            return
         held = self._held
         if held.take(message):
             if len(held) >= self._hold_max and self._client is not None:
