@@ -180,9 +180,12 @@ class Traffic:
             f'site = "{self.voke_site}"\n'
             f"[adapters.voke.orgs.{self.org.slug}.plants.{VOKE_PLANT}.targets]\n{targets}"
         )
+        # A generous timeout: the simulated devices answer from a thread of the test
+        # process, which the senders keep busy; an answer later than the worker waits is
+        # no answer to it, yet the simulator counted it as served.
         devices = "".join(
             f'[adapters.modbus.devices.{name}]\nmap = "{path}"\nport = {modbus_ports[name]}\n'
-            "interval_s = 0.25\ntimeout_s = 0.5\nretries = 0\noffline_after = 2\n"
+            "interval_s = 0.25\ntimeout_s = 2.0\nretries = 0\noffline_after = 2\n"
             for name, path in MODBUS_DEVICES.items()
         )
         return (
