@@ -68,16 +68,12 @@ class MqttSender:
 
     def settle(self, timeout: float = 120) -> None:
         """Until every message sent so far has its PUBACK."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                self._pending = deque(p for p in self._pending if not p[0].is_published())
-                left = len(self._pending)
-            if not left:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{left} MQTT publishes without PUBACK after {timeout:.0f}s")
-            time.sleep(0.05)
+        _until_none(self._unacknowledged, "MQTT publishes without PUBACK", timeout)
+
+    def _unacknowledged(self) -> int:
+        with self._lock:
+            self._pending = deque(p for p in self._pending if not p[0].is_published())
+            return len(self._pending)
 
     def close(self) -> None:
         self.client.loop_stop()
@@ -163,20 +159,21 @@ class AmqpSender:
                 raise ConnectionError("publishes not confirmed")
 
     def settle(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                left = self._outstanding
-            if not left:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{left} AMQP publishes unconfirmed after {timeout:.0f}s")
-            time.sleep(0.05)
+        """Until the broker confirmed every message sent so far."""
+        _until_none(lambda: self._outstanding, "AMQP publishes unconfirmed", timeout)
 
     def close(self) -> None:
         self._stop = True
         self.loop.call_soon_threadsafe(lambda: self._wake.set() if self._wake else None)
         self._thread.join(10)
+
+
+def _until_none(left: Callable[[], int], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while count := left():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{count} {what} after {timeout:.0f}s")
+        time.sleep(0.05)
 
 
 class Load:
