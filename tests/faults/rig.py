@@ -37,7 +37,7 @@ from tests.faults.checker import (
 )
 from tests.faults.ledger import Ledger, Polls
 from tests.faults.load import AmqpSender, Load, MqttSender
-from tests.faults.traffic import MAPS, MODBUS_DEVICES, Traffic
+from tests.faults.traffic import MODBUS_DEVICES, Traffic, simulated_map
 from tests.modbus import Devices
 from tests.voke import new_orgs
 from tests.workers import WorkerProcess, init_schema, write_config
@@ -150,7 +150,7 @@ class Rig:
         self.traffic = Traffic(tag, org, f"cpi-{uuid.uuid4().hex}")
         self.devices = devices
         simulators = {
-            name: devices.add(name, str(MAPS / f"{map_}.toml") if name == "bat" else map_, seed=i)
+            name: devices.add(name, simulated_map(map_), seed=i)
             for i, (name, map_) in enumerate(MODBUS_DEVICES.items())
         }
         self.polls = Polls(self.traffic.modbus_site, simulators)

@@ -38,6 +38,13 @@ MODBUS_DEVICES: Final = {"bat": "test_battery", "meter": "eastron_sdm630"}
 """Two polled devices by map: a battery inverter (tests/maps) and a meter (packaged)."""
 
 
+def simulated_map(name: str) -> str:
+    """What the simulator loads for a map the worker finds by ``name``: the tests' file
+    (the worker's ``mapping`` directory), else the packaged map."""
+    path = MAPS / f"{name}.toml"
+    return str(path) if path.exists() else name
+
+
 class Doc(NamedTuple):
     """A source message before it is encoded: what malformed inputs are made from."""
 
@@ -161,9 +168,8 @@ class Traffic:
         return Doc("modbus", topic, document, None)
 
     def make(self, adapter: str, n: int) -> Doc:
-        return {"ven": self.ven, "cpi": self.cpi, "voke": self.voke, "modbus": self.modbus_set}[
-            adapter
-        ](n)
+        makers = {"ven": self.ven, "cpi": self.cpi, "voke": self.voke, "modbus": self.modbus_set}
+        return makers[adapter](n)
 
     # The site configuration ------------------------------------------------------------
 
