@@ -92,14 +92,38 @@ class DeviceTemplate(Document, frozen=True, kw_only=True):
 
 def decode(decoder: msgspec.json.Decoder[Any], payload: bytes) -> Any:
     """A source message decoded, or a :class:`SourceError` with the path of the fault
-    (never an exception of the decoder's own, whatever the bytes)."""
+    (never an exception of the decoder's own, whatever the bytes).
+
+    Bytes that are not UTF-8 are ``invalid_utf8`` wherever they are, as errors.md says.
+    A typed decoder does not read what it skips (a field the mapping does not know, or
+    the name of one), so it would take such a message, or refuse it for a field that
+    seems missing; the whole payload is checked once it is not plain ASCII.
+    """
     try:
-        return decoder.decode(payload)
+        document = decoder.decode(payload)
     except DECODE_ERRORS as exc:
         code, detail, path = explain(exc)
+        if code != "invalid_utf8" and not _utf8(payload):
+            code = "invalid_utf8"
         if code in ("malformed_json", "invalid_utf8", "too_deep"):
-            raise SourceError(code, detail) from None
+            raise SourceError(code, detail if code != "invalid_utf8" else _NOT_UTF8) from None
         raise SourceError(code, f"{detail} (at {path})", path=path) from None
+    if not _utf8(payload):
+        raise SourceError("invalid_utf8", _NOT_UTF8)
+    return document
+
+
+_NOT_UTF8: Final = "not valid UTF-8 text"
+
+
+def _utf8(payload: bytes) -> bool:
+    if payload.isascii():
+        return True
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def refuse(error: EnergyBusError, path: str) -> SourceError:

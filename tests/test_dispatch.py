@@ -584,3 +584,65 @@ def test_a_knows_target_that_raises_is_a_dead_letter_not_a_raise(
         dispatcher.on_puback(token, 0)
     assert acked == [1]
     assert "router failed on a message from " + topic in caplog.text
+
+
+def test_a_set_several_adapters_take_goes_to_the_one_that_owns_the_device() -> None:
+    """CPI, Voke and Modbus batteries all take ``power_setpoint``: a set for the Modbus
+    battery is the Modbus adapter's (its refusals counted and dead-lettered there), one
+    for the CPI battery the CPI adapter's, one for no device refused by the first."""
+    from pathlib import Path
+
+    from energybus.adapters.cpi import CpiOptions
+    from energybus.adapters.modbus import ModbusOptions
+
+    maps = Path(__file__).resolve().parent / "maps"
+    cpi = Pipeline(
+        create_adapter(
+            "cpi",
+            options=msgspec.convert(
+                {"plants": {"p1": {"site": "s1", "targets": {"B1": {"template": "battery"}}}}},
+                CpiOptions,
+            ),
+        )
+    )
+    modbus = Pipeline(
+        create_adapter(
+            "modbus",
+            options=msgspec.convert(
+                {"site": "s1", "mapping": str(maps), "devices": {"bat": {"map": "test_battery"}}},
+                ModbusOptions,
+            ),
+        )
+    )
+    metrics = Metrics()
+    dispatcher = Dispatcher(
+        pipelines={"cpi": cpi, "modbus": modbus},
+        sink=FakeSink(),
+        metrics=metrics,
+        availability=Availability(timeout_s=60),
+        dead_letter_prefix="energybus/dead_letter",
+        worker_id="w1",
+    )
+    for pipeline in (cpi, modbus):
+        dispatcher.route("mqtt", list(pipeline.command_filters), pipeline)
+    bus = FakeBus()
+    dispatcher.attach(bus)
+    acks = AckQueue(lambda mid: None)
+    now = datetime.now(UTC)
+    for entity in ("bat", "p1-b1", "nobody"):
+        topic = f"s1/energy/storage/{entity}/power_setpoint/set"
+        dispatcher.handle(Delivery("mqtt", topic, b'{"value": "x"}', now, acks.add(1)))
+    dispatcher.handle(
+        Delivery("mqtt", "s1/energy/storage/p1-b1/power_setpoint/set", b"1000", now, acks.add(2))
+    )
+    letters = [(t, json.loads(p)["reason"]) for t, p, _, _ in bus.published if "dead" in t]
+    assert letters == [
+        ("energybus/dead_letter/modbus", "wrong_type"),
+        ("energybus/dead_letter/cpi", "wrong_type"),
+        ("energybus/dead_letter/cpi", "wrong_type"),
+    ]
+    assert (
+        _count(metrics, "energybus_command_refusals_total", adapter="modbus", reason="wrong_type")
+        == 1
+    )
+    assert "cpi/p1/commands" in bus.topics()

@@ -237,6 +237,9 @@ def test_a_device_that_stops_answering_goes_offline_and_comes_back(
         collector.close()
         assert worker.stop() == 0
     assert "Traceback" not in worker.text()
+    # The state changes, each in one line: not pymodbus's error and dump of every read.
+    assert "pymodbus" not in worker.text()
+    assert "poll outbox takes polls again" not in worker.text()  # it never stopped
 
 
 def _stored_once(w: ModbusWorker) -> tuple[int, int]:

@@ -25,13 +25,19 @@ ENERGYBUS = [sys.executable, "-m", "energybus.cli"]
 
 
 def write_config(
-    path: Path, *, mqtt: Service, dsn: str | None, client_id: str, extra: str = ""
+    path: Path,
+    *,
+    mqtt: Service,
+    dsn: str | None,
+    client_id: str,
+    extra: str = "",
+    worker: str = "",
 ) -> Path:
     historian = (
         f'[historian]\ndsn = "{dsn}"\nbatch_interval_s = 0.05\nretry_s = 0.5\n' if dsn else ""
     )
     path.write_text(
-        f'[worker]\ndata_dir = "{path.parent / "data"}"\nshutdown_timeout_s = 20\n'
+        f'[worker]\ndata_dir = "{path.parent / "data"}"\nshutdown_timeout_s = 20\n{worker}'
         f'[mqtt]\nhost = "{mqtt.host}"\nport = {mqtt.port}\nclient_id = "{client_id}"\n'
         # Sessions outlive a worker by two minutes, not a week: a worker a test is done
         # with must not leave the shared broker queuing canonical values for the rest of

@@ -76,9 +76,10 @@ def user_property(name: str, value: str) -> bytes:
 
 class Received:
     """An incoming PUBLISH; ``packet_id`` is 0 for QoS 0; ``properties`` are its MQTT 5
-    properties as they came (without their length), usually none."""
+    properties as they came (without their length), usually none. ``dup`` marks the
+    broker's redelivery of a QoS 1 message it sent before, under the same packet id."""
 
-    __slots__ = ("packet_id", "payload", "properties", "qos", "retain", "topic")
+    __slots__ = ("dup", "packet_id", "payload", "properties", "qos", "retain", "topic")
 
     def __init__(
         self,
@@ -88,6 +89,7 @@ class Received:
         retain: bool,
         packet_id: int,
         properties: bytes = b"",
+        dup: bool = False,
     ) -> None:
         self.topic = topic
         self.payload = payload
@@ -95,6 +97,7 @@ class Received:
         self.retain = retain
         self.packet_id = packet_id
         self.properties = properties
+        self.dup = dup
 
 
 class BusClient(asyncio.Protocol):
@@ -481,8 +484,9 @@ class BusClient(asyncio.Protocol):
             at += 2
         props, at = self._varint_at(body, at)
         properties = bytes(body[at : at + props]) if props else b""
+        payload = bytes(body[at + props :])
         self.on_message(
-            Received(topic, bytes(body[at + props :]), qos, bool(kind & 1), packet_id, properties)
+            Received(topic, payload, qos, bool(kind & 1), packet_id, properties, bool(kind & 8))
         )
 
     async def _ping(self, keepalive: int) -> None:

@@ -15,9 +15,9 @@ import msgspec
 
 __all__ = ["QUIET", "StateLog", "setup_logging"]
 
-QUIET = ("aiormq", "aio_pika")
-"""Libraries whose own logging the worker's log leaves out (their connections' states are
-logged by the worker's sources)."""
+QUIET = ("aiormq", "aio_pika", "pymodbus")
+"""Libraries whose own logging the worker's log leaves out (their connections' and
+devices' states are logged by the worker's sources)."""
 
 _encode = msgspec.json.Encoder().encode
 
@@ -45,7 +45,8 @@ def setup_logging(fmt: Literal["human", "json"] = "human", level: str = "INFO") 
     root.handlers[:] = [handler]
     root.setLevel(level)
     # The AMQP client logs every failed attempt at ERROR, with a traceback when a
-    # connection drops; the AMQP source says each change of state once, in one line.
+    # connection drops, and pymodbus every unanswered read with a hex dump of the
+    # request; the sources say each change of state once, in one line.
     for name in QUIET:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 

@@ -197,6 +197,7 @@ class ModbusSource(Source):
         self._done: list[int] = []
         self._acks = AckQueue(self._done.append)
         self._full = StateLog(log)
+        self._full.state = "ok"  # said only when it stops taking polls and when it takes them again
         self._writing = 0
         self._cursor = 0
         """The last poll handed over (polls after it wait in the outbox)."""

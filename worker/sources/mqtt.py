@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -89,6 +90,14 @@ class MqttSource(Source):
         self._acks: AckQueue | None = None
         self._client: BusClient | None = None
         self._redelivered: set[tuple[str, bytes]] = set()
+        self._recent: deque[tuple[int, str, int]] = deque(maxlen=config.receive_maximum)
+        """(packet id, topic, hash of the payload) of the last QoS 1 messages handed over:
+        the broker may not have had their acknowledgements when the connection dropped
+        (at most Receive Maximum of them were unacknowledged)."""
+        self._handled: set[tuple[int, str, int]] = set()
+        self._early: list[Received] | None = None
+        """What a connection not yet set up received: the broker sends what it redelivers
+        right behind its CONNACK, before the new acknowledgements are in place."""
         self._hold_max = config.receive_maximum + 1000
         self._held: Holding[Received] = Holding(self, self._hand_over, self._resume)
         self._closing = False
@@ -102,6 +111,7 @@ class MqttSource(Source):
         while True:
             client = BusClient(on_message=self._received, on_puback=_released, max_inflight=100)
             acks = AckQueue(client.ack)
+            self._early = []
             try:
                 await client.connect(
                     **m.broker(),
@@ -110,13 +120,11 @@ class MqttSource(Source):
                     receive_maximum=m.receive_maximum,
                     will=(self.status_topic, b"offline", 1, True),
                 )
-                if self._acks is not None:
-                    # Redelivered messages whose first delivery is still in flight are
-                    # acknowledged behind the barrier, not handled twice.
-                    self._redelivered = self._acks.pending_keys()
-                    acks.after(self._acks)
-                self._acks = acks
+                self._renew(acks)
                 self._client = client
+                early, self._early = self._early, None
+                for message in early:
+                    self._received(message)
                 client.publish(self.status_topic, b"online", 1, True, None)
                 client.flush()
                 await client.subscribe(self.filters, no_local=False)
@@ -124,6 +132,7 @@ class MqttSource(Source):
                     self.commands, no_local=False, retain_as_published=True, retain_handling=1
                 )
             except (OSError, BusError, TimeoutError) as error:
+                self._early = None  # never acknowledged: the broker sends it again
                 client.abort()
                 self._lost(client)
                 connected.set(0)
@@ -152,6 +161,18 @@ class MqttSource(Source):
             state.change("down", logging.WARNING, "source: connection lost: %s", reason or "closed")
             await asyncio.sleep(backoff.next())
 
+    def _renew(self, acks: AckQueue) -> None:
+        """A new connection: its acknowledgements wait behind the previous one's.
+        Redelivered messages whose first delivery is still in flight are acknowledged
+        behind that barrier, not handled twice; so are those already handled whose
+        acknowledgement the broker lost (it went down): it sends them again marked DUP,
+        under their packet ids."""
+        if self._acks is not None:
+            self._redelivered = self._acks.pending_keys()
+            self._handled = set(self._recent)
+            acks.after(self._acks)
+        self._acks = acks
+
     def _lost(self, client: BusClient) -> None:
         """The connection is gone: what it held was never acknowledged, and the broker
         sends it again on the next connection."""
@@ -162,6 +183,9 @@ class MqttSource(Source):
     def _received(self, message: Received) -> None:
         if not self.consuming:
             return  # not acknowledged: the broker delivers it to the next run
+        if self._early is not None:
+            self._early.append(message)
+            return
         held = self._held
         if held.take(message):
             if len(held) >= self._hold_max and self._client is not None:
@@ -183,10 +207,17 @@ class MqttSource(Source):
         # previous connection's unfinished work.
         key = (topic, payload) if message.qos else None
         entry = acks.add(message.packet_id, key)
-        if key is not None and key in self._redelivered:
-            self._redelivered.discard(key)
-            entry.release()
-            return
+        if key is not None:
+            if key in self._redelivered:
+                self._redelivered.discard(key)
+                entry.release()
+                return
+            handed = (message.packet_id, topic, hash(payload))
+            self._recent.append(handed)
+            if message.dup and handed in self._handled:
+                self._handled.discard(handed)
+                entry.release()
+                return
         self.deliver(
             Delivery(self.name, topic, payload, datetime.now(UTC), entry, retain=message.retain)
         )
