@@ -114,6 +114,26 @@ def _dispatcher(
     return dispatcher, bus, sink, metrics
 
 
+def _setting(
+    *pipelines: Pipeline, member: tuple[int, int] | None = None
+) -> tuple[Dispatcher, FakeSink, FakeBus, Metrics]:
+    """A dispatcher taking the ``set`` commands of ``pipelines``, routed in that order."""
+    sink, bus, metrics = FakeSink(), FakeBus(), Metrics()
+    dispatcher = Dispatcher(
+        pipelines={p.name: p for p in pipelines},
+        sink=sink,
+        metrics=metrics,
+        availability=Availability(timeout_s=60),
+        dead_letter_prefix="energybus/dead_letter",
+        worker_id="w1" if member is None else f"w{member[0]}",
+        member=member,
+    )
+    for pipeline in pipelines:
+        dispatcher.route("mqtt", list(pipeline.command_filters), pipeline)
+    dispatcher.attach(bus)
+    return dispatcher, sink, bus, metrics
+
+
 def _count(metrics: Metrics, name: str, **labels: str) -> float:
     value = metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
@@ -445,19 +465,8 @@ def test_a_set_two_adapters_take_goes_to_the_adapter_of_its_device() -> None:
     cpi = _cpi_pipeline()
     assert "+/energy/+/+/power_setpoint/set" in set(cpi.command_filters) & set(voke.command_filters)
     for first, second in ((cpi, voke), (voke, cpi)):
-        sink = FakeSink()
-        dispatcher = Dispatcher(
-            pipelines={"cpi": cpi, "voke": voke},
-            sink=sink,
-            metrics=Metrics(),
-            availability=Availability(timeout_s=60),
-            dead_letter_prefix="energybus/dead_letter",
-            worker_id="w1",
-        )
-        for pipeline in (first, second):
-            dispatcher.route("mqtt", list(pipeline.command_filters), pipeline)
+        dispatcher, sink, _, _ = _setting(first, second)
         dispatcher.outlet("vcp.acme.command", type("Outlet", (), {"publish": lambda *a: None})())
-        dispatcher.attach(FakeBus())
         acks = AckQueue(lambda packet_id: None)
         for packet_id, device in enumerate(("p-1-b1", "p1-b1", "nobody"), start=1):
             topic = f"hq/energy/storage/{device}/power_setpoint/set"
@@ -481,21 +490,8 @@ def test_a_set_is_handled_by_its_sites_member_whichever_adapter_takes_it() -> No
     for index, site in enumerate(("hq", "site-a")):
         voke = _voke_pipeline(site)
         cpi = _cpi_pipeline()
-        sink = FakeSink()
-        metrics = Metrics()
-        dispatcher = Dispatcher(
-            pipelines={"voke": voke, "cpi": cpi},
-            sink=sink,
-            metrics=metrics,
-            availability=Availability(timeout_s=60),
-            dead_letter_prefix="energybus/dead_letter",
-            worker_id=f"w{index}",
-            member=(index, 2),
-        )
-        for pipeline in (voke, cpi):
-            dispatcher.route("mqtt", list(pipeline.command_filters), pipeline)
+        dispatcher, sink, _, metrics = _setting(voke, cpi, member=(index, 2))
         dispatcher.outlet("vcp.acme.command", type("Outlet", (), {"publish": lambda *a: None})())
-        dispatcher.attach(FakeBus())
         acks = AckQueue(lambda packet_id: None)
         for packet_id, device in enumerate(("p-1-b1", "nobody"), start=1):
             topic = f"hq/energy/storage/{device}/power_setpoint/set"
@@ -540,19 +536,7 @@ class _Broken(_Plugin):
 
 
 def _with_cpi(first: Pipeline) -> tuple[Dispatcher, FakeSink, FakeBus]:
-    cpi = _cpi_pipeline()
-    sink, bus = FakeSink(), FakeBus()
-    dispatcher = Dispatcher(
-        pipelines={first.name: first, "cpi": cpi},
-        sink=sink,
-        metrics=Metrics(),
-        availability=Availability(timeout_s=60),
-        dead_letter_prefix="energybus/dead_letter",
-        worker_id="w1",
-    )
-    for pipeline in (first, cpi):
-        dispatcher.route("mqtt", list(pipeline.command_filters), pipeline)
-    dispatcher.attach(bus)
+    dispatcher, sink, bus, _ = _setting(first, _cpi_pipeline())
     return dispatcher, sink, bus
 
 
@@ -614,19 +598,7 @@ def test_a_set_several_adapters_take_goes_to_the_one_that_owns_the_device() -> N
             ),
         )
     )
-    metrics = Metrics()
-    dispatcher = Dispatcher(
-        pipelines={"cpi": cpi, "modbus": modbus},
-        sink=FakeSink(),
-        metrics=metrics,
-        availability=Availability(timeout_s=60),
-        dead_letter_prefix="energybus/dead_letter",
-        worker_id="w1",
-    )
-    for pipeline in (cpi, modbus):
-        dispatcher.route("mqtt", list(pipeline.command_filters), pipeline)
-    bus = FakeBus()
-    dispatcher.attach(bus)
+    dispatcher, _, bus, metrics = _setting(cpi, modbus)
     acks = AckQueue(lambda mid: None)
     now = datetime.now(UTC)
     for entity in ("bat", "p1-b1", "nobody"):
