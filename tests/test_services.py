@@ -540,6 +540,16 @@ def test_secure_postgres_wants_tls_and_the_password(secure_postgres: services.Se
     other = f"{secure_postgres.url}?sslmode=verify-full&sslrootcert={made.other_ca}"
     with pytest.raises(ssl.SSLCertVerificationError):
         asyncio.run(_pg(other, password=password))
+    # A restart keeps the cluster, its password and its lock-down.
+    where = Path(secure_postgres.run_dir)
+    with pytest.raises(services.ServiceError, match="a secure postgres already runs"):
+        services.start("postgres", run_dir=where)
+    assert services.stop("postgres", run_dir=where)
+    services.start("postgres", run_dir=where, port=secure_postgres.port, secure=True)
+    assert services.credentials(secure_postgres)["energybus"] == password
+    assert asyncio.run(_pg(verified, password=password)) == ("energybus", True)
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError, match="no encryption"):
+        asyncio.run(_pg(secure_postgres.url, password=password, ssl=False))
 
 
 async def _amqp(url: str, context: ssl.SSLContext | None, queue: str | None = None) -> None:
