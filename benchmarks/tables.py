@@ -82,8 +82,8 @@ def tls_table(results: list[dict[str, Any]]) -> str:
         "| offered msg/s | transport | delivered msg/s | drained | lost (bus / rows) "
         "| p50 / p99 bus s | p99 row s | worker cores | broker | database | load gen "
         "| elsewhere | machine | worker µs/sample | broker µs/msg | DB µs/row "
-        "| load gen µs/msg | TLS ÷ plain: worker µs/sample | TLS ÷ plain: delivered |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| load gen µs/msg | sustained | TLS ÷ plain: worker µs/sample | TLS ÷ plain: delivered |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     order = ("plain", "tls")
@@ -109,6 +109,7 @@ def tls_table(results: list[dict[str, Any]]) -> str:
             f"| {_s(cores['machine'])} | {_s(r['engine_cpu_us_per_sample'])} "
             f"| {_s(r['broker_cpu_us_per_message'])} | {_s(r['database_cpu_us_per_row'])} "
             f"| {_s(r['load_generator_cpu_us_per_message'])} "
+            f"| {'yes' if r['sustained'] else 'no'} "
             f"| {_s(ratios.get('worker_cpu_per_sample'), 3)} "
             f"| {_s(ratios.get('delivered_messages_per_second'), 3)} |"
         )
