@@ -41,6 +41,21 @@ def test_the_plot_is_drawn_from_the_results(tmp_path: Path) -> None:
     assert out.stat().st_size > 20_000
 
 
+def test_the_tls_table_pairs_each_rate_and_carries_the_ratios_measured() -> None:
+    """RESULTS.md's table of the TLS runs, from their results file: the plain run then the
+    TLS run of each rate, and on the TLS row its ratios to that plain run."""
+    runs = [json.loads(line) for line in (RESULTS.parent / "tls.jsonl").read_text().splitlines()]
+    rows = _cells(tls_table(runs))
+    assert len(rows) == len(runs)
+    assert [r[1] for r in rows] == ["plain", "tls"] * (len(runs) // 2)
+    by = {(r["target_messages_per_second"], r["transport"]): r for r in runs}
+    for row in rows[1::2]:
+        plain, tls = by[int(row[0]), "plain"], by[int(row[0]), "tls"]
+        worker = tls["engine_cpu_us_per_sample"] / plain["engine_cpu_us_per_sample"]
+        delivered = tls["delivered_messages_per_second"] / plain["delivered_messages_per_second"]
+        assert row[-2:] == [f"{worker:.3f}", f"{delivered:.3f}"]
+
+
 def _cells(table: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
 
