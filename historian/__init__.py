@@ -17,11 +17,12 @@ from .queries import (
     recent_commands,
     table_rows,
 )
-from .schema import SCHEMA, MigrationResult, migrate, migrations
+from .schema import GRANTS, SCHEMA, MigrationResult, grant, migrate, migrations
 from .writer import QUALITY_CODES, Historian, SchemaBehind, WriteResult
 
 __all__ = [
     "COMMAND_COLUMNS",
+    "GRANTS",
     "QUALITY_CODES",
     "SCHEMA",
     "TABLES",
@@ -37,6 +38,7 @@ __all__ = [
     "counter_events",
     "decode_batch",
     "encode_batch",
+    "grant",
     "migrate",
     "migrations",
     "recent_commands",
