@@ -18,7 +18,7 @@ from .queries import (
     table_rows,
 )
 from .schema import GRANTS, SCHEMA, MigrationResult, grant, migrate, migrations
-from .writer import QUALITY_CODES, Historian, SchemaBehind, WriteResult
+from .writer import QUALITY_CODES, Historian, SchemaBehind, WriteResult, dsn_problem
 
 __all__ = [
     "COMMAND_COLUMNS",
@@ -37,6 +37,7 @@ __all__ = [
     "counter_energy",
     "counter_events",
     "decode_batch",
+    "dsn_problem",
     "encode_batch",
     "grant",
     "migrate",

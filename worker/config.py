@@ -26,6 +26,7 @@ from pydantic import (
     SecretStr,
     Strict,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -33,6 +34,7 @@ from energybus.adapters import Adapter, adapter_class, adapter_names
 from energybus.documents import Located, expand_env, read_toml
 from energybus.errors import MappingError
 from energybus.filters import validate_filter
+from energybus.historian import dsn_problem
 
 __all__ = [
     "Config",
@@ -171,6 +173,14 @@ class HistorianConfig(_Section):
     database is unreachable; when full the worker stops acknowledging source messages."""
     counters: list[CounterDeclaration] = []
     """Counter declarations, each a ``[[historian.counters]]`` table."""
+
+    @field_validator("dsn")
+    @classmethod
+    def _usable_dsn(cls, dsn: SecretStr | None) -> SecretStr | None:
+        problem = dsn_problem(dsn.get_secret_value()) if dsn is not None else None
+        if problem is not None:
+            raise ValueError(problem)
+        return dsn
 
 
 class WorkerConfig(_Section):
