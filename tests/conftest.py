@@ -36,3 +36,24 @@ def postgres(run_dir: Path) -> Iterator[services.Service]:
 def rabbitmq(run_dir: Path) -> Iterator[services.Service]:
     with services.started("rabbitmq", run_dir=run_dir) as service:
         yield service
+
+
+# The same services locked down (tools/services.py's secure mode): TLS only, generated
+# passwords (services.credentials), certificates from services.pki_of. A run directory
+# of their own, as a plain and a secure service never share one.
+@pytest.fixture(scope="session")
+def secure_mosquitto(run_dir: Path) -> Iterator[services.Service]:
+    with services.started("mosquitto", run_dir=run_dir / "secure", secure=True) as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+def secure_postgres(run_dir: Path) -> Iterator[services.Service]:
+    with services.started("postgres", run_dir=run_dir / "secure", secure=True) as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+def secure_rabbitmq(run_dir: Path) -> Iterator[services.Service]:
+    with services.started("rabbitmq", run_dir=run_dir / "secure", secure=True) as service:
+        yield service

@@ -5,7 +5,6 @@ not answer its marker."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 import uuid
 import zlib
@@ -19,7 +18,8 @@ from energybus.samples import SeriesKey
 from energybus.worker.config import MqttConfig
 from energybus.worker.lasts import SKEW, read_lasts
 from tests.workers import publish
-from tools.services import HOST, Service, _data_dir, _require, _wait_for_port, free_port
+from tools import services
+from tools.services import Service
 
 pytestmark = pytest.mark.services
 
@@ -82,25 +82,10 @@ def test_a_member_keeps_its_own_sites_floors_and_none_beyond_the_clock_skew(
 @pytest.fixture
 def acl_broker(run_dir: Path, request: pytest.FixtureRequest) -> Iterator[Service]:
     """A Mosquitto whose ACL (the test's parameter) governs the worker's topics."""
-    port = free_port()
-    tmp_path = _data_dir(run_dir, f"mosquitto-acl-{port}", "mosquitto")
-    (tmp_path / "acl").write_text(f"topic readwrite +/energy/#\n{request.param}\n")
-    log = tmp_path / "mosquitto.log"
-    (tmp_path / "mosquitto.conf").write_text(
-        f"listener {port} {HOST}\nallow_anonymous true\nacl_file {tmp_path / 'acl'}\n"
-        f"log_dest file {log}\n"
-    )
-    process = subprocess.Popen(
-        [_require("mosquitto", "mosquitto"), "-c", str(tmp_path / "mosquitto.conf")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        _wait_for_port(port, process, 15, log)
-        yield Service("mosquitto", HOST, port, process.pid, str(tmp_path), f"mqtt://{HOST}:{port}")
-    finally:
-        process.terminate()
-        process.wait(30)
+    where = run_dir / f"acl-{uuid.uuid4().hex[:8]}"
+    acl = f"topic readwrite +/energy/#\n{request.param}\n"
+    with services.started("mosquitto", run_dir=where, acl=acl) as broker:
+        yield broker
 
 
 @pytest.mark.parametrize("acl_broker", ["topic read energybus/#"], indirect=True)

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
+import ssl
+import stat
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from energybus import CANONICAL_FILTERS, Renderer, decode_last, decode_meta, make_sample, matches
 from tools import services
@@ -22,6 +31,9 @@ def test_start_records_pid_and_stop_kills_it(run_dir: Path) -> None:
     service = services.start("mosquitto", run_dir=where)
     try:
         assert services.running("mosquitto", where) == service
+        # A plain service's record is what it was before the secure mode, and loads.
+        assert "secure" not in json.loads(service.state_file().read_text())
+        assert not service.secure
         # Starting again reuses the running instance.
         assert services.start("mosquitto", run_dir=where).pid == service.pid
         assert (
@@ -291,3 +303,295 @@ def test_crash_kills_postgres_and_its_next_start_recovers(
     finally:
         services.stop("postgres", run_dir=where)
     assert not services.crash("postgres", run_dir=where)
+
+
+# Locked down (secure=True): each service refuses what it must, with real clients, and
+# accepts a client that has everything (a certificate of the run directory's CA where
+# asked, and the password of services.credentials).
+
+
+def _tls(service: services.Service, *, ca: Path | None = None, cert: bool = True) -> ssl.SSLContext:
+    """A client's TLS context: trusting the run directory's CA (or ``ca``), with its client
+    certificate unless ``cert`` is false."""
+    made = services.pki_of(service)
+    context = ssl.create_default_context(cafile=str(ca or made.ca))
+    if cert:
+        context.load_cert_chain(made.client_cert, made.client_key)
+    return context
+
+
+class _Mqtt:
+    """An MQTT 5 client (paho, on its own network thread): the CONNACK's reason code
+    (None when the broker closed the connection without one) and each PUBACK's."""
+
+    def __init__(self, client: paho.Client) -> None:
+        self.client = client
+        self.connack: int | None = None
+        self.refused: Exception | None = None  # by the client's own TLS handshake
+        self.answered = threading.Event()
+        self.pubacks: dict[int, int] = {}
+        self.acked = threading.Condition()
+
+    def on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, _: Any
+    ) -> None:
+        self.connack = reason.value
+        self.answered.set()
+
+    def on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, _: Any
+    ) -> None:
+        self.answered.set()
+
+    def on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, _: Any) -> None:
+        with self.acked:
+            self.pubacks[mid] = reason.value
+            self.acked.notify_all()
+
+    def puback(self, topic: str) -> int:
+        """The reason code of the broker's PUBACK for a QoS 1 publish on ``topic``."""
+        mid = self.client.publish(topic, b"x", qos=1).mid
+        with self.acked:
+            assert self.acked.wait_for(lambda: mid in self.pubacks, timeout=10)
+            return self.pubacks[mid]
+
+
+@contextlib.contextmanager
+def _mqtt(
+    service: services.Service,
+    context: ssl.SSLContext | None,
+    user: str | None = None,
+    password: str | None = None,
+) -> Iterator[_Mqtt]:
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"t-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5
+    )
+    session = _Mqtt(client)
+    client.on_connect = session.on_connect
+    client.on_disconnect = session.on_disconnect
+    client.on_publish = session.on_publish
+    if context is not None:
+        client.tls_set_context(context)
+    if user is not None:
+        client.username_pw_set(user, password)
+    try:
+        client.connect(service.host, service.port)
+    except (ssl.SSLError, OSError) as exc:
+        session.refused = exc
+        yield session
+        return
+    client.loop_start()
+    try:
+        # TLS 1.3: a client certificate is refused after the client's handshake ended.
+        assert session.answered.wait(10), "no CONNACK and no disconnection within 10 s"
+        yield session
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _connack(
+    service: services.Service,
+    context: ssl.SSLContext | None,
+    user: str | None = None,
+    password: str | None = None,
+) -> int | None:
+    with _mqtt(service, context, user, password) as session:
+        return session.connack
+
+
+SUCCESS, NOT_AUTHORIZED = 0x00, 0x87
+"""MQTT 5 reason codes. Mosquitto 2.0 answers a wrong password, an unknown user and an
+anonymous client with 0x87 (Not authorized) rather than 0x86 (Bad user name or
+password), and a publish outside a client's ACL with a PUBACK of 0x87."""
+
+
+def test_secure_mosquitto_wants_tls_a_client_certificate_and_a_password(
+    secure_mosquitto: services.Service,
+) -> None:
+    broker = secure_mosquitto
+    password = services.credentials(broker)["admin"]
+    made = services.pki_of(broker)
+    expired = _tls(broker, cert=False)
+    expired.load_cert_chain(made.expired_client_cert, made.expired_client_key)
+    assert broker.url == f"mqtts://127.0.0.1:{broker.port}"
+    # Codes first, then asserted: a failure shows the code, never the password.
+    codes = {
+        "everything": _connack(broker, _tls(broker), "admin", password),
+        "plain TCP": _connack(broker, None, "admin", password),
+        "no client certificate": _connack(broker, _tls(broker, cert=False), "admin", password),
+        "expired client certificate": _connack(broker, expired, "admin", password),
+        "wrong password": _connack(broker, _tls(broker), "admin", "not-" + password),
+        "anonymous": _connack(broker, _tls(broker)),
+    }
+    assert codes == {
+        "everything": SUCCESS,
+        "plain TCP": None,  # closed: no CONNACK
+        "no client certificate": None,
+        "expired client certificate": None,
+        "wrong password": NOT_AUTHORIZED,
+        "anonymous": NOT_AUTHORIZED,
+    }
+    with _mqtt(broker, _tls(broker, ca=made.other_ca), "admin", password) as session:
+        assert isinstance(session.refused, ssl.SSLCertVerificationError)
+        assert session.connack is None
+
+
+def test_secure_mosquitto_users_and_acl_are_replaced_and_reloaded(run_dir: Path) -> None:
+    where = run_dir / "secure-acl"
+    with services.started("mosquitto", run_dir=where, secure=True) as broker:
+        admin = services.credentials(broker)["admin"]
+        with _mqtt(broker, _tls(broker), "admin", admin) as session:
+            assert session.puback("site-b/energy/grid/m/p/value") != NOT_AUTHORIZED
+        users = {"admin": admin, "worker": "worker-password"}
+        services.mosquitto_users(
+            broker,
+            users,
+            "user admin\ntopic readwrite #\n\nuser worker\ntopic write site-a/energy/#\n",
+        )
+        assert services.credentials(broker) == users
+        with _mqtt(broker, _tls(broker), "worker", "worker-password") as session:
+            assert session.connack == SUCCESS
+            assert session.puback("site-a/energy/grid/m/p/value") < 0x80
+            assert session.puback("site-b/energy/grid/m/p/value") == NOT_AUTHORIZED
+        # Exactly these users: a user left out is refused.
+        services.mosquitto_users(broker, {"worker": "worker-password"}, "user worker\n")
+        refused = _connack(broker, _tls(broker), "admin", admin)
+        assert refused == NOT_AUTHORIZED
+        with pytest.raises(services.ServiceError, match="cannot go in a password file"):
+            services.mosquitto_users(broker, {"a:b": "x"}, "")
+    # A later start in the run directory keeps them.
+    with services.started("mosquitto", run_dir=where, secure=True) as broker:
+        assert services.credentials(broker) == {"worker": "worker-password"}
+        with _mqtt(broker, _tls(broker), "worker", "worker-password") as session:
+            assert session.puback("site-a/energy/grid/m/p/value") == NOT_AUTHORIZED
+
+
+def test_a_secure_record_keeps_its_mode_and_no_secret(
+    run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    where = run_dir / "secure-cli"
+    assert services.main(["up", "--secure", "mosquitto", "--run-dir", str(where)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    try:
+        service = services.running("mosquitto", where)
+        assert service is not None and service.secure
+        assert shown == json.loads(service.state_file().read_text())
+        assert shown["secure"] is True
+        stored = where / "mosquitto" / "credentials.json"
+        assert stat.S_IMODE(stored.stat().st_mode) == 0o600
+        (password,) = services.credentials(service).values()
+        assert password not in service.state_file().read_text()
+        assert password not in service.url
+        # The same run directory cannot hold a plain one beside it.
+        with pytest.raises(services.ServiceError, match="a secure mosquitto already runs"):
+            services.start("mosquitto", run_dir=where)
+    finally:
+        assert services.main(["down", "mosquitto", "--run-dir", str(where)]) == 0
+    assert capsys.readouterr().out == "mosquitto: stopped\n"
+
+
+def test_a_run_directory_keeps_the_mode_of_its_data(tmp_path: Path) -> None:
+    """PostgreSQL's and RabbitMQ's data outlive their configuration (roles, password
+    method, users): a start in the other mode is refused, not half applied."""
+    data = tmp_path / "postgres" / "data"
+    data.mkdir(parents=True)
+    (data / "PG_VERSION").write_text("15\n")
+    with pytest.raises(services.ServiceError, match="holds a plain postgres"):
+        services._check_mode(tmp_path, "postgres", True, data / "PG_VERSION")
+    services._check_mode(tmp_path, "postgres", False, data / "PG_VERSION")
+    services._save_credentials(tmp_path, "postgres", {"energybus": "x"})
+    with pytest.raises(services.ServiceError, match="start it with secure=True"):
+        services._check_mode(tmp_path, "postgres", False, data / "PG_VERSION")
+    services._check_mode(tmp_path, "postgres", True, data / "PG_VERSION")
+    with pytest.raises(services.ServiceError, match="nodered has no secure mode"):
+        services.start("nodered", run_dir=tmp_path, secure=True)
+    with pytest.raises(services.ServiceError, match="not postgres's"):
+        services.start("postgres", run_dir=tmp_path, acl="topic read #")
+
+
+async def _pg(url: str, **options: Any) -> tuple[object, ...]:
+    import asyncpg
+
+    connection = await asyncpg.connect(url, **options)
+    try:
+        row = await connection.fetchrow(
+            "SELECT current_user, ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        )
+        assert row is not None
+        return tuple(row)
+    finally:
+        await connection.close()
+
+
+def test_secure_postgres_wants_tls_and_the_password(secure_postgres: services.Service) -> None:
+    import asyncpg
+
+    password = services.credentials(secure_postgres)["energybus"]
+    made = services.pki_of(secure_postgres)
+    verified = f"{secure_postgres.url}?sslmode=verify-full&sslrootcert={made.ca}"
+    assert asyncio.run(_pg(verified, password=password)) == ("energybus", True)
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError, match="no encryption"):
+        asyncio.run(_pg(secure_postgres.url, password=password, ssl=False))
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError, match="no encryption"):
+        asyncio.run(_pg(f"{secure_postgres.url}?sslmode=disable", password=password))
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        asyncio.run(_pg(verified, password="not-" + password))
+    other = f"{secure_postgres.url}?sslmode=verify-full&sslrootcert={made.other_ca}"
+    with pytest.raises(ssl.SSLCertVerificationError):
+        asyncio.run(_pg(other, password=password))
+    # A restart keeps the cluster, its password and its lock-down.
+    where = Path(secure_postgres.run_dir)
+    with pytest.raises(services.ServiceError, match="a secure postgres already runs"):
+        services.start("postgres", run_dir=where)
+    assert services.stop("postgres", run_dir=where)
+    services.start("postgres", run_dir=where, port=secure_postgres.port, secure=True)
+    assert services.credentials(secure_postgres)["energybus"] == password
+    assert asyncio.run(_pg(verified, password=password)) == ("energybus", True)
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError, match="no encryption"):
+        asyncio.run(_pg(secure_postgres.url, password=password, ssl=False))
+
+
+async def _amqp(url: str, context: ssl.SSLContext | None, queue: str | None = None) -> None:
+    """Connect; with ``queue``, declare it and move a message through it."""
+    import aio_pika
+
+    connection = await aio_pika.connect(url, ssl_context=context, timeout=20)
+    async with connection:
+        if queue is None:
+            return
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, auto_delete=True)
+        await channel.default_exchange.publish(aio_pika.Message(b"hello"), declared.name)
+        incoming = await declared.get(timeout=10)
+        await incoming.ack()
+        assert incoming.body == b"hello"
+
+
+def test_secure_rabbitmq_wants_tls_and_a_tenant(secure_rabbitmq: services.Service) -> None:
+    import aio_pika
+    from aio_pika.exceptions import AMQPConnectionError, ChannelClosed
+
+    broker = secure_rabbitmq
+    assert broker.url == f"amqps://127.0.0.1:{broker.port}/"
+    assert services.credentials(broker) == {}
+    services.rabbitmq_tenants(
+        broker,
+        {"full": ("full-password", "full-org"), "narrow": ("narrow-password", "narrow-org")},
+        permissions={"narrow": ("^$", ".*", ".*")},  # may declare nothing
+    )
+    host = f"{broker.host}:{broker.port}"
+    context = _tls(broker, cert=False)
+    asyncio.run(_amqp(f"amqps://full:full-password@{host}/full-org", context, "telemetry"))
+    with pytest.raises(ChannelClosed, match="ACCESS_REFUSED"):
+        asyncio.run(_amqp(f"amqps://narrow:narrow-password@{host}/narrow-org", context, "q"))
+    # A client certificate, when shown, must be of the CA.
+    asyncio.run(_amqp(f"amqps://full:full-password@{host}/full-org", _tls(broker)))
+    with pytest.raises(AMQPConnectionError):  # plain TCP
+        asyncio.run(_amqp(f"amqp://full:full-password@{host}/full-org", None))
+    with pytest.raises(aio_pika.exceptions.ProbableAuthenticationError):
+        asyncio.run(_amqp(f"amqps://guest:guest@{host}/", context))
+    other = _tls(broker, ca=services.pki_of(broker).other_ca, cert=False)
+    with pytest.raises(AMQPConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+        asyncio.run(_amqp(f"amqps://full:full-password@{host}/full-org", other))
+    assert "guest" not in services.rabbitmqctl(broker, "list_users")

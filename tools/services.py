@@ -8,9 +8,15 @@ faults. Nothing touches the system's own service instances or their configuratio
 Node-RED, for the benchmark beside it, comes with its own Node.js from the npm registry
 (tools/nodered.py).
 
+With ``secure`` (``up --secure``) each server is locked down as a site would run it:
+TLS only, with certificates of a throwaway CA (tools/pki.py, made in ``<run_dir>/pki``),
+and passwords generated per run directory, which :func:`credentials` reads and nothing
+prints. A run directory holds either plain or secure services, never both.
+
 Standard library only, so it runs before the project's virtualenv exists::
 
     python3 tools/services.py up mosquitto postgres --run-dir .run
+    python3 tools/services.py up --secure mosquitto --run-dir .run/secure
     python3 tools/services.py status
     python3 tools/services.py crash postgres   # SIGKILL: the next start recovers
     python3 tools/services.py down
@@ -24,6 +30,7 @@ import functools
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -34,11 +41,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 try:
-    from tools import nodered
+    from tools import nodered, pki
 except ImportError:  # python3 tools/services.py: tools/ itself is sys.path[0]
     import nodered  # type: ignore[no-redef, import-not-found]
+    import pki  # type: ignore[no-redef, import-not-found]
 
 __all__ = [
     "SERVICES",
@@ -46,7 +55,12 @@ __all__ = [
     "ServiceError",
     "apt_install",
     "crash",
+    "credentials",
     "free_port",
+    "mosquitto_users",
+    "pki_of",
+    "rabbitmq_tenants",
+    "rabbitmqctl",
     "running",
     "start",
     "started",
@@ -60,6 +74,8 @@ HOST = "127.0.0.1"
 # as a "smart" shutdown, which waits for every client to disconnect; SIGINT is its fast
 # shutdown, which disconnects them, writes a shutdown checkpoint and exits.
 STOP_SIGNALS = {"postgres": signal.SIGINT}
+SECURE = ("mosquitto", "postgres", "rabbitmq")
+"""The services with a secure mode."""
 
 
 class ServiceError(RuntimeError):
@@ -76,9 +92,20 @@ class Service:
     pid: int
     run_dir: str
     url: str
+    secure: bool = False
+    """Locked down: TLS only, passwords (:func:`credentials`), no guest or anonymous."""
 
     def state_file(self) -> Path:
         return _state_file(Path(self.run_dir), self.name)
+
+
+def _record(service: Service) -> dict[str, Any]:
+    """The service as ``service.json`` and ``up`` give it; a plain service's record is
+    what it was before the secure mode existed."""
+    record = asdict(service)
+    if not service.secure:
+        del record["secure"]
+    return record
 
 
 def free_port() -> int:
@@ -190,11 +217,200 @@ def _chown_for(user: str, *paths: Path) -> None:
             shutil.chown(path, user, user)
 
 
-def _start_mosquitto(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
+def _credentials_file(run_dir: Path, name: str) -> Path:
+    return run_dir / name / "credentials.json"
+
+
+def _save_credentials(run_dir: Path, name: str, secrets_: Mapping[str, str]) -> None:
+    """Written 0600 from its first byte, and replaced whole: a reader never sees half."""
+    path = _credentials_file(run_dir, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(dict(secrets_), out)
+    partial.replace(path)
+
+
+def _load_credentials(run_dir: Path, name: str) -> dict[str, str] | None:
+    try:
+        loaded = json.loads(_credentials_file(run_dir, name).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ServiceError(f"{_credentials_file(run_dir, name)} unreadable: {exc}") from None
+    return {str(user): str(password) for user, password in loaded.items()}
+
+
+def _new_password() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def credentials(service: Service) -> dict[str, str]:
+    """The generated secrets of a secure ``service``: Mosquitto's users and their
+    passwords, PostgreSQL's superuser ``energybus`` and its password, none for RabbitMQ
+    (``rabbitmqctl`` authenticates with the node's Erlang cookie). The same for every
+    start in one run directory; kept 0600 in ``<run_dir>/<name>/credentials.json``,
+    never in ``service.json`` nor in the URL."""
+    if not service.secure:
+        raise ServiceError(f"{service.name} on port {service.port} is not secure: no credentials")
+    found = _load_credentials(Path(service.run_dir), service.name)
+    if found is None:
+        raise ServiceError(f"{service.name}: no credentials under {service.run_dir}")
+    return found
+
+
+def _check_mode(run_dir: Path, name: str, secure: bool, plain_data: Path) -> None:
+    """A server whose data outlives its configuration (PostgreSQL's roles and password
+    method, RabbitMQ's users) stays what its first start made it: secure exactly when
+    its credentials exist. ``plain_data`` is what a plain first start leaves."""
+    has_credentials = _credentials_file(run_dir, name).exists()
+    if secure and not has_credentials and plain_data.exists():
+        raise ServiceError(
+            f"{run_dir} holds a plain {name}; a secure one needs a run directory of its own"
+        )
+    if not secure and has_credentials:
+        raise ServiceError(
+            f"{run_dir} holds a secure {name}: start it with secure=True (up --secure)"
+        )
+
+
+def pki_of(service: Service) -> pki.Pki:
+    """The certificates of a secure service's run directory: its CA, a client
+    certificate and the rest that tests need (tools/pki.py)."""
+    return _make_pki(Path(service.run_dir))
+
+
+def _make_pki(run_dir: Path) -> pki.Pki:
+    try:
+        return pki.make_pki(run_dir / "pki")
+    except pki.PkiError as exc:
+        raise ServiceError(str(exc)) from None
+
+
+def _tls_files(run_dir: Path, data: Path, user: str) -> tuple[Path, Path, Path]:
+    """The CA, server certificate and key, copied where the server's own user owns them:
+    PostgreSQL refuses a key file that is not its own (or root's) with mode 0600, and a
+    server that drops root (Mosquitto) reads them again at a reload."""
+    made = _make_pki(run_dir)
+    tls = data / "tls"
+    tls.mkdir(mode=0o700, exist_ok=True)
+    copies = []
+    for source, target in (
+        (made.ca, "ca.pem"),
+        (made.server_cert, "server.pem"),
+        (made.server_key, "server.key"),
+    ):
+        copy = tls / target
+        shutil.copyfile(source, copy)
+        copy.chmod(0o600)
+        copies.append(copy)
+    _chown_for(user, tls, *copies)
+    return copies[0], copies[1], copies[2]
+
+
+def _mosquitto_files(data: Path, users: Mapping[str, str], acl: str) -> None:
+    """The password file (hashed by ``mosquitto_passwd``) and ACL file of ``users``."""
+    for user in users:
+        if not user or any(c in user for c in ":\n\r") or user != user.strip():
+            raise ServiceError(f"mosquitto: user name {user!r} cannot go in a password file")
+    passwd = _require("mosquitto_passwd", "mosquitto")
+    passwords = data / "passwords"
+    staged = data / ".passwords"
+    staged.unlink(missing_ok=True)
+    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.writelines(f"{user}:{password}\n" for user, password in users.items())
+    result = subprocess.run([passwd, "-U", str(staged)], capture_output=True, text=True)
+    if result.returncode != 0:
+        staged.unlink(missing_ok=True)
+        # Its messages name the file, never a password.
+        raise ServiceError(f"mosquitto_passwd failed: {result.stderr.strip()}")
+    staged_acl = data / ".acl"
+    staged_acl.write_text(acl if acl.endswith("\n") or not acl else acl + "\n")
+    staged_acl.chmod(0o600)
+    _chown_for("mosquitto", staged, staged_acl)
+    staged.replace(passwords)
+    staged_acl.replace(data / "acl")
+
+
+DEFAULT_MOSQUITTO_ACL = "user admin\ntopic readwrite #\n"
+"""A secure Mosquitto's ACL until :func:`mosquitto_users` installs another."""
+
+
+def mosquitto_users(service: Service, users: Mapping[str, str], acl: str) -> None:
+    """Make ``users`` (``name: password``) exactly the users of the secure Mosquitto
+    ``service``, ``acl`` its whole ACL file (Mosquitto's ``acl_file`` format), and have it
+    reload both (SIGHUP); returns once it has. :func:`credentials` then gives these
+    users, and later starts in the run directory keep them and the ACL."""
+    if service.name != "mosquitto" or not service.secure:
+        plain = "" if service.secure else "plain "
+        raise ServiceError(f"mosquitto_users needs a secure mosquitto, not a {plain}{service.name}")
+    run_dir = Path(service.run_dir)
+    data = _data_dir(run_dir, "mosquitto", "mosquitto")
+    _mosquitto_files(data, users, acl)
+    _save_credentials(run_dir, "mosquitto", users)
+    _reload_mosquitto(service, data / "mosquitto.log")
+
+
+def _reload_mosquitto(service: Service, log: Path, timeout: float = 10) -> None:
+    """SIGHUP, then wait for the broker's "Reloading config." (logged at ``information``
+    level): it reads the password and ACL files in the same turn of its loop, before it
+    serves any client again. Errors it logs after that line are the files' errors."""
+    marker = "Reloading config."
+    before = log.read_text(errors="replace").count(marker) if log.exists() else 0
+    os.kill(service.pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if text.count(marker) > before:
+            after = text.rsplit(marker, 1)[1]
+            errors = [line for line in after.splitlines() if ": Error: " in line]
+            if errors:
+                raise ServiceError("mosquitto reloaded with errors:\n" + "\n".join(errors))
+            return
+        time.sleep(0.02)
+    raise ServiceError(f"mosquitto did not reload within {timeout:.0f}s; log {log}")
+
+
+def _start_mosquitto(
+    run_dir: Path, port: int, *, secure: bool = False, acl: str | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
     binary = _require("mosquitto", "mosquitto", "mosquitto-clients")
     data = _data_dir(run_dir, "mosquitto", "mosquitto")
     log = data / "mosquitto.log"
     conf = data / "mosquitto.conf"
+    listener = f"listener {port} {HOST}\nallow_anonymous true\n"
+    logged = "log_type error\nlog_type warning\nlog_type notice\n"
+    if acl is not None and not secure:
+        (data / "acl").write_text(acl)
+        _chown_for("mosquitto", data / "acl")
+        listener += f"acl_file {data / 'acl'}\n"
+    if secure:
+        # One TLS listener and nothing else: every client shows a certificate of the run
+        # directory's CA, then a user name and password; the ACL says what each may do.
+        # The users and ACL of an earlier start (mosquitto_users') stay, unless ``acl``.
+        users = _load_credentials(run_dir, "mosquitto")
+        if users is None:
+            users = {"admin": _new_password()}
+            _save_credentials(run_dir, "mosquitto", users)
+            (data / "acl").unlink(missing_ok=True)
+        if acl is None:
+            acl = (data / "acl").read_text() if (data / "acl").exists() else DEFAULT_MOSQUITTO_ACL
+        _mosquitto_files(data, users, acl)
+        ca, cert, key = _tls_files(run_dir, data, "mosquitto")
+        listener = (
+            f"listener {port} {HOST}\n"
+            f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
+            "require_certificate true\n"
+            "tls_version tlsv1.2\n"
+            "allow_anonymous false\n"
+            f"password_file {data / 'passwords'}\n"
+            f"acl_file {data / 'acl'}\n"
+        )
+        # "Reloading config." is at this level: mosquitto_users waits for it.
+        logged += "log_type information\n"
     # As a production broker would run (docs/worker.md, "Broker settings"). Persistence,
     # saved every 5 minutes and at a clean stop (SIGTERM): each save rewrites the whole
     # file, so saving every second rewrites everything queued every second. Queues
@@ -204,13 +420,12 @@ def _start_mosquitto(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes],
     # bus at that rate for another subscriber. Sessions that ask never to expire go after
     # 14 days, longer than any session the worker asks for.
     conf.write_text(
-        f"listener {port} {HOST}\n"
-        "allow_anonymous true\n"
+        f"{listener}"
         "persistence true\n"
         f"persistence_location {data}/\n"
         "autosave_interval 300\n"
         f"log_dest file {log}\n"
-        "log_type error\nlog_type warning\nlog_type notice\n"
+        f"{logged}"
         "max_queued_messages 200000\n"
         "max_queued_bytes 268435456\n"
         "max_inflight_messages 0\n"
@@ -223,7 +438,7 @@ def _start_mosquitto(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes],
         start_new_session=True,
     )
     _wait_for_port(port, process, 15, log)
-    return process, f"mqtt://{HOST}:{port}"
+    return process, f"{'mqtts' if secure else 'mqtt'}://{HOST}:{port}"
 
 
 def _postgres_bin() -> Path:
@@ -236,34 +451,80 @@ def _postgres_bin() -> Path:
     return roots[0].parent
 
 
-def _start_postgres(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
+def _start_postgres(
+    run_dir: Path, port: int, *, secure: bool = False
+) -> tuple[subprocess.Popen[bytes], str]:
     bindir = _postgres_bin()
     base = _data_dir(run_dir, "postgres", "postgres")
     data = base / "data"
     as_pg = _as_service_user("postgres")
     log = base / "postgres.log"
+    _check_mode(run_dir, "postgres", secure, data / "PG_VERSION")
+    password = None
+    if secure:
+        found = _load_credentials(run_dir, "postgres")
+        if found is None:
+            found = {"energybus": _new_password()}
+            _save_credentials(run_dir, "postgres", found)
+        password = found["energybus"]
+    pwfile = base / ".initdb-password"
     if not (data / "PG_VERSION").exists():
-        # Trust on loopback only: a throwaway cluster for tests and the demo.
-        result = subprocess.run(
-            [
-                *as_pg,
-                str(bindir / "initdb"),
-                "-D",
-                str(data),
-                "-U",
-                "energybus",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--locale=C.UTF-8",
-            ],
-            capture_output=True,
-            text=True,
-        )
+        if password is None:
+            # Trust on loopback only: a throwaway cluster for tests and the demo.
+            auth = ["--auth=trust"]
+        else:
+            # The superuser's password, for initdb to read; gone once it has.
+            pwfile.unlink(missing_ok=True)
+            fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(password + "\n")
+            _chown_for("postgres", pwfile)
+            auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
+        try:
+            result = subprocess.run(
+                [
+                    *as_pg,
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    "energybus",
+                    *auth,
+                    "-E",
+                    "UTF8",
+                    "--locale=C.UTF-8",
+                ],
+                capture_output=True,
+                text=True,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
         if result.returncode != 0:
             raise ServiceError(f"initdb failed:\n{result.stderr}")
     server = [str(bindir / "postgres"), "-D", str(data), "-p", str(port)]
     settings = {"listen_addresses": HOST, "unix_socket_directories": str(base)}
+    client_env = dict(os.environ)
+    if password is not None:
+        # Over TLS with a password only: no line for plain TCP, none for the socket.
+        hba = data / "pg_hba.conf"
+        hba.write_text(
+            "# tools/services.py --secure: TLS and a SCRAM password, from loopback only\n"
+            f"hostssl all all {HOST}/32 scram-sha-256\n"
+        )
+        _chown_for("postgres", hba)
+        _, cert_file, key_file = _tls_files(run_dir, base, "postgres")
+        settings |= {
+            "ssl": "on",
+            "ssl_cert_file": str(cert_file),
+            "ssl_key_file": str(key_file),
+            "ssl_min_protocol_version": "TLSv1.2",
+            "password_encryption": "scram-sha-256",
+        }
+        client_env |= {
+            "PGPASSWORD": password,
+            "PGSSLMODE": "verify-full",
+            "PGSSLROOTCERT": str(_make_pki(run_dir).ca),
+        }
     with log.open("ab") as output:
         process = subprocess.Popen(
             [*as_pg, *server, *(f"--{key}={value}" for key, value in settings.items())],
@@ -289,6 +550,7 @@ def _start_postgres(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], 
             ],
             capture_output=True,
             text=True,
+            env=client_env,
         )
         if result.returncode == 0:
             break
@@ -298,14 +560,18 @@ def _start_postgres(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], 
             [str(bindir / "createdb"), "-h", HOST, "-p", str(port), "-U", "energybus", "energybus"],
             check=True,
             capture_output=True,
+            env=client_env,
         )
     return process, f"postgresql://energybus@{HOST}:{port}/energybus"
 
 
-def _start_rabbitmq(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], str]:
+def _start_rabbitmq(
+    run_dir: Path, port: int, *, secure: bool = False
+) -> tuple[subprocess.Popen[bytes], str]:
     binary = _require("rabbitmq-server", "rabbitmq-server")
     base = _data_dir(run_dir, "rabbitmq", "rabbitmq")
     log = base / "rabbitmq.log"
+    _check_mode(run_dir, "rabbitmq", secure, base / "mnesia")
     dist_port = free_port()
     env = {
         **os.environ,
@@ -321,7 +587,25 @@ def _start_rabbitmq(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], 
         "ERL_EPMD_ADDRESS": HOST,
     }
     (base / "enabled_plugins").write_text("[].\n")
-    (base / "rabbitmq.conf").write_text("loopback_users = none\n")
+    conf = "loopback_users = none\n"
+    if secure:
+        # Credentials first: they mark the node secure before it has any data.
+        _save_credentials(run_dir, "rabbitmq", {})
+        # The node's port is its TLS listener, and no plain one is opened.
+        del env["RABBITMQ_NODE_IP_ADDRESS"], env["RABBITMQ_NODE_PORT"]
+        ca, cert, key = _tls_files(run_dir, base, "rabbitmq")
+        conf = (
+            "listeners.tcp = none\n"
+            f"listeners.ssl.default = {HOST}:{port}\n"
+            f"ssl_options.cacertfile = {ca}\n"
+            f"ssl_options.certfile = {cert}\n"
+            f"ssl_options.keyfile = {key}\n"
+            # A client certificate is checked when one is shown; AMQP clients
+            # authenticate with their user's password.
+            "ssl_options.verify = verify_peer\n"
+            "ssl_options.fail_if_no_peer_cert = false\n"
+        )
+    (base / "rabbitmq.conf").write_text(conf)
     _chown_for("rabbitmq", base / "enabled_plugins", base / "rabbitmq.conf")
     # runuser resets HOME, where Erlang keeps its cookie: give the node a private one.
     with log.open("ab") as output:
@@ -333,7 +617,17 @@ def _start_rabbitmq(run_dir: Path, port: int) -> tuple[subprocess.Popen[bytes], 
             env=env,
         )
     _wait_for_port(port, process, 90, log)
-    return process, f"amqp://guest:guest@{HOST}:{port}/"
+    if not secure:
+        return process, f"amqp://guest:guest@{HOST}:{port}/"
+    # RabbitMQ makes guest at its first start; a locked-down node has only the users
+    # rabbitmq_tenants gives it.
+    service = Service("rabbitmq", HOST, port, process.pid, str(run_dir), "", secure=True)
+    try:
+        rabbitmqctl(service, "delete_user", "guest")
+    except ServiceError as exc:
+        if "does not exist" not in str(exc):
+            raise
+    return process, f"amqps://{HOST}:{port}/"
 
 
 def rabbitmqctl(service: Service, *args: str, timeout: float = 60) -> str:
@@ -361,24 +655,40 @@ def rabbitmqctl(service: Service, *args: str, timeout: float = 60) -> str:
     return result.stdout
 
 
-def rabbitmq_tenants(service: Service, tenants: Mapping[str, tuple[str, str]]) -> None:
-    """Give each user of ``tenants`` (``user: (password, vhost)``) a vhost of its own with
-    every permission on it, in one call (a definitions import): the way a platform such
-    as Voke gives each organisation its own vhost and credentials."""
+def rabbitmq_tenants(
+    service: Service,
+    tenants: Mapping[str, tuple[str, str]],
+    permissions: Mapping[str, tuple[str, str, str]] | None = None,
+) -> None:
+    """Give each user of ``tenants`` (``user: (password, vhost)``) a vhost of its own, in
+    one call (a definitions import): the way a platform such as Voke gives each
+    organisation its own vhost and credentials. On it a user may do what its entry in
+    ``permissions`` (``user: (configure, write, read)``, RabbitMQ's regular expressions
+    over resource names) allows; every resource for a user without one."""
+    permissions = permissions or {}
+    unknown = set(permissions) - set(tenants)
+    if unknown:
+        raise ServiceError(f"permissions for users not among the tenants: {sorted(unknown)}")
     definitions = {
         "vhosts": [{"name": vhost} for _, vhost in tenants.values()],
         "users": [
             {"name": user, "password": password, "tags": ""}
             for user, (password, _) in tenants.items()
         ],
-        "permissions": [
-            {"user": user, "vhost": vhost, "configure": ".*", "write": ".*", "read": ".*"}
-            for user, (_, vhost) in tenants.items()
-        ],
+        "permissions": [],
     }
+    for user, (_, vhost) in tenants.items():
+        configure, write, read = permissions.get(user, (".*", ".*", ".*"))
+        definitions["permissions"].append(
+            {"user": user, "vhost": vhost, "configure": configure, "write": write, "read": read}
+        )
     base = _data_dir(Path(service.run_dir), "rabbitmq", "rabbitmq")
     path = base / "tenants.json"
-    path.write_text(json.dumps(definitions))
+    # The definitions hold passwords: readable by the node's user only.
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(definitions, out)
     _chown_for("rabbitmq", path)
     try:
         rabbitmqctl(service, "import_definitions", str(path))
@@ -386,13 +696,15 @@ def rabbitmq_tenants(service: Service, tenants: Mapping[str, tuple[str, str]]) -
         path.unlink(missing_ok=True)
 
 
-SERVICES: dict[str, Callable[[Path, int], tuple[subprocess.Popen[bytes], str]]] = {
+SERVICES: dict[str, Callable[..., tuple[subprocess.Popen[bytes], str]]] = {
     "mosquitto": _start_mosquitto,
     "postgres": _start_postgres,
     "rabbitmq": _start_rabbitmq,
     # Node.js and Node-RED from npm, for the benchmark beside Node-RED (tools/nodered.py).
     "nodered": functools.partial(nodered.start_nodered, error=ServiceError),
 }
+"""Each starter takes the run directory and port, and the keyword options of
+:func:`start` its service has (``secure``; Mosquitto's ``acl``) only when they are set."""
 
 
 def running(name: str, run_dir: Path = DEFAULT_RUN_DIR) -> Service | None:
@@ -409,24 +721,47 @@ def running(name: str, run_dir: Path = DEFAULT_RUN_DIR) -> Service | None:
     return service
 
 
-def start(name: str, *, run_dir: Path = DEFAULT_RUN_DIR, port: int | None = None) -> Service:
-    """Start ``name`` (or return it if it already runs there) and record its PID."""
+def start(
+    name: str,
+    *,
+    run_dir: Path = DEFAULT_RUN_DIR,
+    port: int | None = None,
+    secure: bool = False,
+    acl: str | None = None,
+) -> Service:
+    """Start ``name`` (or return it if it already runs there) and record its PID.
+
+    ``secure`` locks it down (TLS only, generated passwords: see the module's docstring);
+    ``acl``, for Mosquitto only, is the text of an ACL file (Mosquitto's ``acl_file``
+    format) for its clients, anonymous ones on a plain broker."""
     if name not in SERVICES:
         raise ServiceError(f"unknown service {name!r}; known: {', '.join(SERVICES)}")
+    if secure and name not in SECURE:
+        raise ServiceError(f"{name} has no secure mode; these do: {', '.join(SECURE)}")
+    if acl is not None and name != "mosquitto":
+        raise ServiceError(f"an ACL is Mosquitto's, not {name}'s")
     run_dir = run_dir.resolve()
     existing = running(name, run_dir)
     if existing is not None:
+        if existing.secure != secure:
+            mode = "secure" if existing.secure else "plain"
+            raise ServiceError(f"{name}: a {mode} {name} already runs under {run_dir}")
         return existing
     chosen = port if port is not None else free_port()
     if not _port_is_free(chosen):
         # Waiting for the port would then find the other listener and report success.
         raise ServiceError(f"{name}: {HOST}:{chosen} is already in use by another process")
+    options: dict[str, Any] = {}
+    if secure:
+        options["secure"] = True
+    if acl is not None:
+        options["acl"] = acl
     try:
-        process, url = SERVICES[name](run_dir, chosen)
+        process, url = SERVICES[name](run_dir, chosen, **options)
     except ServiceError as exc:
         raise ServiceError(f"{name}: {exc}") from None
-    service = Service(name, HOST, chosen, process.pid, str(run_dir), url)
-    service.state_file().write_text(json.dumps(asdict(service)))
+    service = Service(name, HOST, chosen, process.pid, str(run_dir), url, secure)
+    service.state_file().write_text(json.dumps(_record(service)))
     return service
 
 
@@ -572,9 +907,16 @@ def _stop_idle_epmd() -> None:
 
 
 @contextlib.contextmanager
-def started(name: str, *, run_dir: Path, port: int | None = None) -> Iterator[Service]:
-    """Run ``name`` for the duration of a ``with`` block."""
-    service = start(name, run_dir=run_dir, port=port)
+def started(
+    name: str,
+    *,
+    run_dir: Path,
+    port: int | None = None,
+    secure: bool = False,
+    acl: str | None = None,
+) -> Iterator[Service]:
+    """Run ``name`` for the duration of a ``with`` block (options as :func:`start`)."""
+    service = start(name, run_dir=run_dir, port=port, secure=secure, acl=acl)
     try:
         yield service
     finally:
@@ -591,14 +933,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help=f"use the fixed demo ports {DEFAULT_PORTS} instead of free ones",
     )
-    args = parser.parse_args(argv)
-    names = args.names or list(SERVICES)
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="up: TLS only and generated passwords (in <run-dir>/<name>/credentials.json)",
+    )
+    # Intermixed: "up --secure mosquitto" as well as "up mosquitto --secure".
+    args = parser.parse_intermixed_args(argv)
+    names = args.names or list(SECURE if args.secure else SERVICES)
     try:
         for name in names:
             if args.action == "up":
                 port = DEFAULT_PORTS[name] if args.default_ports else None
-                service = start(name, run_dir=args.run_dir, port=port)
-                print(json.dumps(asdict(service)))
+                service = start(name, run_dir=args.run_dir, port=port, secure=args.secure)
+                print(json.dumps(_record(service)))
             elif args.action == "down":
                 print(f"{name}: {'stopped' if stop(name, run_dir=args.run_dir) else 'not running'}")
             elif args.action == "crash":
@@ -606,7 +954,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: {'killed with SIGKILL' if killed else 'not running'}")
             else:
                 found = running(name, args.run_dir.resolve())
-                print(json.dumps(asdict(found)) if found else f"{name}: not running")
+                print(json.dumps(_record(found)) if found else f"{name}: not running")
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
