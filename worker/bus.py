@@ -254,6 +254,11 @@ class BusClient(asyncio.Protocol):
         self._send_packet(_CONNECT, variable + body)
         try:
             present, reason, _ = await asyncio.wait_for(self._connack, timeout=timeout)
+        except BusError as error:
+            self.abort()
+            if tls is None:  # a broker that takes TLS only drops a plain CONNECT so
+                raise BusError(f"{error} (a port that takes TLS only? configure TLS)") from None
+            raise
         except BaseException:
             self.abort()
             raise
