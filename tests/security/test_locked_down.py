@@ -11,6 +11,7 @@ the dead letters.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -329,7 +330,7 @@ def test_the_worker_works_with_exactly_the_documented_rights_over_tls(
         worker.wait_for_log("acme: connected to", timeout=60)
         for device in ("load.ven-1", "storage.cpi-battery", "storage.voke-battery"):
             wait_until(
-                lambda device=device: stored(site.reader_dsn, SITE, device) > 0,
+                functools.partial(stored, site.reader_dsn, SITE, device),
                 60,
                 f"rows of {device}, read as the reader role",
             )
@@ -339,29 +340,35 @@ def test_the_worker_works_with_exactly_the_documented_rights_over_tls(
         wait_until(
             lambda: "refused a publish on plant-b/energy/" in worker.text(), 10, "the refusal said"
         )
-        assert stored(site.reader_dsn, OTHER_SITE, "storage.cpi-battery") > 0  # rows still kept
+        wait_until(
+            lambda: stored(site.reader_dsn, OTHER_SITE, "storage.cpi-battery") > 0,
+            20,
+            "the refused samples' rows, still stored",
+        )
         # A refusal is final: once plant-b stops reporting, the count stops too.
         assert simulators.pop("cpi-2").stop() == 0
         time.sleep(1)
         before = counted(metrics(metrics_port), failures)
         time.sleep(3)
         assert counted(metrics(metrics_port), failures) == before
-        # A command through the ACL: the set is read from the bus, the command written to
-        # the plant, its signed ACK read back.
-        set_topic = f"{SITE}/energy/storage/cpi-battery/power_setpoint/set"
-        publish(site.mosquitto, [(set_topic, b"-1500")], login=site.admin)
-        wait_until(
-            lambda: bool(
-                query(
+        # Commands through the rights: each set is read from the bus and written to its
+        # plant (an MQTT topic of the ACL, the vcp exchange of the Voke permissions), and
+        # the plant's signed answer read back.
+        for entity in ("cpi-battery", "voke-battery"):
+            set_topic = f"{SITE}/energy/storage/{entity}/power_setpoint/set"
+            publish(site.mosquitto, [(set_topic, b"-1500")], login=site.admin)
+            wait_until(
+                functools.partial(
+                    query,
                     site.reader_dsn,
                     "SELECT 1 FROM energybus.command_logs WHERE state = 'confirmed'"
-                    " AND entity_id = 'cpi-battery' AND site = $1",
+                    " AND entity_id = $1 AND site = $2",
+                    entity,
                     SITE,
-                )
-            ),
-            30,
-            "the CPI command confirmed",
-        )
+                ),
+                30,
+                f"the command to {entity} confirmed",
+            )
         # A refused message: dead-lettered through the ACL, with nothing secret in it.
         publish(site.mosquitto, [("cpi/PLANT-1/telemetry", b"{not json")], login=site.platform)
         wait_until(
@@ -449,3 +456,100 @@ def test_the_plan_and_the_errors_of_a_configuration_show_no_secret(
     assert_no_secret(outputs, SECRETS)
     no_traceback(outputs.values())
     json.dumps(outputs)  # every output is text
+
+
+def _failed_logins(postgres: Service, role: str) -> int:
+    log = Path(postgres.run_dir) / "postgres" / "postgres.log"
+    return log.read_text(errors="replace").count(
+        f'password authentication failed for user "{role}"'
+    )
+
+
+def test_wrong_passwords_are_said_retried_with_backoff_and_recovered_from(
+    site: Site, tmp_path: Path
+) -> None:
+    """The worker starts with passwords the services do not take: each connection says
+    so in one line and tries again, the database ever less often; once the services take
+    them, it connects by itself and what it received meanwhile is stored."""
+    users = services.credentials(site.mosquitto)
+    wrong = {**users, "energybus-worker": "another password entirely"}
+    services.mosquitto_users(site.mosquitto, wrong, _current_acl(site))
+    superuser = _dsn(
+        site.postgres, "energybus", services.credentials(site.postgres)["energybus"], site.pki.ca
+    )
+    execute(superuser, "ALTER ROLE energybus_writer PASSWORD 'another password entirely'")
+    config = worker_config(tmp_path / "site.toml", site, services.free_port())
+    env = environ(site)
+    worker = WorkerProcess(config, tmp_path / "worker.log", env=env)
+    ven = Simulator(["ven", "--interval", "0.2", *tls_options(site)], tmp_path / "ven.log", env)
+    try:
+        assert worker.process is None
+        with (tmp_path / "worker.log").open("ab") as out:
+            worker.process = subprocess.Popen(
+                [*ENERGYBUS, "run", "--config", str(config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        worker.wait_for_log("bus: cannot connect: broker refused the connection: 0x87")
+        worker.wait_for_log("source: cannot connect: broker refused the connection: 0x87")
+        services.mosquitto_users(site.mosquitto, users, _current_acl(site))
+        worker.wait_for_log("source: connected", timeout=30)
+        worker.wait_for_log(
+            "historian: the database refused the worker (InvalidPasswordError: password"
+            ' authentication failed for user "energybus_writer")'
+        )
+        # Backoff: from retry_s (0.5 s) doubling, about 4 tries in 8 s, not 16.
+        first = _failed_logins(site.postgres, "energybus_writer")
+        time.sleep(8)
+        tries = _failed_logins(site.postgres, "energybus_writer") - first
+        assert 1 <= tries <= 6, tries
+        execute(
+            superuser,
+            f"ALTER ROLE energybus_writer PASSWORD '{SECRETS['writer database password']}'",
+        )
+        worker.wait_for_log("historian connected", timeout=90)
+        wait_until(
+            lambda: stored(site.reader_dsn, SITE, "load.ven-1") > 0, 30, "the VEN's rows stored"
+        )
+        assert worker.alive()
+    finally:
+        services.mosquitto_users(site.mosquitto, users, _current_acl(site))
+        execute(
+            superuser,
+            f"ALTER ROLE energybus_writer PASSWORD '{SECRETS['writer database password']}'",
+        )
+        ven.stop()
+        code = worker.stop() if worker.alive() else None
+    assert code == 0
+    text = worker.text()
+    assert text.count("bus: cannot connect") == 1  # said once, however many tries
+    assert text.count("the database refused the worker") == 1
+    printed = {"worker log": text, "simulate ven": ven.text()}
+    assert_no_secret(printed, {**SECRETS, "the wrong password": "another password entirely"})
+    no_traceback(printed.values())
+
+
+def _current_acl(site: Site) -> str:
+    return (Path(site.mosquitto.run_dir) / "mosquitto" / "acl").read_text()
+
+
+def test_a_database_certificate_from_another_ca_is_refused_in_one_line(
+    site: Site, tmp_path: Path
+) -> None:
+    config = worker_config(tmp_path / "site.toml", site, services.free_port())
+    env = environ(site)
+    env["EB_WRITER_DSN"] = site.writer_dsn.replace(str(site.pki.ca), str(site.pki.other_ca))
+    worker = WorkerProcess(config, tmp_path / "worker.log", env=env).start()
+    ven = Simulator(["ven", "--interval", "0.2", *tls_options(site)], tmp_path / "ven.log", env)
+    try:
+        worker.wait_for_log("historian unreachable (SSLCertVerificationError")
+        assert worker.alive()
+    finally:
+        ven.stop()
+        code = worker.stop()
+    assert code == 0
+    line = next(x for x in worker.text().splitlines() if "historian unreachable" in x)
+    assert "certificate verify failed" in line, line
+    assert_no_secret({"worker log": worker.text()}, SECRETS)
+    no_traceback([worker.text()])

@@ -80,8 +80,10 @@ def test_each_refusal_is_one_line_that_says_why(
     broker: Service, pki: Pki, case: str, said: str
 ) -> None:
     client = ("--cert-file", str(pki.client_cert), "--key-file", str(pki.client_key))
-    expired = ("--cert-file", str(pki.expired_client_cert))
-    expired += ("--key-file", str(pki.expired_client_key))
+    expired = (
+        *("--cert-file", str(pki.expired_client_cert)),
+        *("--key-file", str(pki.expired_client_key)),
+    )
     options = {
         "another CA": ("--ca-file", str(pki.other_ca), *client),
         "no client certificate": ("--ca-file", str(pki.ca)),
