@@ -16,8 +16,8 @@ import ssl
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Final, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -285,14 +285,21 @@ class Config:
         return self.mqtt.ingest_session_expiry_s if self.worker.bus_ingest else 0
 
     def redacted_dsn(self) -> str | None:
-        """The DSN without its password, for logs and plans."""
+        """The DSN without its password, for logs and plans; its other parameters
+        (``sslmode`` above all) stay, since they say how the connection is made."""
         if self.historian.dsn is None:
             return None
         parts = urlsplit(self.historian.dsn.get_secret_value())
         host = parts.hostname or ""
         user = f"{parts.username}@" if parts.username else ""
         port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+        shown = [(k, v) for k, v in parse_qsl(parts.query) if k not in _SECRET_PARAMETERS]
+        query = f"?{urlencode(shown, safe='/')}" if shown else ""
+        return f"{parts.scheme}://{user}{host}{port}{parts.path}{query}"
+
+
+_SECRET_PARAMETERS: Final = frozenset({"password", "sslpassword"})
+"""libpq parameters of a DSN that are secrets (a password may also be given so)."""
 
 
 def load_config(source: str | Path, *, environ: Mapping[str, str] | None = None) -> Config:

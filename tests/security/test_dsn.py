@@ -61,3 +61,18 @@ def test_a_broken_dsn_is_one_line_without_the_password(
     assert f"{found} (at $.historian.dsn)" in check.stdout + check.stderr
     for output in (command.stdout + command.stderr, check.stdout + check.stderr):
         assert SECRET not in output and "Traceback" not in output
+
+
+def test_the_plan_shows_how_the_database_is_reached_but_no_password(tmp_path: Path) -> None:
+    from energybus.worker.config import load_config
+
+    config = tmp_path / "site.toml"
+    config.write_text('[historian]\ndsn = "${DSN}"\n[adapters.ven]\nsite = "a"\n')
+    dsn = (
+        "postgresql://w:S3cr3t%2Bpw@db.example:5432/energybus"
+        "?sslmode=verify-full&sslrootcert=/etc/ca.pem&password=S3cr3t%2Bpw"
+    )
+    loaded = load_config(config, environ={"DSN": dsn})
+    assert loaded.redacted_dsn() == (
+        "postgresql://w@db.example:5432/energybus?sslmode=verify-full&sslrootcert=/etc/ca.pem"
+    )
