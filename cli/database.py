@@ -28,8 +28,23 @@ def parse_time(value: str) -> datetime:
 async def connect(dsn: str) -> Any:
     import asyncpg
 
+    from energybus.historian import dsn_problem
+
+    problem = dsn_problem(dsn)
+    if problem is not None:
+        click.echo(f"cannot use --dsn: {problem}", err=True)
+        sys.exit(2)
     try:
         return await asyncpg.connect(dsn, timeout=10)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as error:
-        click.echo(f"cannot connect to the database: {error}", err=True)
+    except (
+        OSError,
+        TimeoutError,
+        ValueError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+    ) as error:
+        # ValueError and InterfaceError: a DSN asyncpg cannot use; their text names the
+        # part at fault, never the password.
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        click.echo(f"cannot connect to the database: {text}", err=True)
         sys.exit(2)

@@ -28,21 +28,46 @@ def historian() -> None:
 
 @historian.command()
 @DSN
-def init(dsn: str) -> None:
-    """Create or migrate the schema; safe to run again, or from several places at once."""
-    from energybus.historian import migrate
+@click.option(
+    "--writer",
+    metavar="ROLE",
+    help="Grant ROLE what the worker needs and nothing more (docs/security.md).",
+)
+@click.option(
+    "--reader",
+    metavar="ROLE",
+    help="Grant ROLE read access, for watch, commands list and historian energy.",
+)
+def init(dsn: str, writer: str | None, reader: str | None) -> None:
+    """Create or migrate the schema; safe to run again, or from several places at once.
+
+    Run it as the role that is to own the schema; the worker can then write as a role
+    that may create nothing (--writer)."""
+    import asyncpg
+
+    from energybus.historian import grant, migrate
 
     async def main() -> None:
         conn = await connect(dsn)
         try:
             result = await migrate(conn)
+            for migration in result.applied:
+                click.echo(f"applied  {migration.version:04d} {migration.name}")
+            click.echo(f"schema   energybus at version {result.current}")
+            if result.timescaledb:
+                click.echo(
+                    "note     TimescaleDB is installed; tables stay plain partitioned tables"
+                )
+            for kind, role in (("writer", writer), ("reader", reader)):
+                if role is not None:
+                    await grant(conn, kind, role)
+                    click.echo(f"granted  {kind} privileges to {role}")
+        except ValueError as error:
+            raise click.ClickException(str(error)) from None
+        except asyncpg.PostgresError as error:
+            raise click.ClickException(f"the database refused: {error}") from None
         finally:
             await conn.close()
-        for migration in result.applied:
-            click.echo(f"applied  {migration.version:04d} {migration.name}")
-        click.echo(f"schema   energybus at version {result.current}")
-        if result.timescaledb:
-            click.echo("note     TimescaleDB is installed; tables stay plain partitioned tables")
 
     asyncio.run(main())
 

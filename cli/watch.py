@@ -24,6 +24,7 @@ from typing import Any
 
 import click
 
+from energybus.cli.login import Login, login_options
 from energybus.cli.signals import until_signal
 from energybus.cli.view import Board, CommandLine, render
 
@@ -43,6 +44,7 @@ class Where:
     dsn: str | None = None
     metrics_url: str | None = None
     prefix: str = "energybus"
+    login: Login | None = None
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -86,7 +88,7 @@ async def follow(
 
     filters = ["+/energy/#", f"{where.prefix}/dead_letter/#", f"{where.prefix}/worker/+/status"]
     link = MqttLink(on_message)
-    await link.connect(where.mqtt_host, where.mqtt_port, name="energybus-watch")
+    await link.connect(where.mqtt_host, where.mqtt_port, name="energybus-watch", login=where.login)
     await link.subscribe(filters)
     bus = asyncio.create_task(_bus(board, where, link, filters, stop))
     conn: Any = None
@@ -122,7 +124,9 @@ async def _bus(
                 await asyncio.sleep(1.0)
                 link = MqttLink(link.on_message)
                 try:
-                    await link.connect(where.mqtt_host, where.mqtt_port, name="energybus-watch")
+                    await link.connect(
+                        where.mqtt_host, where.mqtt_port, name="energybus-watch", login=where.login
+                    )
                     await link.subscribe(filters)
                 except ConnectionError:
                     continue
@@ -267,7 +271,9 @@ class Screen:
 )
 @click.option("--duration", type=click.FloatRange(min=0), metavar="S", help="Stop after S s.")
 @click.option("--plain", is_flag=True, help="Print whole views even on a terminal.")
+@login_options
 def watch(
+    login: Login,
     broker: str,
     dsn: str | None,
     metrics_url: str | None,
@@ -289,7 +295,7 @@ def watch(
     host, _, port_text = broker.rpartition(":")
     if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise click.BadParameter(f"{broker!r}: give HOST:PORT", param_hint="--mqtt")
-    where = Where(host, int(port_text), dsn, metrics_url, prefix)
+    where = Where(host, int(port_text), dsn, metrics_url, prefix, login)
     live = sys.stdout.isatty() and not plain and not once
     screen = Screen(live=live)
     board = Board(prefix=prefix)

@@ -103,7 +103,7 @@ def test_a_refused_marker_starts_at_once_with_what_was_read(
     assert time.monotonic() - started < timeout
     assert len(floors) == 5
     assert "refused the publish on energybus/worker/t/lasts/" in caplog.text
-    assert "(reason 0x87)" in caplog.text
+    assert "(reason 0x87 not authorized)" in caplog.text
 
 
 @pytest.mark.parametrize("acl_broker", ["topic write energybus/#"], indirect=True)

@@ -16,8 +16,8 @@ import ssl
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Final, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -26,6 +26,7 @@ from pydantic import (
     SecretStr,
     Strict,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -33,6 +34,7 @@ from energybus.adapters import Adapter, adapter_class, adapter_names
 from energybus.documents import Located, expand_env, read_toml
 from energybus.errors import MappingError
 from energybus.filters import validate_filter
+from energybus.historian import dsn_problem
 
 __all__ = [
     "Config",
@@ -172,6 +174,14 @@ class HistorianConfig(_Section):
     counters: list[CounterDeclaration] = []
     """Counter declarations, each a ``[[historian.counters]]`` table."""
 
+    @field_validator("dsn")
+    @classmethod
+    def _usable_dsn(cls, dsn: SecretStr | None) -> SecretStr | None:
+        problem = dsn_problem(dsn.get_secret_value()) if dsn is not None else None
+        if problem is not None:
+            raise ValueError(problem)
+        return dsn
+
 
 class WorkerConfig(_Section):
     """The worker itself: where it keeps state, its own topics, logs and metrics."""
@@ -275,14 +285,21 @@ class Config:
         return self.mqtt.ingest_session_expiry_s if self.worker.bus_ingest else 0
 
     def redacted_dsn(self) -> str | None:
-        """The DSN without its password, for logs and plans."""
+        """The DSN without its password, for logs and plans; its other parameters
+        (``sslmode`` above all) stay, since they say how the connection is made."""
         if self.historian.dsn is None:
             return None
         parts = urlsplit(self.historian.dsn.get_secret_value())
         host = parts.hostname or ""
         user = f"{parts.username}@" if parts.username else ""
         port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+        shown = [(k, v) for k, v in parse_qsl(parts.query) if k not in _SECRET_PARAMETERS]
+        query = f"?{urlencode(shown, safe='/')}" if shown else ""
+        return f"{parts.scheme}://{user}{host}{port}{parts.path}{query}"
+
+
+_SECRET_PARAMETERS: Final = frozenset({"password", "sslpassword"})
+"""libpq parameters of a DSN that are secrets (a password may also be given so)."""
 
 
 def load_config(source: str | Path, *, environ: Mapping[str, str] | None = None) -> Config:

@@ -29,7 +29,7 @@ from energybus.samples import Reading
 
 from .acks import Entry
 from .availability import Availability
-from .bus import BusError
+from .bus import BusError, reason_text
 from .config import site_member
 from .deadletter import dead_letter
 from .metrics import Metrics
@@ -39,6 +39,7 @@ __all__ = ["Dispatcher", "Outlet", "Publisher", "RowSink"]
 
 log = logging.getLogger("energybus.worker")
 _ROUTE_CACHE: Final = 100_000
+_REFUSED_LOG_EVERY_S: Final = 60.0
 
 
 class Publisher(Protocol):
@@ -166,6 +167,8 @@ class Dispatcher:
         self._bound: dict[str, Pipeline] = {}
         self._outlets: dict[str, Outlet] = {}
         self._cache: dict[tuple[str, str], Pipeline | None] = {}
+        self._refused: dict[int, tuple[int, float]] = {}
+        """Per refusal reason: refusals not logged yet, and when the last was logged."""
         self._counters = {
             name: (
                 metrics.messages_in.labels(name),
@@ -399,6 +402,26 @@ class Dispatcher:
             self.metrics.publish_failures.labels(f"0x{reason:02x}").inc()
         if token is not None:
             token.release()
+
+    def on_refused(self, topic: str, reason: int) -> None:
+        """A publish the broker refused (an ACL that does not allow the topic, most
+        often) is final: counted by :meth:`on_puback`, its rows still stored, its source
+        message acknowledged, and said in the log at most once a minute per reason, so
+        that a wrong ACL is seen without a line per sample."""
+        now = time.monotonic()
+        count, since = self._refused.get(reason, (0, 0.0))
+        if now - since < _REFUSED_LOG_EVERY_S:
+            self._refused[reason] = (count + 1, since)
+            return
+        self._refused[reason] = (0, now)
+        more = f" ({count} more since the last report)" if count else ""
+        log.warning(
+            "bus: the broker refused a publish on %s: %s%s; not sent again (check the"
+            " worker's ACL, docs/security.md)",
+            topic,
+            reason_text(reason),
+            more,
+        )
 
     def dead_letter(
         self,

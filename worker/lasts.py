@@ -34,7 +34,7 @@ from energybus.errors import EnergyBusError
 from energybus.samples import SeriesKey
 from energybus.topics import parse_topic
 
-from .bus import BusClient, BusError, Received
+from .bus import BusClient, BusError, Received, reason_text
 from .config import MqttConfig, site_member
 
 __all__ = ["LAST_FILTER", "read_lasts"]
@@ -117,11 +117,11 @@ async def read_lasts(
         await asyncio.wait_for(arrived.wait(), timeout)
         if refused:
             log.warning(
-                "the broker refused the publish on %s (reason 0x%02x): the worker needs "
+                "the broker refused the publish on %s (reason %s): the worker needs "
                 "permission to publish there to know when the retained last values have "
                 "all arrived; starting with the %d read so far",
                 marker,
-                refused[0],
+                reason_text(refused[0]),
                 len(found),
             )
     except (OSError, BusError, TimeoutError) as error:

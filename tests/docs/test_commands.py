@@ -29,6 +29,17 @@ NOT_RUN: dict[str, tuple[str, str]] = {
         "measures this machine for many minutes: figures are measured, never asserted",
         "tests/test_benchmark_reports.py",
     ),
+    "energybus historian init --dsn $ENERGYBUS_OWNER_DSN --writer energybus_writer"
+    " --reader energybus_reader": (
+        "needs the roles of docs/security.md on a locked-down PostgreSQL; the test makes"
+        " them and runs the same command",
+        "tests/security/test_locked_down.py",
+    ),
+    "rabbitmqctl set_permissions -p acme acme ^$ ^vcp$ ^vcp\\.acme\\.event\\..*$": (
+        "changes a broker's users; the test gives a Voke partner exactly these permissions"
+        " on the locked-down RabbitMQ and runs the worker with them",
+        "tests/security/test_locked_down.py",
+    ),
 }
 """Documented commands the suite does not run (by their words, without the comment):
 why, and the test (``path`` or ``path::name``) that covers what they do."""
