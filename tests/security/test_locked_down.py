@@ -449,6 +449,7 @@ def test_the_plan_and_the_errors_of_a_configuration_show_no_secret(
             "batch_interval_s = 0.05", 'batch_interval_s = "${EB_MQTT_PASSWORD}"'
         ),
     }
+    good = config.read_text()
     for what, content in broken.items():
         config.write_text(content)
         for command in ("check", "run"):
@@ -461,6 +462,26 @@ def test_the_plan_and_the_errors_of_a_configuration_show_no_secret(
             )
             assert result.returncode != 0, (what, command)
             outputs[f"{command}: {what}"] = result.stdout + result.stderr
+    config.write_text(good)
+    # The adapters' own refusals, from a configuration that holds the secrets: a
+    # forged signature, and a command signed for a plant.
+    for adapter, topic, payload, printed in (
+        ("cpi", "cpi/PLANT-1/telemetry", '{"device":"B1","ts":1,"sig":"forged"}', "bad_signature"),
+        ("cpi", f"{SITE}/energy/storage/cpi-battery/power_setpoint/set", "-1000", "cpi/PLANT-1"),
+        ("voke", "vcp.acme.event.telemetry", '{"v":1,"org":"acme","sig":"x"}', "error: "),
+    ):
+        result = subprocess.run(
+            [
+                *(*ENERGYBUS, "normalize", "--adapter", adapter),
+                *("--config", str(config), "--topic", topic, "--", payload),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        outputs[f"normalize {adapter} {topic}"] = result.stdout + result.stderr
+        assert printed in result.stdout + result.stderr, result.stdout + result.stderr
     watch = subprocess.run(
         [
             *(*ENERGYBUS, "watch", "--once", "--settle", "1"),
