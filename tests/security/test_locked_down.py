@@ -11,10 +11,12 @@ the dead letters.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
 import signal
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -22,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+import aio_pika
 import pytest
 
+from energybus.simulators.voke import declare
 from tests.docs.markdown import ROOT, blocks
 from tests.helpers import wait_until
 from tests.security.secrets import assert_no_secret, no_traceback
@@ -142,7 +146,8 @@ def site(
             "voke": (SECRETS["Voke platform password"], "acme"),
         },
         permissions={"acme": rabbitmq_permissions()},
-    )
+    )  # as _voke_partner, before the Site exists
+    asyncio.run(_declare_voke(secure_rabbitmq, pki))
     client = (pki.ca, pki.client_cert, pki.client_key)
     return Site(
         mosquitto=secure_mosquitto,
@@ -160,6 +165,22 @@ def site(
         owner_dsn=owner,
         init_output=init.stdout + init.stderr,
     )
+
+
+async def _declare_voke(rabbitmq: Service, pki: Pki) -> None:
+    """The exchange and queues Voke makes when ESM is enabled for ``acme``, made as the
+    platform (the partner may not create them)."""
+    connection = await aio_pika.connect(
+        host=rabbitmq.host,
+        port=rabbitmq.port,
+        login="voke",
+        password=SECRETS["Voke platform password"],
+        virtualhost="acme",
+        ssl=True,
+        ssl_context=ssl.create_default_context(cafile=str(pki.ca)),
+    )
+    async with connection:
+        await declare(await connection.channel(), org="acme")
 
 
 def worker_config(path: Path, site: Site, metrics_port: int) -> Path:
@@ -428,6 +449,7 @@ def test_the_plan_and_the_errors_of_a_configuration_show_no_secret(
             "batch_interval_s = 0.05", 'batch_interval_s = "${EB_MQTT_PASSWORD}"'
         ),
     }
+    good = config.read_text()
     for what, content in broken.items():
         config.write_text(content)
         for command in ("check", "run"):
@@ -440,6 +462,26 @@ def test_the_plan_and_the_errors_of_a_configuration_show_no_secret(
             )
             assert result.returncode != 0, (what, command)
             outputs[f"{command}: {what}"] = result.stdout + result.stderr
+    config.write_text(good)
+    # The adapters' own refusals, from a configuration that holds the secrets: a
+    # forged signature, and a command signed for a plant.
+    for adapter, topic, payload, printed in (
+        ("cpi", "cpi/PLANT-1/telemetry", '{"device":"B1","ts":1,"sig":"forged"}', "bad_signature"),
+        ("cpi", f"{SITE}/energy/storage/cpi-battery/power_setpoint/set", "-1000", "cpi/PLANT-1"),
+        ("voke", "vcp.acme.event.telemetry", '{"v":1,"org":"acme","sig":"x"}', "error: "),
+    ):
+        result = subprocess.run(
+            [
+                *(*ENERGYBUS, "normalize", "--adapter", adapter),
+                *("--config", str(config), "--topic", topic, "--", payload),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        outputs[f"normalize {adapter} {topic}"] = result.stdout + result.stderr
+        assert printed in result.stdout + result.stderr, result.stdout + result.stderr
     watch = subprocess.run(
         [
             *(*ENERGYBUS, "watch", "--once", "--settle", "1"),
@@ -478,6 +520,7 @@ def test_wrong_passwords_are_said_retried_with_backoff_and_recovered_from(
         site.postgres, "energybus", services.credentials(site.postgres)["energybus"], site.pki.ca
     )
     execute(superuser, "ALTER ROLE energybus_writer PASSWORD 'another password entirely'")
+    _voke_partner(site, "another password entirely")
     config = worker_config(tmp_path / "site.toml", site, services.free_port())
     env = environ(site)
     worker = WorkerProcess(config, tmp_path / "worker.log", env=env)
@@ -493,8 +536,11 @@ def test_wrong_passwords_are_said_retried_with_backoff_and_recovered_from(
             )
         worker.wait_for_log("bus: cannot connect: broker refused the connection: 0x87")
         worker.wait_for_log("source: cannot connect: broker refused the connection: 0x87")
+        worker.wait_for_log("voke org acme: cannot connect to")
         services.mosquitto_users(site.mosquitto, users, _current_acl(site))
         worker.wait_for_log("source: connected", timeout=30)
+        _voke_partner(site, SECRETS["Voke API key"])
+        worker.wait_for_log("voke org acme: connected to", timeout=60)
         worker.wait_for_log(
             "historian: the database refused the worker (InvalidPasswordError: password"
             ' authentication failed for user "energybus_writer")'
@@ -515,6 +561,7 @@ def test_wrong_passwords_are_said_retried_with_backoff_and_recovered_from(
         assert worker.alive()
     finally:
         services.mosquitto_users(site.mosquitto, users, _current_acl(site))
+        _voke_partner(site, SECRETS["Voke API key"])
         execute(
             superuser,
             f"ALTER ROLE energybus_writer PASSWORD '{SECRETS['writer database password']}'",
@@ -525,9 +572,20 @@ def test_wrong_passwords_are_said_retried_with_backoff_and_recovered_from(
     text = worker.text()
     assert text.count("bus: cannot connect") == 1  # said once, however many tries
     assert text.count("the database refused the worker") == 1
+    assert text.count("voke org acme: cannot connect to") == 1
     printed = {"worker log": text, "simulate ven": ven.text()}
     assert_no_secret(printed, {**SECRETS, "the wrong password": "another password entirely"})
     no_traceback(printed.values())
+
+
+def _voke_partner(site: Site, api_key: str) -> None:
+    """The Voke organisation's account, with ``api_key`` as its password, and the
+    platform's, on the vhost ``acme``; the partner with the documented permissions."""
+    services.rabbitmq_tenants(
+        site.rabbitmq,
+        {"acme": (api_key, "acme"), "voke": (SECRETS["Voke platform password"], "acme")},
+        permissions={"acme": rabbitmq_permissions()},
+    )
 
 
 def _current_acl(site: Site) -> str:
