@@ -247,7 +247,7 @@ def _reading(site: str, entity: str, *metrics: str) -> Reading:
 
 
 def test_series_past_the_bound_are_refused_and_the_others_go_on() -> None:
-    bound = SeriesBound(max_series_per_site=3, max_sites=10)
+    bound = SeriesBound(max_series_per_site=3, max_series=100)
     renderer = Renderer(admit=bound.admit)
     out: list[Any] = []
     assert renderer.render_reading(_reading("s", "a", "active_power", "voltage"), out) is None
@@ -264,7 +264,7 @@ def test_series_past_the_bound_are_refused_and_the_others_go_on() -> None:
 
 
 def test_a_series_whose_topic_cannot_exist_takes_no_place_in_the_bound() -> None:
-    bound = SeriesBound(max_series_per_site=1, max_sites=10)
+    bound = SeriesBound(max_series_per_site=1, max_series=100)
     renderer = Renderer(admit=bound.admit)
     refused = renderer.render_reading(_reading("s", "Not-Kebab", "active_power"), [])
     assert refused is not None and refused[0][1].code == "not_kebab_case"
@@ -272,15 +272,17 @@ def test_a_series_whose_topic_cannot_exist_takes_no_place_in_the_bound() -> None
     assert renderer.render_reading(_reading("s", "ok", "active_power"), []) is None
 
 
-def test_sites_past_their_bound_are_refused() -> None:
-    bound = SeriesBound(max_series_per_site=10, max_sites=2)
-    bound.admit_row("a", "load.x", "active_power")
-    bound.admit_row("b", "load.x", "active_power")
+def test_the_bound_in_all_holds_however_many_sites_are_invented() -> None:
+    bound = SeriesBound(max_series_per_site=10, max_series=3)
+    for site in ("a", "b", "c"):
+        bound.admit_row(site, "load.x", "active_power")
     with pytest.raises(LimitError) as raised:
-        bound.admit_row("c", "load.x", "active_power")
-    assert (raised.value.code, raised.value.setting) == ("too_many_sites", "worker.max_sites")
-    bound.admit_row("a", "load.y", "active_power")  # known sites go on
-    assert (bound.series, bound.sites) == (3, 2)
+        bound.admit_row("d", "load.x", "active_power")
+    assert (raised.value.code, raised.value.setting) == ("too_many_series", "worker.max_series")
+    with pytest.raises(LimitError):
+        bound.admit_row("a", "load.y", "active_power")
+    bound.admit_row("a", "load.x", "active_power")  # known series go on
+    assert (bound.series, bound.sites) == (3, 3)
 
 
 def _worker(
@@ -310,7 +312,7 @@ def test_a_flood_of_entity_ids_is_bounded_in_the_worker() -> None:
     """Each message names new circuits: past the bound their values are refused, in one
     dead letter per message that lists them all, counted one by one, and nothing of
     them reaches the historian or availability; the message's known series go on."""
-    bound = SeriesBound(max_series_per_site=5, max_sites=10)
+    bound = SeriesBound(max_series_per_site=5, max_series=100)
     dispatcher, bus, sink, metrics = _worker(bound)
     acks = AckQueue(lambda mid: None)
     for n in range(4):
@@ -333,7 +335,7 @@ def test_a_flood_of_entity_ids_is_bounded_in_the_worker() -> None:
 
 
 def test_the_bus_ingest_is_held_to_its_size_and_the_same_bound() -> None:
-    bound = SeriesBound(max_series_per_site=2, max_sites=10)
+    bound = SeriesBound(max_series_per_site=2, max_series=100)
     dispatcher, bus, sink, metrics = _worker(bound, ingest_bytes=64)
     acks = AckQueue(lambda mid: None)
     dispatcher.ingest("s/energy/load/x/active_power/value", b" " * 61 + b"1500", acks.add(1))
@@ -354,10 +356,10 @@ def test_worker_limits_are_configured_and_checked(tmp_path: Any) -> None:
     config = tmp_path / "site.toml"
     config.write_text("[adapters.ven]\n")
     worker = load_config(config).worker
-    assert (worker.max_payload_bytes, worker.max_series_per_site, worker.max_sites) == (
+    assert (worker.max_payload_bytes, worker.max_series_per_site, worker.max_series) == (
         16_384,
         10_000,
-        1_000,
+        100_000,
     )
     config.write_text("[worker]\nmax_series_per_site = 0\n[adapters.ven]\n")
     with pytest.raises(Exception, match="max_series_per_site"):

@@ -214,9 +214,11 @@ class WorkerConfig(_Section):
     """Distinct series (device and metric) the worker keeps per site; a sample of a
     new series past it is refused as ``too_many_series`` (docs/worker.md, "Input
     limits")."""
-    max_sites: int = Field(default=1_000, ge=1)
-    """Distinct sites the worker keeps series of; a sample of a new site past it is
-    refused as ``too_many_sites``."""
+    max_series: int = Field(default=100_000, ge=1)
+    """Distinct series the worker keeps in all, whatever their sites (any publisher on
+    the bus ingest can invent sites); past it a new series is ``too_many_series`` too.
+    This is what bounds the worker's memory for series (docs/worker.md, "Input
+    limits", gives what each costs)."""
 
 
 class _Root(_Section):

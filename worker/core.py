@@ -135,7 +135,9 @@ class Worker:
         self.config = config
         w, h = config.worker, config.historian
         self.metrics = Metrics()
-        self.series = SeriesBound(max_series_per_site=w.max_series_per_site, max_sites=w.max_sites)
+        self.series = SeriesBound(
+            max_series_per_site=w.max_series_per_site, max_series=w.max_series
+        )
         self.metrics.series_bound(self.series)
         self.pipelines = _pipelines(config, self.series)
         plan = self.plan(config, self.pipelines)

@@ -144,7 +144,7 @@ class Metrics:
         )
         self.series = Gauge(
             "energybus_series",
-            "Distinct series the worker keeps (worker.max_series_per_site bounds each site's)",
+            "Distinct series the worker keeps (bounded by worker.max_series)",
             registry=r,
         )
         self.sites = Gauge(
