@@ -286,7 +286,7 @@ def test_the_bound_in_all_holds_however_many_sites_are_invented() -> None:
 
 
 def _worker(
-    bound: SeriesBound, ingest_bytes: int = 16_384
+    bound: SeriesBound, ingest_bytes: int | None = None
 ) -> tuple[Dispatcher, FakeBus, FakeSink, Metrics]:
     metrics = Metrics()
     metrics.series_bound(bound)

@@ -144,14 +144,15 @@ class Dispatcher:
         worker_id: str,
         member: tuple[int, int] | None = None,
         series: SeriesBound | None = None,
-        max_ingest_bytes: int = 16_384,
+        max_ingest_bytes: int | None = None,
     ) -> None:
         self.pipelines = pipelines
         self.series = series
         """The bound on series per site; the pipelines' renderers ask it for theirs, the
         bus ingest here."""
         self.max_ingest_bytes = max_ingest_bytes
-        """``worker.max_payload_bytes``: the largest canonical message ingested."""
+        """``worker.max_payload_bytes``: the largest canonical message ingested (``None``:
+        any, for a dispatcher driven without a configuration)."""
         self.member = member
         """``(index, count)`` in a partitioned group: messages about other members' sites
         are acknowledged and left to them. That holds for every ``set`` and for the source
@@ -390,8 +391,9 @@ class Dispatcher:
         Never raises, like :meth:`handle`."""
         now = datetime.now(UTC)
         try:
-            if len(payload) > self.max_ingest_bytes:
-                raise too_large(len(payload), self.max_ingest_bytes, prefix="worker.")
+            limit = self.max_ingest_bytes
+            if limit is not None and len(payload) > limit:
+                raise too_large(len(payload), limit, prefix="worker.")
             row = historian_row(topic, payload, received_at=now)
             if row is not None and self.series is not None:
                 # After the row is made: a message refused for what it is takes no
