@@ -216,6 +216,19 @@ class WorkerConfig(_Section):
     poll_outbox_max_mb: float = Field(default=1024.0, gt=0)
     """Bound of each Modbus poll outbox (``<data_dir>/poll-outbox-<adapter>.sqlite3``): polls wait
     there while the bus is away (docs/modbus.md gives its size for 24 h)."""
+    max_payload_bytes: int = Field(default=16_384, ge=1)
+    """The largest canonical message the bus ingest takes, in bytes; a larger one is
+    refused as ``too_large`` and dead-lettered with its size, without its body. (Each
+    adapter has its own limit for its source messages.)"""
+    max_series_per_site: int = Field(default=10_000, ge=1)
+    """Distinct series (device and metric) the worker keeps per site; a sample of a
+    new series past it is refused as ``too_many_series`` (docs/worker.md, "Input
+    limits")."""
+    max_series: int = Field(default=100_000, ge=1)
+    """Distinct series the worker keeps in all, whatever their sites (any publisher on
+    the bus ingest can invent sites); past it a new series is ``too_many_series`` too.
+    This is what bounds the worker's memory for series (docs/worker.md, "Input
+    limits", gives what each costs)."""
 
 
 class _Root(_Section):

@@ -24,6 +24,7 @@ from energybus.commands import CommandRecord
 from energybus.errors import EnergyBusError
 from energybus.filters import matches
 from energybus.messages import Message
+from energybus.payloads import too_large
 from energybus.rows import Row, historian_row
 from energybus.samples import Reading
 
@@ -33,6 +34,7 @@ from .bus import BusError, reason_text
 from .config import site_member
 from .deadletter import dead_letter
 from .metrics import Metrics
+from .series import SeriesBound
 from .sources.base import CommandToken, Delivery
 
 __all__ = ["Dispatcher", "Outlet", "Publisher", "RowSink"]
@@ -142,8 +144,16 @@ class Dispatcher:
         dead_letter_prefix: str,
         worker_id: str,
         member: tuple[int, int] | None = None,
+        series: SeriesBound | None = None,
+        max_ingest_bytes: int | None = None,
     ) -> None:
         self.pipelines = pipelines
+        self.series = series
+        """The bound on series per site; the pipelines' renderers ask it for theirs, the
+        bus ingest here."""
+        self.max_ingest_bytes = max_ingest_bytes
+        """``worker.max_payload_bytes``: the largest canonical message ingested (``None``:
+        any, for a dispatcher driven without a configuration)."""
         self.member = member
         """``(index, count)`` in a partitioned group: messages about other members' sites
         are acknowledged and left to them. That holds for every ``set`` and for the source
@@ -384,7 +394,14 @@ class Dispatcher:
         Never raises, like :meth:`handle`."""
         now = datetime.now(UTC)
         try:
+            limit = self.max_ingest_bytes
+            if limit is not None and len(payload) > limit:
+                raise too_large(len(payload), limit, prefix="worker.")
             row = historian_row(topic, payload, received_at=now)
+            if row is not None and self.series is not None:
+                # After the row is made: a message refused for what it is takes no
+                # place in the bound.
+                self.series.admit_row(row.site, row.device_id, row.metric_name)
         except EnergyBusError as error:
             self.dead_letter(entry, "bus", topic, payload, now, [Rejection.of(error, topic)])
             entry.release()
