@@ -45,7 +45,7 @@ import tomllib
 import traceback
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -241,7 +241,7 @@ class Locked:
 
     run_dir: Path
     ports: Ports
-    secrets: dict[str, str]
+    secrets: dict[str, str] = field(repr=False)
 
     @property
     def pki(self) -> Pki:
@@ -643,7 +643,9 @@ class Demo:
 
         try:
             superuser = locked.dsn("energybus", services.credentials(postgres)["energybus"])
-            conn = await asyncpg.connect(superuser, timeout=10)
+            # A statement that fails is logged with its text: not these, with passwords.
+            quiet = {"log_statement": "none", "log_min_error_statement": "panic"}
+            conn = await asyncpg.connect(superuser, timeout=10, server_settings=quiet)
             try:
                 query = "SELECT count(*) FROM pg_roles WHERE rolname = ANY($1::text[])"
                 if await conn.fetchval(query, list(ROLES)) == 0:
