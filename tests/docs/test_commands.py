@@ -25,6 +25,10 @@ NOT_RUN: dict[str, tuple[str, str]] = {
         "holds the demo's fixed ports until Ctrl-C; the test runs the same demo on free ports",
         "tests/test_demo.py",
     ),
+    "./dev demo --secure": (
+        "holds the secure demo's fixed ports until Ctrl-C; the test runs it on free ports",
+        "tests/test_demo.py::test_the_secure_demo_runs_locked_down_and_prints_no_secret",
+    ),
     "./dev bench": (
         "measures this machine for many minutes: figures are measured, never asserted",
         "tests/test_benchmark_reports.py",
