@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from benchmarks.adapters import ven_messages
 from energybus.adapters import Pipeline, Rejection, create_adapter
-from energybus.adapters.ven import VenOptions
+from energybus.adapters.ven import VenEntry, VenOptions
 from energybus.errors import LimitError, PayloadError
 from energybus.payloads import decode_meta, decode_set, decode_value, deeper_than, over_limit
 from energybus.render import DEFAULT_SPEC, Renderer
@@ -388,3 +388,22 @@ def test_normalize_stream_refuses_a_line_too_deep_to_read_and_goes_on() -> None:
     assert result.stderr == "error: line 1: too_deep: JSON nested too deeply to decode\n"
     assert "Traceback" not in result.stderr
     assert "ven-1/energy/load/ven-1/active_power/value" in result.stdout
+
+
+def test_invented_ven_ids_past_the_bound_are_refused_and_the_known_go_on() -> None:
+    """A VEN not listed is taken (``accept_unlisted``), but only so many: a flood of
+    invented venIds would otherwise grow the adapter's records without end."""
+    options = VenOptions(site="s", max_unlisted=2, vens={"listed": VenEntry()})
+    pipeline = Pipeline(create_adapter("ven", options=options))
+
+    def codes(ven: str) -> list[str]:
+        body = msgspec.json.encode(_metering(venId=ven))
+        return [r.code for r in pipeline.feed("volttron/metering", body, received_at=AT).rejections]
+
+    assert codes("a") == [] and codes("b") == []
+    refused = pipeline.feed(
+        "volttron/metering", msgspec.json.encode(_metering(venId="c")), received_at=AT
+    ).rejections
+    assert [r.code for r in refused] == ["too_many_series"]
+    assert "adapters.ven.max_unlisted" in refused[0].message
+    assert codes("a") == [] and codes("listed") == [] and codes("d") == ["too_many_series"]
