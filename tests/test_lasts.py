@@ -5,6 +5,7 @@ not answer its marker."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 import zlib
@@ -35,7 +36,11 @@ def _last(site: str, entity: str, at: datetime) -> tuple[str, bytes]:
 
 
 def _read(
-    broker: Service, *, member: tuple[int, int] | None = None, timeout: float = 30.0
+    broker: Service,
+    *,
+    member: tuple[int, int] | None = None,
+    limit: int | None = None,
+    timeout: float = 30.0,
 ) -> dict[SeriesKey, datetime]:
     config = MqttConfig(host=broker.host, port=broker.port)
     return asyncio.run(
@@ -44,6 +49,7 @@ def _read(
             client_id=f"t-{uuid.uuid4().hex[:8]}",
             marker_prefix="energybus/worker/t/lasts",
             member=member,
+            limit=limit,
             timeout=timeout,
         )
     )
@@ -117,3 +123,16 @@ def test_a_marker_that_never_comes_keeps_the_floors_read(
         floors = _read(acl_broker, timeout=2.0)
     assert floors == {("a", "grid", f"m{n}", "active_power"): PAST for n in range(5)}
     assert "not all read (TimeoutError; 5 were)" in caplog.text
+
+
+def test_no_more_floors_are_kept_than_the_worker_keeps_series(
+    run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who may publish on the bus can retain a ``last`` for an invented series:
+    the worker reads at most ``worker.max_series`` of them."""
+    with services.started("mosquitto", run_dir=run_dir / f"n-{uuid.uuid4().hex[:8]}") as broker:
+        publish(broker, [_last("flood", f"e{n}", PAST) for n in range(7)], retain=True)
+        with caplog.at_level(logging.WARNING, logger="energybus.worker"):
+            floors = _read(broker, limit=4)
+    assert len(floors) == 4
+    assert "(worker.max_series, 4): 3 were not read" in caplog.text

@@ -255,6 +255,7 @@ class Worker:
             client_id=m.client_id,
             marker_prefix=f"{w.topic_prefix}/worker/{m.client_id}/lasts",
             member=self.config.member,
+            limit=w.max_series,
         )
         for pipeline in self.pipelines.values():
             pipeline.renderer.last_floors = floors

@@ -59,21 +59,25 @@ async def read_lasts(
     client_id: str,
     marker_prefix: str,
     member: tuple[int, int] | None = None,
+    limit: int | None = None,
     timeout: float = 30.0,
 ) -> dict[SeriesKey, datetime]:
     """The observation time of each series' retained ``last`` (for ``member``, of its own
     sites' series only); what was read so far, with one log line, when the broker cannot
-    be asked or does not answer (the worker then starts with that)."""
+    be asked or does not answer (the worker then starts with that). At most ``limit``
+    series are kept (the worker's ``max_series``): anyone who may publish on the bus
+    can retain a ``last`` for a series invented for the purpose."""
     found: dict[SeriesKey, datetime] = {}
     marker = f"{marker_prefix}/{secrets.token_hex(6)}"
     arrived = asyncio.Event()
     refused: list[int] = []
     horizon = datetime.now(UTC) + SKEW
     ahead = 0
+    beyond = 0
     client: BusClient
 
     def on_message(received: Received) -> None:
-        nonlocal ahead
+        nonlocal ahead, beyond
         if received.packet_id:
             client.ack(received.packet_id)
         if received.topic == marker:
@@ -92,6 +96,9 @@ async def read_lasts(
             ahead += 1
             observed = horizon
         key = (topic.site, topic.entity_type, topic.entity_id, topic.metric)
+        if key not in found and limit is not None and len(found) >= limit:
+            beyond += 1
+            return
         if key not in found or observed > found[key]:
             found[key] = observed
 
@@ -136,6 +143,13 @@ async def read_lasts(
             with contextlib.suppress(OSError, BusError, TimeoutError):
                 await asyncio.wait_for(client.disconnect(), 5)
         client.abort()
+    if beyond:
+        log.warning(
+            "the bus holds retained last values of more series than the worker keeps"
+            " (worker.max_series, %d): %d were not read",
+            limit,
+            beyond,
+        )
     if ahead:
         log.warning(
             "%d retained last values are dated more than %g s ahead of now; their series "
