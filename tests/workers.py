@@ -108,9 +108,16 @@ class WorkerProcess:
         raise AssertionError(f"no {needle!r} in the worker's log:\n{self.text()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Its exit status; a worker that ``sig`` does not end within ``timeout`` is
+        killed, so that none outlives its test, and the test fails on the timeout."""
         assert self.process is not None
         self.process.send_signal(sig)
-        return self.process.wait(timeout)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

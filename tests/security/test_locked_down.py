@@ -287,8 +287,15 @@ class Simulator:
         return self.log.read_text()
 
     def stop(self) -> int:
+        """Its exit status; killed (and -9) when SIGINT does not end it in 30 s, so that
+        no simulator outlives its test."""
         self.process.send_signal(signal.SIGINT)
-        return self.process.wait(30)
+        try:
+            return self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            return -9
 
 
 def metrics(port: int) -> str:
@@ -588,13 +595,13 @@ def test_wrong_passwords_are_said_retried_with_backoff_and_recovered_from(
         )
         assert worker.alive()
     finally:
+        ven.stop()
+        code = worker.stop() if worker.alive() else None
         _voke_partner(site, SECRETS["Voke API key"])
         execute(
             superuser,
             f"ALTER ROLE energybus_writer PASSWORD '{SECRETS['writer database password']}'",
         )
-        ven.stop()
-        code = worker.stop() if worker.alive() else None
     assert code == 0
     text = worker.text()
     assert text.count("the database refused the worker") == 1
