@@ -36,15 +36,20 @@ async def connect(dsn: str) -> Any:
         sys.exit(2)
     try:
         return await asyncpg.connect(dsn, timeout=10)
-    except (
-        OSError,
-        TimeoutError,
-        ValueError,
-        asyncpg.PostgresError,
-        asyncpg.InterfaceError,
-    ) as error:
-        # ValueError and InterfaceError: a DSN asyncpg cannot use; their text names the
-        # part at fault, never the password.
-        text = str(error).splitlines()[0] if str(error) else type(error).__name__
-        click.echo(f"cannot connect to the database: {text}", err=True)
+    except database_errors() as error:
+        click.echo(f"cannot connect to the database: {first_line(error)}", err=True)
         sys.exit(2)
+
+
+def database_errors() -> tuple[type[Exception], ...]:
+    """What a connection made from a user's DSN, and its queries, can raise. ValueError
+    and InterfaceError: a DSN asyncpg cannot use; their text names the part at fault,
+    never the password."""
+    import asyncpg
+
+    return (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__

@@ -145,6 +145,7 @@ async def _poll_database(
         return None
     import asyncpg
 
+    from energybus.cli.database import database_errors, first_line
     from energybus.historian import recent_commands, table_rows
 
     try:
@@ -152,16 +153,8 @@ async def _poll_database(
             conn = await asyncpg.connect(where.dsn, timeout=5)
         board.set_rows(await table_rows(conn))
         records = await recent_commands(conn, since=since, limit=limit)
-    except (
-        OSError,
-        TimeoutError,
-        ValueError,
-        asyncpg.PostgresError,
-        asyncpg.InterfaceError,
-    ) as error:
-        # ValueError and InterfaceError: a DSN that cannot be used (their text names the
-        # part at fault, never the password).
-        board.problem("database", str(error).splitlines()[0] if str(error) else repr(error))
+    except database_errors() as error:
+        board.problem("database", first_line(error))
         if conn is not None:
             conn.terminate()
         return None
