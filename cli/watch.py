@@ -288,6 +288,12 @@ def watch(
     host, _, port_text = broker.rpartition(":")
     if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise click.BadParameter(f"{broker!r}: give HOST:PORT", param_hint="--mqtt")
+    if dsn is not None:
+        from energybus.historian import dsn_problem
+
+        problem = dsn_problem(dsn)
+        if problem is not None:  # asyncpg's own error would quote the part at fault
+            raise click.BadParameter(problem, param_hint="--dsn")
     where = Where(host, int(port_text), dsn, metrics_url, prefix, login)
     live = sys.stdout.isatty() and not plain and not once
     screen = Screen(live=live)
