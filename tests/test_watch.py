@@ -102,14 +102,15 @@ def test_offline_entities_dead_letters_workers_and_faults_are_shown() -> None:
     letter = '{"reason":"malformed_json","topic":"volttron/metering","source":"ven"}'
     for _ in range(3):
         _feed(board, "energybus/dead_letter/ven", letter, at=NOW - 4)
-    _feed(board, "energybus/dead_letter/router", "not json at all", at=NOW - 2)
+    _feed(board, "energybus/dead_letter/router", "not json at all", at=NOW - 3)
+    _feed(board, "energybus/dead_letter/router", '{"a": ' + "[" * 100_000, at=NOW - 2)  # deep
     _feed(board, "energybus/worker/w1/status", "online", at=NOW, retain=True)
     _feed(board, "not/a/canonical/topic", "1", at=NOW)
     _feed(board, "lab/energy/storage/battery-1/soc/value", '{"value":"nan"}', at=NOW)
     board.problem("database", "connection refused")
     text = _text(render(board, NOW, width=160))
     assert "offline" in next(line for line in text.splitlines() if "battery-1" in line)
-    assert "dead letters  4 seen: ven malformed_json x3, router ? x1" in text
+    assert "dead letters  5 seen: ven malformed_json x3, router ? x2" in text
     assert "newest 2.0s ago, from" in text
     assert "worker w1 online" in text.splitlines()[0]
     assert "database: connection refused" in text
