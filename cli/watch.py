@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -41,7 +41,7 @@ class Where:
 
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 18830
-    dsn: str | None = None
+    dsn: str | None = field(default=None, repr=False)  # it may hold a password
     metrics_url: str | None = None
     prefix: str = "energybus"
     login: Login | None = None

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from energybus.cli.login import Login
 from energybus.cli.view import Board, CommandLine, format_value, render
-from energybus.cli.watch import parse_metrics
+from energybus.cli.watch import Where, parse_metrics
 from tests.helpers import Output
 from tests.workers import init_schema, publish
 from tools import services
@@ -282,3 +283,8 @@ def test_a_dsn_that_cannot_be_used_is_shown_on_the_board_not_a_traceback(
     output = watch.text + "\n".join(watch.errors)
     assert "Traceback" not in output and "secret-pw" not in output
     assert any(line.lstrip().startswith("database") for line in watch.lines), watch.text
+
+
+def test_where_to_look_shows_no_password_in_its_repr() -> None:
+    where = Where(dsn="postgresql://r:db-secret-pw@h/db", login=Login("w", "mqtt-secret-pw"))
+    assert "secret" not in repr(where) and "w" in repr(where.login)
