@@ -43,8 +43,9 @@ async def connect(dsn: str) -> Any:
 
 def database_errors() -> tuple[type[Exception], ...]:
     """What a connection made from a user's DSN, and its queries, can raise. ValueError
-    and InterfaceError: a DSN asyncpg cannot use; their text names the part at fault,
-    never the password."""
+    and InterfaceError: a DSN asyncpg cannot use. Their text may quote the part at
+    fault, a piece of the password when its ``/`` or ``?`` was not percent-encoded: a
+    DSN passes ``dsn_problem`` before it is connected with."""
     import asyncpg
 
     return (OSError, TimeoutError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError)

@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -41,7 +41,7 @@ class Where:
 
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 18830
-    dsn: str | None = None
+    dsn: str | None = field(default=None, repr=False)  # it may hold a password
     metrics_url: str | None = None
     prefix: str = "energybus"
     login: Login | None = None
@@ -288,6 +288,12 @@ def watch(
     host, _, port_text = broker.rpartition(":")
     if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise click.BadParameter(f"{broker!r}: give HOST:PORT", param_hint="--mqtt")
+    if dsn is not None:
+        from energybus.historian import dsn_problem
+
+        problem = dsn_problem(dsn)
+        if problem is not None:  # asyncpg's own error would quote the part at fault
+            raise click.BadParameter(problem, param_hint="--dsn")
     where = Where(host, int(port_text), dsn, metrics_url, prefix, login)
     live = sys.stdout.isatty() and not plain and not once
     screen = Screen(live=live)

@@ -136,3 +136,18 @@ def test_no_more_floors_are_kept_than_the_worker_keeps_series(
             floors = _read(broker, limit=4)
     assert len(floors) == 4
     assert "(worker.max_series, 4): 3 were not read" in caplog.text
+
+
+def test_a_last_nested_past_what_the_decoder_follows_is_passed_over(
+    run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who may publish on the bus can retain it: raised out of the message
+    callback, it would drop the connection and end the reading at every start."""
+    deep = b'{"x": ' + b"[" * 200_000 + b"]" * 200_000 + b', "observed_at": "2026-01-01T00:00:00Z"}'
+    with services.started("mosquitto", run_dir=run_dir / f"d-{uuid.uuid4().hex[:8]}") as broker:
+        publish(broker, [("deep/energy/grid/e/active_power/last", deep)], retain=True)
+        publish(broker, [_last("fine", f"e{n}", PAST) for n in range(3)], retain=True)
+        with caplog.at_level(logging.WARNING):
+            floors = _read(broker, timeout=10)
+    assert floors == {("fine", "grid", f"e{n}", "active_power"): PAST for n in range(3)}
+    assert "not all read" not in caplog.text and "Fatal error" not in caplog.text

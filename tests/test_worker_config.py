@@ -209,6 +209,14 @@ def test_check_shows_each_voke_account_and_never_its_keys(tmp_path: Path) -> Non
     assert "voke-api-secret-3" not in repr(config.built["voke"].sources)
 
 
+def test_the_reprs_of_the_cpi_options_show_no_plant_secret(tmp_path: Path) -> None:
+    source = _file(tmp_path, GOOD + '[adapters.cpi.plants.p1]\nsecrets = ["${CPI_KEY}"]\n')
+    config = load_config(source, environ={**ENV, "CPI_KEY": "cpi-hmac-secret-5"})
+    assert "cpi-hmac-secret-5" not in repr(config.adapters["cpi"])
+    assert "cpi-hmac-secret-5" not in repr(config.built["cpi"].options)
+    assert "secrets=1" in repr(config.adapters["cpi"])
+
+
 @pytest.mark.parametrize(
     ("change", "code", "path"),
     [
@@ -217,6 +225,10 @@ def test_check_shows_each_voke_account_and_never_its_keys(tmp_path: Path) -> Non
         (("amqps://voke.example:5671", "amqps://acme:pw@voke.example:5671"), "invalid_value",
          "$.adapters.voke.orgs.acme.uri"),
         (("amqps://voke.example:5671", "https://voke.example"), "invalid_value",
+         "$.adapters.voke.orgs.acme.uri"),
+        (("amqps://voke.example:5671", "amqps://voke.example:56x1"), "invalid_value",
+         "$.adapters.voke.orgs.acme.uri"),
+        (("amqps://voke.example:5671", "amqps://[voke.example:5671"), "invalid_value",
          "$.adapters.voke.orgs.acme.uri"),
         (('["${VOKE_SIGNING}"]', "[]"), "missing_field", "$.adapters.voke.orgs.acme.signing_keys"),
         (('api_key = "${VOKE_KEY}"\n', ""), "missing_field", "$.adapters.voke.orgs.acme.api_key"),

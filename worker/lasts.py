@@ -31,6 +31,7 @@ import msgspec
 
 from energybus.admission import CommandPolicy
 from energybus.errors import EnergyBusError
+from energybus.payloads import DECODE_ERRORS
 from energybus.samples import SeriesKey
 from energybus.topics import parse_topic
 
@@ -86,8 +87,11 @@ async def read_lasts(
         try:
             topic = parse_topic(received.topic)
             observed = _decoder.decode(received.payload).observed_at
-        except (EnergyBusError, msgspec.DecodeError, UnicodeDecodeError):
-            return  # not a `last` energybus could have published: nothing to keep back
+        except (EnergyBusError, *DECODE_ERRORS):
+            # Not a `last` energybus could have published (nested past what the decoder
+            # follows, too: raised out of here, that would drop the connection and end
+            # the reading for every worker start while it is retained).
+            return
         if observed.tzinfo is None:
             return
         if member is not None and site_member(topic.site, member[1]) != member[0]:

@@ -33,7 +33,7 @@ NOT_RUN: dict[str, tuple[str, str]] = {
         "measures this machine for many minutes: figures are measured, never asserted",
         "tests/test_benchmark_reports.py",
     ),
-    "energybus historian init --dsn $ENERGYBUS_OWNER_DSN --writer energybus_writer"
+    "ENERGYBUS_DSN=$ENERGYBUS_OWNER_DSN energybus historian init --writer energybus_writer"
     " --reader energybus_reader": (
         "needs the roles of docs/security.md on a locked-down PostgreSQL; the test makes"
         " them and runs the same command",

@@ -19,6 +19,14 @@ BROKEN = {
     "postgresql://u:S3cr3t+pw/x@127.0.0.1:5432/db": "a port must be a number",
     "postgresql://u:S3cr3t+pw@127.0.0.1:5432/db?sslmode=verify": "sslmode must be one of",
     "postgresq://u:S3cr3t+pw@127.0.0.1/db": "must start with postgresql://",
+    # A slash after digits: the "port" is a number, the rest of the password and the
+    # real host are the database name, which a redacted DSN shows.
+    "postgresql://u:7/S3cr3t+pw@127.0.0.1/db": "an @ or # outside the user part",
+    "postgresql://u:7?S3cr3t+pw@127.0.0.1/db": "an @ or # outside the user part",
+    "postgresql://u:7#S3cr3t+pw@127.0.0.1/db": "an @ or # outside the user part",
+    # asyncpg splits the user part at the first @, urlsplit at the last.
+    "postgresql://u:S3cr3t+pw@x@127.0.0.1/db": "an @ or # outside the user part",
+    "postgresql://u:S3cr3t+pw@127.0.0.1:99999/db": "a port must be a number from 1 to 65535",
 }
 
 
@@ -29,6 +37,7 @@ BROKEN = {
         "postgres://u:p@[::1]:5432/db?sslmode=verify-full&sslrootcert=/etc/ca.pem",
         "postgresql://u@h1:5432,h2:5433/db",
         "postgresql:///db?host=/run/postgresql",
+        "postgresql://u:S3cr3t%2F%40%3F%23@127.0.0.1:5432/db?user=u%40corp",
     ],
 )
 def test_a_usable_dsn_has_no_problem(dsn: str) -> None:
@@ -59,8 +68,16 @@ def test_a_broken_dsn_is_one_line_without_the_password(
     )
     assert check.returncode != 0
     assert f"{found} (at $.historian.dsn)" in check.stdout + check.stderr
-    for output in (command.stdout + command.stderr, check.stdout + check.stderr):
-        assert SECRET not in output and "Traceback" not in output
+    watch = subprocess.run(
+        [sys.executable, "-m", "energybus.cli", "watch", "--once", "--dsn", dsn],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert watch.returncode == 2 and "--dsn" in watch.stderr and found in watch.stderr
+    for output in (command, check, watch):
+        assert SECRET not in output.stdout + output.stderr
+        assert "Traceback" not in output.stdout + output.stderr
 
 
 def test_the_plan_shows_how_the_database_is_reached_but_no_password(tmp_path: Path) -> None:

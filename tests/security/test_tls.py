@@ -99,7 +99,8 @@ def test_each_refusal_is_one_line_that_says_why(
     assert said in lines[0], lines[0]
     if case == "expired client certificate":
         assert "expired" in lines[0], lines[0]
-    assert_no_secret({"simulate": refused.stdout + refused.stderr}, {"password": PASSWORD})
+    # The password it was given: the wrong one, in the case of a wrong password.
+    assert_no_secret({"simulate": refused.stdout + refused.stderr}, {"password": password})
     no_traceback([refused.stdout, refused.stderr])
 
 
