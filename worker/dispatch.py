@@ -330,7 +330,7 @@ class Dispatcher:
                 # Delete it at the broker, once, so it fires nowhere later (the deletion
                 # comes back as an empty retained set, which the pipeline ignores).
                 bus.publish(topic, b"", 1, True, None)
-                log.info("cleared the retained set on %s at the broker", topic)
+                log.info("clearing the retained set on %s at the broker", topic)
         for record in out.commands:
             if record.state == "refused":
                 self.metrics.command_refusals.labels(name, record.code or "").inc()

@@ -373,12 +373,19 @@ def test_the_worker_works_with_exactly_the_documented_rights_over_tls(
             20,
             "the refused samples' rows, still stored",
         )
-        # A refusal is final: once plant-b stops reporting, the count stops too.
+        # A refusal is final: once plant-b stops reporting and what it sent is handled,
+        # the count stops too (no resend makes it grow by itself).
         assert simulators.pop("cpi-2").stop() == 0
-        time.sleep(1)
-        before = counted(metrics(metrics_port), failures)
+        steady: list[float] = []
+
+        def settled() -> bool:
+            time.sleep(0.5)  # three reads 1 s apart alike: what plant-b sent is handled
+            steady.append(counted(metrics(metrics_port), failures))
+            return len(steady) >= 3 and steady[-1] == steady[-3]
+
+        wait_until(settled, 30, "the refusals to end with plant-b's reports")
         time.sleep(3)
-        assert counted(metrics(metrics_port), failures) == before
+        assert counted(metrics(metrics_port), failures) == steady[-1]
         # Commands through the rights: each set is read from the bus and written to its
         # plant (an MQTT topic of the ACL, the vcp exchange of the Voke permissions), and
         # the plant's signed answer read back.
@@ -404,7 +411,22 @@ def test_the_worker_works_with_exactly_the_documented_rights_over_tls(
             20,
             "the dead letter",
         )
+        # A retained set is refused and deleted at the broker, through the ACL's sets.
+        retained = f"{SITE}/energy/storage/cpi-battery/power_setpoint/set"
+        publish(site.mosquitto, [(retained, b"-1200")], login=site.admin, retain=True)
+        worker.wait_for_log(f"clearing the retained set on {retained}")
+
+        def deleted() -> bool:
+            probe = Collector(site.mosquitto, [retained], login=site.admin)
+            try:
+                time.sleep(0.5)  # a retained message comes at once with the subscription
+                return not probe.payloads(retained)
+            finally:
+                probe.close()
+
+        wait_until(deleted, 20, "the retained set deleted at the broker")
         page = metrics(metrics_port)
+        assert counted(page, failures) == steady[-1]  # the deletion was not refused
         assert worker.alive()
     finally:
         outputs = dict(simulators)
