@@ -286,10 +286,12 @@ def test_the_bound_in_all_holds_however_many_sites_are_invented() -> None:
 
 
 def _worker(
-    bound: SeriesBound, ingest_bytes: int | None = None
+    bound: SeriesBound,
+    ingest_bytes: int | None = None,
+    ingest: SeriesBound | None = None,
 ) -> tuple[Dispatcher, FakeBus, FakeSink, Metrics]:
     metrics = Metrics()
-    metrics.series_bound(bound)
+    metrics.series_bound(bound, ingest)
     sink = FakeSink()
     ven = Pipeline(create_adapter("ven"), renderer=Renderer(source="ven", admit=bound.admit))
     dispatcher = Dispatcher(
@@ -300,6 +302,7 @@ def _worker(
         dead_letter_prefix="energybus/dead_letter",
         worker_id="w1",
         series=bound,
+        ingest_series=ingest,
         max_ingest_bytes=ingest_bytes,
     )
     dispatcher.route("mqtt", [*ven.sources[0].patterns, *ven.command_filters], ven)
@@ -350,6 +353,26 @@ def test_the_bus_ingest_is_held_to_its_size_and_the_same_bound() -> None:
     assert "worker.max_payload_bytes" in letters[0]["message"]
     assert [r.device_id for r in sink.rows] == ["load.a", "load.b", "load.a"]
     assert _count(metrics, "energybus_rejections_total", source="bus", reason="too_large") == 1
+
+
+def test_a_flood_on_the_bus_ingest_leaves_the_sources_their_room() -> None:
+    """Any publisher on the bus can invent series: the ingest's budget is its own, so
+    once it is full the sources' new series are still taken."""
+    bound = SeriesBound(max_series_per_site=100, max_series=3)
+    ingest = SeriesBound(max_series_per_site=100, max_series=3)
+    dispatcher, _bus, sink, metrics = _worker(bound, ingest=ingest)
+    acks = AckQueue(lambda mid: None)
+    for n in range(5):
+        dispatcher.ingest(f"invented-{n}/energy/load/x/active_power/value", b"1", acks.add(n))
+    assert ingest.series == 3 and bound.series == 0
+    body = msgspec.json.encode(_metering())
+    dispatcher.handle(Delivery("mqtt", "volttron/metering", body, AT, acks.add(9)))
+    assert bound.series == 1
+    assert ("load.ven-1", "active_power") in {(r.device_id, r.metric_name) for r in sink.rows}
+    assert metrics.registry.get_sample_value("energybus_ingest_series") == 3
+    assert (
+        _count(metrics, "energybus_rejections_total", source="bus", reason="too_many_series") == 2
+    )
 
 
 def test_worker_limits_are_configured_and_checked(tmp_path: Any) -> None:

@@ -138,7 +138,10 @@ class Worker:
         self.series = SeriesBound(
             max_series_per_site=w.max_series_per_site, max_series=w.max_series
         )
-        self.metrics.series_bound(self.series)
+        ingest_series = SeriesBound(
+            max_series_per_site=w.max_series_per_site, max_series=w.max_series
+        )
+        self.metrics.series_bound(self.series, ingest_series)
         self.pipelines = _pipelines(config, self.series)
         plan = self.plan(config, self.pipelines)
         self.status_topic = plan.status_topic
@@ -163,6 +166,7 @@ class Worker:
             worker_id=config.mqtt.client_id,
             member=config.member,
             series=self.series,
+            ingest_series=ingest_series,
             max_ingest_bytes=w.max_payload_bytes,
         )
         # Every worker of a group marks what it publishes, so that the group's bus ingest

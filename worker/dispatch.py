@@ -145,12 +145,16 @@ class Dispatcher:
         worker_id: str,
         member: tuple[int, int] | None = None,
         series: SeriesBound | None = None,
+        ingest_series: SeriesBound | None = None,
         max_ingest_bytes: int | None = None,
     ) -> None:
         self.pipelines = pipelines
         self.series = series
-        """The bound on series per site; the pipelines' renderers ask it for theirs, the
-        bus ingest here."""
+        """The bound on series per site the pipelines' renderers ask for theirs."""
+        self.ingest_series = ingest_series if ingest_series is not None else series
+        """The bus ingest's bound, asked here: a budget of its own, so that a flood of
+        invented series on the bus (any publisher can invent sites there) cannot take
+        the room of the sources' series (default: ``series``)."""
         self.max_ingest_bytes = max_ingest_bytes
         """``worker.max_payload_bytes``: the largest canonical message ingested (``None``:
         any, for a dispatcher driven without a configuration)."""
@@ -398,10 +402,10 @@ class Dispatcher:
             if limit is not None and len(payload) > limit:
                 raise too_large(len(payload), limit, prefix="worker.")
             row = historian_row(topic, payload, received_at=now)
-            if row is not None and self.series is not None:
+            if row is not None and self.ingest_series is not None:
                 # After the row is made: a message refused for what it is takes no
                 # place in the bound.
-                self.series.admit_row(row.site, row.device_id, row.metric_name)
+                self.ingest_series.admit_row(row.site, row.device_id, row.metric_name)
         except EnergyBusError as error:
             self.dead_letter(entry, "bus", topic, payload, now, [Rejection.of(error, topic)])
             entry.release()

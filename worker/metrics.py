@@ -150,13 +150,20 @@ class Metrics:
         self.sites = Gauge(
             "energybus_sites", "Distinct sites the worker keeps series of", registry=r
         )
+        self.ingest_series = Gauge(
+            "energybus_ingest_series",
+            "Distinct series the bus ingest has taken (a budget of its own, as large)",
+            registry=r,
+        )
         self._outbox: Outbox | None = None
         self.outbox_oldest.set_function(self._oldest_age)
 
-    def series_bound(self, bound: SeriesBound) -> None:
-        """Report the bound's counts when scraped (nothing per sample)."""
+    def series_bound(self, bound: SeriesBound, ingest: SeriesBound | None = None) -> None:
+        """Report the bounds' counts when scraped (nothing per sample)."""
         self.series.set_function(lambda: bound.series)
         self.sites.set_function(lambda: bound.sites)
+        if ingest is not None:
+            self.ingest_series.set_function(lambda: ingest.series)
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)
