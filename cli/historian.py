@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import click
 
-from energybus.cli.database import DSN, connect, parse_time
+from energybus.cli.database import DSN, connect, database_errors, first_line, parse_time
 
 _EVERY = re.compile(r"(\d+)\s*(s|m|h|d)")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -62,10 +62,12 @@ def init(dsn: str, writer: str | None, reader: str | None) -> None:
                 if role is not None:
                     await grant(conn, kind, role)
                     click.echo(f"granted  {kind} privileges to {role}")
-        except ValueError as error:
-            raise click.ClickException(str(error)) from None
         except asyncpg.PostgresError as error:
             raise click.ClickException(f"the database refused: {error}") from None
+        except ValueError as error:  # grant's: no such role
+            raise click.ClickException(str(error)) from None
+        except database_errors() as error:  # the connection lost half way
+            raise click.ClickException(f"the database went away: {first_line(error)}") from None
         finally:
             await conn.close()
 

@@ -185,7 +185,12 @@ class LimitError(EnergyBusError):
         self.path = path
 
     def to_dict(self) -> dict[str, object]:
-        return {"code": self.code, "setting": self.setting, "message": self.message}
+        return {
+            "code": self.code,
+            "setting": self.setting,
+            "message": self.message,
+            "path": self.path,
+        }
 
 
 class CommandError(EnergyBusError):

@@ -22,6 +22,7 @@ from tests.helpers import Output
 from tests.security.secrets import assert_no_secret, no_traceback
 from tools import services
 from tools.demo import COMMANDS, EXAMPLE, SECRETS, SECURE_SECRETS, Locked, Ports, site_config
+from tools.pki import make_pki
 
 SOURCES = ("ven", "cpi", "voke", "modbus")
 SERVICES = ("mosquitto", "postgres", "rabbitmq")
@@ -54,6 +55,7 @@ def test_the_example_is_what_the_default_ports_run(tmp_path: Path) -> None:
         adapter = adapters[command.adapter]
         assert any(re.fullmatch(_regex(f), command.topic) for f in adapter.command_filters)
     # --secure: the same site, its broker and Voke over TLS, the worker logged in.
+    make_pki(tmp_path / "pki")  # the configuration's TLS files are read as it loads
     locked = Locked(tmp_path, ports, dict.fromkeys(SECRETS + SECURE_SECRETS, "x"))
     path.write_text(locked.config(site_config(ports, tmp_path / "run")))
     secure = load_config(path, environ={**ENV, "DEMO_WORKER_MQTT_PASSWORD": "p"})

@@ -347,3 +347,28 @@ def test_a_bad_member_on_the_command_line_names_its_setting(tmp_path: Path) -> N
     )
     assert result.exit_code == 2
     assert "(at $.worker.member) [invalid_value]" in result.output
+
+
+def test_tls_files_are_read_at_load_and_a_bad_one_is_named(tmp_path: Path) -> None:
+    """A TLS file that is missing or not a certificate is an error at start naming the
+    key and the file, not a worker that cannot connect for ever."""
+    from tools.pki import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    cases = {
+        f'ca_file = "{tmp_path / "missing.pem"}"': f"ca_file {tmp_path / 'missing.pem'}: No such",
+        f'ca_file = "{junk}"': f"ca_file {junk}: not usable",
+        f'cert_file = "{junk}"\nkey_file = "{pki.client_key}"': f"cert_file {junk} with key_file",
+        f'ca_file = "{pki.ca}"\ncert_file = "{pki.client_cert}"\nkey_file = "{pki.client_key}"': "",
+    }
+    for table, said in cases.items():
+        path = tmp_path / "site.toml"
+        path.write_text(f"[mqtt.tls]\n{table}\n[adapters.ven]\n")
+        if not said:
+            assert load_config(path).mqtt.tls is not None
+            continue
+        with pytest.raises(MappingError) as caught:
+            load_config(path)
+        assert said in caught.value.message and caught.value.path == "$.mqtt.tls", caught.value

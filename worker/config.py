@@ -12,6 +12,7 @@ Relative paths (``data_dir``, TLS files) are taken from the current directory.
 
 from __future__ import annotations
 
+import re
 import ssl
 import zlib
 from collections.abc import Mapping
@@ -73,6 +74,21 @@ class TlsConfig(_Section):
     def _pair(self) -> TlsConfig:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
+        # Read once at load, so that a missing or wrong file is a located error at
+        # start (and in `check`), not a reconnect loop that never names the file.
+        try:
+            context = ssl.create_default_context(
+                cafile=str(self.ca_file) if self.ca_file is not None else None
+            )
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(f"ca_file {self.ca_file}: {_why(error)}") from None
+        if self.cert_file is not None and self.key_file is not None:
+            try:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            except (OSError, ssl.SSLError) as error:
+                raise ValueError(
+                    f"cert_file {self.cert_file} with key_file {self.key_file}: {_why(error)}"
+                ) from None
         return self
 
     def context(self) -> ssl.SSLContext:
@@ -82,6 +98,15 @@ class TlsConfig(_Section):
         if self.cert_file is not None and self.key_file is not None:
             context.load_cert_chain(self.cert_file, self.key_file)
         return context
+
+
+def _why(error: OSError) -> str:
+    """An unusable file's reason in words: the OS's, or OpenSSL's without its source
+    location (``no certificate or crl found``, ``PEM lib``)."""
+    if isinstance(error, ssl.SSLError) and error.reason:
+        return f"not usable ({str(error.reason).lower().replace('_', ' ')})"
+    text = re.sub(r"^\[\w+\]\s*|\s*\(_ssl\.c:\d+\)$", "", error.strerror or str(error))
+    return text if not isinstance(error, ssl.SSLError) else f"not usable ({text})"
 
 
 class MqttConfig(_Section):
