@@ -202,6 +202,11 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
     name: ClassVar[str]
     options_type: ClassVar[type[Document]]
     mapping_type: ClassVar[type[MappingDocument]]
+    json_sources: ClassVar[bool] = True
+    """Whether source messages are JSON documents, whose nesting the pipeline holds to
+    ``max_depth`` before :meth:`normalize` decodes them; an adapter whose messages are
+    binary (Modbus polls) says ``False``, or the bytes of its words would be counted
+    as brackets."""
 
     sources: tuple[SourceDeclaration, ...]
     """Where this adapter's source messages come from, per transport."""

@@ -67,6 +67,10 @@ class CpiPlant(Document, frozen=True, kw_only=True):
     targets: dict[str, CpiTarget] = {}
     """The plant's sub-devices by their externalId (a message's ``target``)."""
 
+    def __repr__(self) -> str:
+        shown = f"site={self.site!r}, secrets={len(self.secrets)}, targets={list(self.targets)}"
+        return f"CpiPlant({shown})"  # the secrets counted, never shown
+
 
 class CpiOptions(CommandOptions, frozen=True, kw_only=True):
     """The ``[adapters.cpi]`` section of a site configuration."""

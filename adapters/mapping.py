@@ -39,6 +39,7 @@ __all__ = [
     "Positive",
     "SeriesRow",
     "SeriesSettings",
+    "SourceOptions",
     "ValueType",
 ]
 
@@ -119,7 +120,20 @@ class EntityGroup(Document, frozen=True, kw_only=True):
     ignore: dict[str, str] = {}
 
 
-class CommandOptions(Document, frozen=True, kw_only=True):
+class SourceOptions(Document, frozen=True, kw_only=True):
+    """The input limits in the options of every adapter (docs/worker.md, "Input limits"):
+    a message past one is refused before anything decodes it, by the worker and
+    ``energybus normalize`` alike (:class:`~energybus.adapters.Pipeline`)."""
+
+    max_payload_bytes: Annotated[int, msgspec.Meta(ge=1)] = 262_144
+    """The largest source message (or canonical ``set``) taken, in bytes; a larger one
+    is refused as ``too_large`` and dead-lettered with its size, without its body."""
+    max_depth: Annotated[int, msgspec.Meta(ge=1, le=256)] = 32
+    """The deepest nesting of JSON arrays and objects taken in a source message; a
+    deeper one is refused as ``too_deep`` (Modbus polls are not JSON: not checked)."""
+
+
+class CommandOptions(SourceOptions, frozen=True, kw_only=True):
     """The admission gate's settings, in the options of every adapter that takes commands
     (docs/commands.md): how old a timed ``set`` may be, per adapter and per series, and
     the interlocks no command may cross."""

@@ -775,6 +775,7 @@ class ModbusAdapter(Adapter[ModbusOptions, Any]):
     name: ClassVar[str] = "modbus"
     options_type: ClassVar[type[Document]] = ModbusOptions
     mapping_type: ClassVar[type[MappingDocument]] = ModbusMap
+    json_sources: ClassVar[bool] = False
 
     plan: ModbusPlan
 

@@ -11,22 +11,33 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
 from energybus.commands import CommandRecord
-from energybus.errors import EnergyBusError, TopicError
+from energybus.errors import EnergyBusError, LimitError, TopicError
 from energybus.filters import matches
 from energybus.messages import Message
-from energybus.payloads import Scalar, SetEnvelope, decode_set
+from energybus.payloads import (
+    Scalar,
+    SetEnvelope,
+    decode_set,
+    deeper_than,
+    over_limit,
+    too_large,
+)
 from energybus.render import Renderer
 from energybus.samples import Reading, Sample
 from energybus.topics import parse_topic
 
 from .base import Adapter, Rejection, SourceDeclaration
+from .mapping import SourceOptions
 
 __all__ = ["Output", "Pipeline"]
+
+_LIMITS: Final = SourceOptions()
+"""The limits of an adapter whose options do not derive from :class:`SourceOptions`."""
 
 
 class Output(msgspec.Struct, kw_only=True):
@@ -54,6 +65,11 @@ class Pipeline:
     """Routes a message to the adapter's ``normalize`` or, for a canonical ``set``, its
     ``format``, and renders the readings.
 
+    Every message is first held to the adapter's input limits (``max_payload_bytes``,
+    and for JSON sources ``max_depth``; :class:`~.mapping.SourceOptions`): here, so
+    that the worker and ``energybus normalize`` refuse the same messages with the same
+    code, and before the adapter decodes anything of them.
+
     ``rejected`` counts refusals by code, for metrics; ``samples`` counts values
     produced.
     """
@@ -69,6 +85,15 @@ class Pipeline:
         self.destinations = frozenset(d for s in adapter.sources for d in s.publishes)
         """Where this adapter's commands go on its source connections (AMQP routing
         keys), never on the bus."""
+        options = adapter.options
+        self.max_payload_bytes: int = getattr(
+            options, "max_payload_bytes", _LIMITS.max_payload_bytes
+        )
+        self.max_depth: int | None = (
+            getattr(options, "max_depth", _LIMITS.max_depth) if adapter.json_sources else None
+        )
+        """``None`` for an adapter whose source messages are not JSON."""
+        self._settings = f"adapters.{adapter.name}."
 
     @property
     def sources(self) -> tuple[SourceDeclaration, ...]:
@@ -96,13 +121,31 @@ class Pipeline:
         tells (``Adapter.site_of``), else the topic itself."""
         if self.is_command(topic):
             return topic.partition("/")[0]
+        if self._over(payload):
+            return topic  # refused, by the one member the topic hashes to
         return self.adapter.site_of(topic, payload) or topic
+
+    def _over(self, payload: bytes) -> bool:
+        """Whether ``payload`` is past an input limit (the per-message test: the reason
+        is worked out only for a message that is)."""
+        depth = self.max_depth
+        return len(payload) > self.max_payload_bytes or (
+            depth is not None and deeper_than(payload, depth)
+        )
+
+    def _limit(self, payload: bytes) -> LimitError | None:
+        return over_limit(payload, self.max_payload_bytes, self.max_depth, prefix=self._settings)
 
     def feed(
         self, topic: str, payload: bytes, *, received_at: datetime, retain: bool = False
     ) -> Output:
         if self.is_command(topic):
             return self._command(topic, payload, received_at, retain)
+        if self._over(payload):
+            error = self._limit(payload)
+            assert error is not None
+            self.rejected[error.code] += 1
+            return Output(rejections=[Rejection.of(error, topic)])
         result = self.adapter.normalize(topic, payload, received_at)
         out = Output(
             rejections=result.rejections,
@@ -162,6 +205,10 @@ class Pipeline:
             return Output()
         adapter = self.adapter
         try:
+            if len(payload) > self.max_payload_bytes:
+                # Only the size: a set's decoder is typed, and refuses an array or an
+                # object where the value belongs at its first bracket, however deep.
+                raise too_large(len(payload), self.max_payload_bytes, prefix=self._settings)
             admitted = adapter.gate.admit(topic, payload, retain=retain, received_at=received_at)
             formatted = adapter.format(admitted, received_at=received_at)
         except EnergyBusError as error:
@@ -179,11 +226,13 @@ class Pipeline:
             parsed = parse_topic(topic)
         except EnergyBusError:
             return None
-        try:
-            request = decode_set(payload)
-            value: Scalar | None = request.value if isinstance(request, SetEnvelope) else request
-        except EnergyBusError:
-            value = None
+        value: Scalar | None = None
+        if not isinstance(error, LimitError):  # what is past a limit is not decoded
+            try:
+                request = decode_set(payload)
+                value = request.value if isinstance(request, SetEnvelope) else request
+            except EnergyBusError:
+                pass
         return CommandRecord.refusal(
             command_id=self.adapter.new_id(),
             adapter=self.name,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import deque
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Final
+from typing import Annotated, Any, ClassVar, Final
 
 import msgspec
 
@@ -85,6 +85,10 @@ class VenOptions(CommandOptions, frozen=True, kw_only=True):
     """VENs by venId, each with its own site."""
     accept_unlisted: bool = True
     """With ``false``, a VEN not listed under ``vens`` is rejected (``unknown_ven``)."""
+    max_unlisted: Annotated[int, msgspec.Meta(ge=0)] = 100
+    """VENs not listed under ``vens`` kept track of at most: a flood of invented venIds
+    cannot grow the adapter's memory without bound (a VEN's records take up to about
+    0.65 MB, its item ids cached); past it a new one is refused (``too_many_series``)."""
     telemetry: bool = False
     """Also consume ``ven/telemetry/+`` (same payload as metering, translated once)."""
     loads: bool = False
@@ -191,6 +195,7 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
             canonical_filter("set", entity_type=command.type, metric=command.metric),
         )
         self._vens: dict[str, _Ven] = {}
+        self._unlisted = 0
         self._targets: dict[tuple[str, str], str] = {}
         for source_id in opts.vens:
             try:
@@ -356,6 +361,13 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
             raise SourceError(
                 "unknown_ven", "this VEN is not listed in the configuration", path="$.venId"
             )
+        if entry is None and self._unlisted >= opts.max_unlisted:
+            raise SourceError(
+                "too_many_series",
+                f"{self._unlisted} VENs not listed in the configuration are known already,"
+                f" at most {opts.max_unlisted} are taken (adapters.ven.max_unlisted)",
+                path="$.venId",
+            )
         try:
             kebab = to_kebab(source_id)
         except IdentifierError as exc:
@@ -373,6 +385,8 @@ class VenAdapter(Adapter[VenOptions, VenMapping]):
             raise SourceError(error.code, error.message, path="$.venId") from None
         self._targets[(site, ven.command_entity)] = source_id
         self._vens[source_id] = ven
+        if entry is None:
+            self._unlisted += 1
         return ven
 
     # Commands -------------------------------------------------------------------------

@@ -176,8 +176,12 @@ class VokeAdapter(Adapter[VokeOptions, VokeMapping]):
         self.sources = tuple(declarations)
 
     def _org(self, slug: str, config: VokeOrg, path: str) -> SourceDeclaration:
-        parts = urlsplit(config.uri)
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        try:
+            parts = urlsplit(config.uri)
+            port = parts.port  # a port that is no number: raised here, not at connecting
+        except ValueError:
+            port = -1
+        if port == -1 or parts.scheme not in ("amqp", "amqps") or not parts.hostname:
             raise MappingError(
                 "invalid_value", "uri is amqps://host:port (or amqp://)", path=f"{path}.uri"
             )

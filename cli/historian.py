@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import click
 
-from energybus.cli.database import DSN, connect, parse_time
+from energybus.cli.database import DSN, connect, database_errors, first_line, parse_time
 
 _EVERY = re.compile(r"(\d+)\s*(s|m|h|d)")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -28,21 +28,48 @@ def historian() -> None:
 
 @historian.command()
 @DSN
-def init(dsn: str) -> None:
-    """Create or migrate the schema; safe to run again, or from several places at once."""
-    from energybus.historian import migrate
+@click.option(
+    "--writer",
+    metavar="ROLE",
+    help="Grant ROLE what the worker needs and nothing more (docs/security.md).",
+)
+@click.option(
+    "--reader",
+    metavar="ROLE",
+    help="Grant ROLE read access, for watch, commands list and historian energy.",
+)
+def init(dsn: str, writer: str | None, reader: str | None) -> None:
+    """Create or migrate the schema; safe to run again, or from several places at once.
+
+    Run it as the role that is to own the schema; the worker can then write as a role
+    that may create nothing (--writer)."""
+    import asyncpg
+
+    from energybus.historian import grant, migrate
 
     async def main() -> None:
         conn = await connect(dsn)
         try:
             result = await migrate(conn)
+            for migration in result.applied:
+                click.echo(f"applied  {migration.version:04d} {migration.name}")
+            click.echo(f"schema   energybus at version {result.current}")
+            if result.timescaledb:
+                click.echo(
+                    "note     TimescaleDB is installed; tables stay plain partitioned tables"
+                )
+            for kind, role in (("writer", writer), ("reader", reader)):
+                if role is not None:
+                    await grant(conn, kind, role)
+                    click.echo(f"granted  {kind} privileges to {role}")
+        except asyncpg.PostgresError as error:
+            raise click.ClickException(f"the database refused: {error}") from None
+        except ValueError as error:  # grant's: no such role
+            raise click.ClickException(str(error)) from None
+        except database_errors() as error:  # the connection lost half way
+            raise click.ClickException(f"the database went away: {first_line(error)}") from None
         finally:
             await conn.close()
-        for migration in result.applied:
-            click.echo(f"applied  {migration.version:04d} {migration.name}")
-        click.echo(f"schema   energybus at version {result.current}")
-        if result.timescaledb:
-            click.echo("note     TimescaleDB is installed; tables stay plain partitioned tables")
 
     asyncio.run(main())
 

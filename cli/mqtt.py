@@ -16,7 +16,8 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from energybus.worker.bus import BusClient, BusError, Received
+from energybus.cli.login import Login
+from energybus.worker.bus import BusClient, BusError, Received, reason_text
 
 __all__ = ["MqttLink"]
 
@@ -34,14 +35,30 @@ class MqttLink:
         assert self._client is not None, "not connected"
         return self._client.closed
 
-    async def connect(self, host: str, port: int, *, name: str, timeout: float = 10.0) -> None:
+    async def connect(
+        self,
+        host: str,
+        port: int,
+        *,
+        name: str,
+        login: Login | None = None,
+        timeout: float = 10.0,
+    ) -> None:
         """Connect as ``<name>-<pid>-<random>``; ConnectionError with the reason, in words,
         when the broker cannot be reached or refuses."""
         client = BusClient(on_message=self._received, on_puback=_settle, max_inflight=1000)
         client_id = f"{name}-{os.getpid()}-{secrets.token_hex(3)}"
+        login = login or Login()
         try:
             await client.connect(
-                host=host, port=port, client_id=client_id, clean_start=True, timeout=timeout
+                host=host,
+                port=port,
+                client_id=client_id,
+                clean_start=True,
+                timeout=timeout,
+                username=login.username,
+                password=login.password,
+                tls=login.tls,
             )
         except TimeoutError:
             raise ConnectionError(f"no answer from {host}:{port} within {timeout:g} s") from None
@@ -78,7 +95,9 @@ class MqttLink:
         if not acked.done():
             raise ConnectionError("the broker closed the connection")
         if acked.result() >= 0x80:
-            raise ConnectionError(f"the broker refused a publish on {topic}")
+            raise ConnectionError(
+                f"the broker refused a publish on {topic}: {reason_text(acked.result())}"
+            )
 
     async def close(self) -> None:
         client = self._client

@@ -7,7 +7,7 @@ import binascii
 import sys
 from base64 import b64decode
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import click
 import msgspec
@@ -29,16 +29,27 @@ class _Input(msgspec.Struct, forbid_unknown_fields=False):
 _input = msgspec.json.Decoder(_Input)
 
 
-def _read_input(line: bytes, topic: str | None) -> tuple[str, bytes, bool] | str:
+class _Unread(NamedTuple):
+    """Why an input line cannot be read: an error code and its message."""
+
+    code: str
+    message: str
+
+
+def _read_input(line: bytes, topic: str | None) -> tuple[str, bytes, bool] | _Unread:
     """One input as ``--stream`` and ``--input-base64`` take it: (topic, payload bytes,
-    retain), or why it cannot be read (the message of a ``bad_input`` error)."""
+    retain), or why it cannot be read (``bad_input``; ``too_deep`` for a line nested
+    past what the decoder can follow: a payload nested less deeply is decoded here,
+    encoded again and held to the adapter's ``max_depth`` like any other)."""
     try:
         item = _input.decode(line)
+    except RecursionError:
+        return _Unread("too_deep", "JSON nested too deeply to decode")
     except msgspec.MsgspecError as exc:
-        return str(exc)
+        return _Unread("bad_input", str(exc))
     item_topic = item.topic or topic
     if item_topic is None:
-        return "no topic in the input or --topic"
+        return _Unread("bad_input", "no topic in the input or --topic")
     payload = item.payload
     data = payload.encode("utf-8") if isinstance(payload, str) else _json.encode(payload)
     return item_topic, data, item.retain
@@ -164,11 +175,13 @@ def _decoded(encoded: str, topic: str | None, retain: bool) -> tuple[str, bytes,
     try:
         line = b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
-        read: tuple[str, bytes, bool] | str = "--input-base64 is not base64"
+        read: tuple[str, bytes, bool] | _Unread = _Unread(
+            "bad_input", "--input-base64 is not base64"
+        )
     else:
         read = _read_input(line, topic)
-    if isinstance(read, str):
-        sys.stderr.write(f"error: bad_input: {read}\n")
+    if isinstance(read, _Unread):
+        sys.stderr.write(f"error: {read.code}: {read.message}\n")
         sys.exit(1)
     item_topic, data, item_retain = read
     return item_topic, data, item_retain or retain
@@ -180,8 +193,8 @@ def _stream(pipeline: Pipeline, topic: str | None, at: datetime | None, out: IO[
             continue
         where = f"line {number}: "
         read = _read_input(line, topic)
-        if isinstance(read, str):
-            sys.stderr.write(f"error: {where}bad_input: {read}\n")
+        if isinstance(read, _Unread):
+            sys.stderr.write(f"error: {where}{read.code}: {read.message}\n")
             sys.stderr.flush()
             continue
         item_topic, data, retain = read

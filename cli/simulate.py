@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
+from energybus.cli.login import Login, login_options
 from energybus.cli.signals import until_signal
 
 if TYPE_CHECKING:
@@ -356,6 +357,7 @@ class _Mqtt:
 
     host: str
     port: int
+    login: Login
     interval: float
     answer_delay: float
     duration: float | None
@@ -365,6 +367,7 @@ class _Mqtt:
 
 
 def _mqtt_options(command: Callable[..., None]) -> Callable[..., None]:
+    command = login_options(command)
     for option in reversed(_broker):
         command = option(command)
     return command
@@ -380,7 +383,7 @@ def _play_mqtt(platform: Platform, options: _Mqtt, *, name: str, ready: str) -> 
 
     async def main(stop: asyncio.Event) -> Played:
         link = MqttLink()
-        await link.connect(o.host, o.port, name=name)
+        await link.connect(o.host, o.port, name=name, login=o.login)
         try:
             player = Player(platform, link, interval_s=o.interval, answer_delay_s=o.answer_delay)
             link.on_message = lambda topic, payload, retain: player.received(topic, payload)

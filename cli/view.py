@@ -19,7 +19,7 @@ import msgspec
 
 from energybus.commands import FINAL_STATES
 from energybus.errors import PayloadError, TopicError
-from energybus.payloads import Envelope, decode_last, decode_meta, decode_value
+from energybus.payloads import DECODE_ERRORS, Envelope, decode_last, decode_meta, decode_value
 from energybus.topics import parse_topic
 
 __all__ = ["Board", "CommandLine", "Entity", "Series", "format_value", "render"]
@@ -212,7 +212,7 @@ class Board:
         if kind == "dead_letter":
             try:
                 letter = _dead_letter.decode(payload)
-            except msgspec.DecodeError:
+            except DECODE_ERRORS:  # nested past what the decoder follows, too
                 letter = {}
             reason = str(letter.get("reason", "?"))
             self.dead_letters[(name, reason)] += 1

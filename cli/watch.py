@@ -18,12 +18,13 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import click
 
+from energybus.cli.login import Login, login_options
 from energybus.cli.signals import until_signal
 from energybus.cli.view import Board, CommandLine, render
 
@@ -40,9 +41,10 @@ class Where:
 
     mqtt_host: str = "127.0.0.1"
     mqtt_port: int = 18830
-    dsn: str | None = None
+    dsn: str | None = field(default=None, repr=False)  # it may hold a password
     metrics_url: str | None = None
     prefix: str = "energybus"
+    login: Login | None = None
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -86,7 +88,7 @@ async def follow(
 
     filters = ["+/energy/#", f"{where.prefix}/dead_letter/#", f"{where.prefix}/worker/+/status"]
     link = MqttLink(on_message)
-    await link.connect(where.mqtt_host, where.mqtt_port, name="energybus-watch")
+    await link.connect(where.mqtt_host, where.mqtt_port, name="energybus-watch", login=where.login)
     await link.subscribe(filters)
     bus = asyncio.create_task(_bus(board, where, link, filters, stop))
     conn: Any = None
@@ -122,7 +124,9 @@ async def _bus(
                 await asyncio.sleep(1.0)
                 link = MqttLink(link.on_message)
                 try:
-                    await link.connect(where.mqtt_host, where.mqtt_port, name="energybus-watch")
+                    await link.connect(
+                        where.mqtt_host, where.mqtt_port, name="energybus-watch", login=where.login
+                    )
                     await link.subscribe(filters)
                 except ConnectionError:
                     continue
@@ -141,6 +145,7 @@ async def _poll_database(
         return None
     import asyncpg
 
+    from energybus.cli.database import database_errors, first_line
     from energybus.historian import recent_commands, table_rows
 
     try:
@@ -148,16 +153,8 @@ async def _poll_database(
             conn = await asyncpg.connect(where.dsn, timeout=5)
         board.set_rows(await table_rows(conn))
         records = await recent_commands(conn, since=since, limit=limit)
-    except (
-        OSError,
-        TimeoutError,
-        ValueError,
-        asyncpg.PostgresError,
-        asyncpg.InterfaceError,
-    ) as error:
-        # ValueError and InterfaceError: a DSN that cannot be used (their text names the
-        # part at fault, never the password).
-        board.problem("database", str(error).splitlines()[0] if str(error) else repr(error))
+    except database_errors() as error:
+        board.problem("database", first_line(error))
         if conn is not None:
             conn.terminate()
         return None
@@ -267,7 +264,9 @@ class Screen:
 )
 @click.option("--duration", type=click.FloatRange(min=0), metavar="S", help="Stop after S s.")
 @click.option("--plain", is_flag=True, help="Print whole views even on a terminal.")
+@login_options
 def watch(
+    login: Login,
     broker: str,
     dsn: str | None,
     metrics_url: str | None,
@@ -289,7 +288,13 @@ def watch(
     host, _, port_text = broker.rpartition(":")
     if not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise click.BadParameter(f"{broker!r}: give HOST:PORT", param_hint="--mqtt")
-    where = Where(host, int(port_text), dsn, metrics_url, prefix)
+    if dsn is not None:
+        from energybus.historian import dsn_problem
+
+        problem = dsn_problem(dsn)
+        if problem is not None:  # asyncpg's own error would quote the part at fault
+            raise click.BadParameter(problem, param_hint="--dsn")
+    where = Where(host, int(port_text), dsn, metrics_url, prefix, login)
     live = sys.stdout.isatty() and not plain and not once
     screen = Screen(live=live)
     board = Board(prefix=prefix)

@@ -13,6 +13,7 @@ __all__ = [
     "EnergyBusError",
     "FilterError",
     "IdentifierError",
+    "LimitError",
     "MappingError",
     "PayloadError",
     "PolicyError",
@@ -167,6 +168,29 @@ class SourceError(EnergyBusError):
 
     def to_dict(self) -> dict[str, object]:
         return {"code": self.code, "path": self.path, "message": self.message}
+
+
+class LimitError(EnergyBusError):
+    """An input past a limit the configuration sets: a message too large or nested too
+    deeply to decode, a series or site more than the worker keeps track of.
+
+    ``setting`` names the configuration key of the limit (``max_payload_bytes``), so
+    the operator knows what to raise if the input was legitimate; the message gives
+    the size or count against the limit, never the input's content.
+    """
+
+    def __init__(self, code: str, message: str, *, setting: str, path: str = "$") -> None:
+        super().__init__(code, message)
+        self.setting = setting
+        self.path = path
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "code": self.code,
+            "setting": self.setting,
+            "message": self.message,
+            "path": self.path,
+        }
 
 
 class CommandError(EnergyBusError):

@@ -8,13 +8,15 @@ encoding (small envelopes), and fields keep the order the contract writes them i
 from __future__ import annotations
 
 import math
+import operator
 import re
 from datetime import datetime
+from itertools import accumulate, count
 from typing import Annotated, Final, Literal, TypeAlias, TypeVar
 
 import msgspec
 
-from energybus.errors import PayloadError
+from energybus.errors import LimitError, PayloadError
 from energybus.metrics import MetricClass
 from energybus.topics import Stream
 
@@ -37,9 +39,12 @@ __all__ = [
     "decode_payload",
     "decode_set",
     "decode_value",
+    "deeper_than",
     "encode",
     "encode_scalar",
     "explain",
+    "over_limit",
+    "too_large",
     "validate_payload",
 ]
 
@@ -238,7 +243,9 @@ DECODE_ERRORS: Final = (msgspec.MsgspecError, UnicodeDecodeError, RecursionError
 """What a msgspec decode of untrusted bytes can raise. Invalid UTF-8 inside a JSON
 string is a ``UnicodeDecodeError`` in msgspec 0.22 and a ``DecodeError`` from 0.23 on
 (:func:`explain` gives both the code ``invalid_utf8``); nesting deeper than the
-interpreter's recursion limit is a ``RecursionError`` (``too_deep``)."""
+interpreter's recursion limit is a ``RecursionError`` (``too_deep``). Source messages
+are held to ``max_depth`` (:func:`deeper_than`) before they are decoded, so this is a
+safety net for decoders that no limit guards (a mapping file, a CLI input line)."""
 
 DecodeFault = msgspec.MsgspecError | UnicodeDecodeError | RecursionError
 
@@ -277,6 +284,76 @@ def explain(exc: DecodeFault) -> tuple[str, str, str]:
     if detail.startswith("Expected"):
         return "wrong_type", detail, path
     return "invalid_value", detail, path
+
+
+# Nesting ------------------------------------------------------------------------------
+
+_STRING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?')
+"""A JSON string, escapes included; to the end of the input when it is not closed."""
+_NOT_BRACKETS: Final = bytes(b for b in range(256) if b not in b"[]{}")
+_NOT_BRACKETS_OR_QUOTES: Final = bytes(b for b in range(256) if b not in b'[]{}"')
+_PARENS: Final = bytes.maketrans(b"[]{}", b"()()")
+_STEPS: Final = bytes.maketrans(b"()", b"\x02\x00")
+
+
+def deeper_than(payload: bytes, max_depth: int) -> bool:
+    """Whether the JSON in ``payload`` nests arrays and objects more than ``max_depth``
+    levels (``1`` has none, ``{"a": [1]}`` two), counted as a decoder meets them:
+    brackets inside strings are text, and a document cut short counts the levels it
+    opened. Bytes that are not JSON are counted the same way; what they are is the
+    decoder's to say.
+
+    Most messages have no more opening brackets in all than the limit, which two
+    ``bytes.count`` calls tell (about 2 µs for a 3 KB VEN message). Only the others are
+    scanned exactly: without any backslash, string boundaries are every other quote, so
+    the brackets and quotes are kept (``bytes.translate``), empty strings dropped and
+    what is left between quotes cut out; with one, escapes decide where strings end,
+    and a regular expression removes them. The depth is then the highest running count
+    of the brackets, summed by ``itertools`` rather than a Python loop (about 50 ns a
+    bracket: 13 ms for 256 KiB of nothing else).
+    """
+    if payload.count(b"[") + payload.count(b"{") <= max_depth:
+        return False
+    if b"\\" in payload:
+        kept = _STRING.sub(b"", payload).translate(_PARENS, _NOT_BRACKETS)
+    else:
+        kept = payload.translate(_PARENS, _NOT_BRACKETS_OR_QUOTES).replace(b'""', b"")
+        if b'"' in kept:
+            kept = b"".join(kept.split(b'"')[::2])
+    if kept.count(b"(") <= max_depth:
+        return False
+    # After n brackets of which k opened, the depth is 2k - n: opening brackets step by
+    # 2, closing ones by 0, and the count of brackets so far is subtracted.
+    depths: map[int] = map(operator.sub, accumulate(kept.translate(_STEPS)), count(1))
+    return max(depths) > max_depth
+
+
+def too_large(size: int, max_bytes: int, *, prefix: str = "") -> LimitError:
+    """The refusal of a message of ``size`` bytes, over ``max_bytes``."""
+    return LimitError(
+        "too_large",
+        f"the message is {size:,} bytes; at most {max_bytes:,} are taken"
+        f" ({prefix}max_payload_bytes)",
+        setting=f"{prefix}max_payload_bytes",
+    )
+
+
+def over_limit(
+    payload: bytes, max_bytes: int, max_depth: int | None = None, *, prefix: str = ""
+) -> LimitError | None:
+    """Why ``payload`` may not be decoded, or ``None``: larger than ``max_bytes``
+    (``too_large``), or JSON nested deeper than ``max_depth`` (``too_deep``; ``None``
+    checks no nesting, for payloads that are not JSON). ``prefix`` completes the names
+    of the settings in the message (``adapters.ven.``)."""
+    if len(payload) > max_bytes:
+        return too_large(len(payload), max_bytes, prefix=prefix)
+    if max_depth is not None and deeper_than(payload, max_depth):
+        return LimitError(
+            "too_deep",
+            f"JSON nested more than {max_depth} levels deep ({prefix}max_depth)",
+            setting=f"{prefix}max_depth",
+        )
+    return None
 
 
 def _payload_error(exc: DecodeFault, expected: str) -> PayloadError:

@@ -13,7 +13,7 @@ source is dead rather than unchanged.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Final, Literal
 
@@ -144,10 +144,15 @@ class Renderer:
         source: str | None = None,
         default: SeriesSpec = DEFAULT_SPEC,
         specs: dict[str, SeriesSpec] | None = None,
+        admit: Callable[[SeriesKey], None] | None = None,
     ) -> None:
         self.source = source
         self.default = default
         self.specs = dict(specs or {})
+        self.admit = admit
+        """Asked once for each series this renderer has no record of, before it keeps
+        anything of it; raises :class:`EnergyBusError` to refuse the sample (the
+        worker's bound on series per site). Not asked again once it admitted one."""
         self.suppressed = 0
         """How many ``value`` messages dedupe has held back; the worker exports it."""
         self._series: dict[SeriesKey, _Series] = {}
@@ -234,7 +239,12 @@ class Renderer:
                 if quality == "bad":
                     # The source said it has no value (a register "not implemented"): a
                     # Profile B null with quality bad, never a number and never ``last``.
-                    self._absent(site, entity_type, entity_id, observed, metric, unit, spec, out)
+                    absent = self._absent(
+                        site, entity_type, entity_id, observed, metric, unit, spec, out
+                    )
+                    if absent is not None:
+                        refused = refused or []
+                        refused.append((_at(values, entry), absent))
                 else:
                     refused = refused or []
                     refused.append((_at(values, entry), PayloadError("wrong_type", _NO_VALUE)))
@@ -321,21 +331,23 @@ class Renderer:
         unit: str | None,
         spec: SeriesSpec,
         out: list[Message],
-    ) -> None:
+    ) -> EnergyBusError | None:
+        """Render a "no value" sample; the error when the series is refused (its topic
+        cannot be built, or it is past the worker's bound)."""
         key = (site, entity_type, entity_id, metric)
         series = self._series.get(key)
         if series is None:
             try:
                 series = self._new_series(key)
-            except EnergyBusError:
-                return
+            except EnergyBusError as error:
+                return error
         if series.spec != spec or series.unit != unit:
             self._configure(series, key, unit, spec, out)
         if series.emitted_value is None and series.emitted_quality == "bad":
             interval = series.max_interval
             if interval is None or observed - series.emitted_at < interval:
                 self.suppressed += 1
-                return
+                return None
         series.emitted_value = None
         series.emitted_quality = "bad"
         series.emitted_at = observed
@@ -343,6 +355,7 @@ class Renderer:
             (b'{"value":null', series.middle, _encode(utc(observed)), _QUALITY_TAIL["bad"])
         )
         out.append(Message(series.value_topic, payload, _VALUE_QOS, _VALUE_RETAIN))
+        return None
 
     def meta(self, sample: Sample, spec: SeriesSpec | None = None) -> Meta:
         """The ``meta`` document for the sample's series under ``spec``."""
@@ -364,7 +377,12 @@ class Renderer:
         )
 
     def _new_series(self, key: SeriesKey) -> _Series:
-        series = self._series[key] = _Series(key)
+        # Topics first: a series whose ids cannot make a topic takes no place in the
+        # bound that ``admit`` keeps.
+        series = _Series(key)
+        if self.admit is not None:
+            self.admit(key)
+        self._series[key] = series
         if self.last_floors:
             floor = self.last_floors.pop(key, None)
             if floor is not None:

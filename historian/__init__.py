@@ -17,11 +17,12 @@ from .queries import (
     recent_commands,
     table_rows,
 )
-from .schema import SCHEMA, MigrationResult, migrate, migrations
-from .writer import QUALITY_CODES, Historian, SchemaBehind, WriteResult
+from .schema import GRANTS, SCHEMA, MigrationResult, grant, migrate, migrations
+from .writer import QUALITY_CODES, Historian, SchemaBehind, WriteResult, dsn_problem
 
 __all__ = [
     "COMMAND_COLUMNS",
+    "GRANTS",
     "QUALITY_CODES",
     "SCHEMA",
     "TABLES",
@@ -36,7 +37,9 @@ __all__ = [
     "counter_energy",
     "counter_events",
     "decode_batch",
+    "dsn_problem",
     "encode_batch",
+    "grant",
     "migrate",
     "migrations",
     "recent_commands",

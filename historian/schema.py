@@ -15,7 +15,7 @@ from typing import Final
 
 import asyncpg
 
-__all__ = ["SCHEMA", "Migration", "MigrationResult", "migrate", "migrations"]
+__all__ = ["GRANTS", "SCHEMA", "Migration", "MigrationResult", "grant", "migrate", "migrations"]
 
 SCHEMA: Final = "energybus"
 _LOCK: Final = 0x656E6572  # pg_advisory_lock key, constant across versions
@@ -86,3 +86,38 @@ async def migrate(connection: asyncpg.Connection[asyncpg.Record]) -> MigrationRe
     finally:
         await connection.execute("SELECT pg_advisory_unlock($1)", _LOCK)
     return MigrationResult(applied=applied, current=int(current), timescaledb=bool(timescale))
+
+
+GRANTS: Final = {
+    "writer": (
+        f"GRANT USAGE ON SCHEMA {SCHEMA} TO {{role}}",
+        f"GRANT SELECT ON {SCHEMA}.schema_migrations TO {{role}}",
+        f"GRANT SELECT, INSERT ON {SCHEMA}.series, {SCHEMA}.measurement_samples,"
+        f" {SCHEMA}.counter_samples TO {{role}}",
+        # Commands move forward through their states, and a counter declaration changed
+        # in the configuration replaces the stored one: both are upserts.
+        f"GRANT SELECT, INSERT, UPDATE ON {SCHEMA}.command_logs, {SCHEMA}.counter_series"
+        f" TO {{role}}",
+        f"GRANT EXECUTE ON FUNCTION {SCHEMA}.ensure_partition(text, timestamptz) TO {{role}}",
+    ),
+    "reader": (
+        f"GRANT USAGE ON SCHEMA {SCHEMA} TO {{role}}",
+        f"GRANT SELECT ON ALL TABLES IN SCHEMA {SCHEMA} TO {{role}}",
+    ),
+}
+"""What each role of docs/security.md may do, and nothing more: the writer (the
+worker) inserts and reads rows, and updates only the two kinds of row that change; the
+reader (``watch``, ``commands list``, ``historian energy``) only reads. Neither may
+create, alter or drop anything: that is the owner's, who runs ``historian init``."""
+
+
+async def grant(connection: asyncpg.Connection[asyncpg.Record], kind: str, role: str) -> None:
+    """Give ``role`` the privileges of a ``kind`` of :data:`GRANTS`, in one transaction;
+    ValueError when the role does not exist (a typo must not look like success)."""
+    exists = await connection.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
+    if not exists:
+        raise ValueError(f"no role {role!r} in this database cluster: create it first")
+    quoted = '"' + role.replace('"', '""') + '"'
+    async with connection.transaction():
+        for statement in GRANTS[kind]:
+            await connection.execute(statement.format(role=quoted))

@@ -13,10 +13,12 @@ move forward only.
 from __future__ import annotations
 
 import operator
+import re
 import struct
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Final
+from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
 import msgspec
@@ -26,7 +28,7 @@ from energybus.commands import CommandRecord
 from .batch import Batch, RowTuple
 from .schema import SCHEMA, migrations
 
-__all__ = ["QUALITY_CODES", "Historian", "SchemaBehind", "WriteResult"]
+__all__ = ["QUALITY_CODES", "Historian", "SchemaBehind", "WriteResult", "dsn_problem"]
 
 QUALITY_CODES: Final = {"good": 0, "degraded": 1, "stale": 2, "bad": 3}
 """The codes ``energybus.quality_code`` gives; the views show the names."""
@@ -87,6 +89,43 @@ _COMMAND_SQL: Final = (
     + " OR (EXCLUDED.state = command_logs.state AND EXCLUDED.state IN ('accepted', 'sent'))"
 )
 _json: Final = msgspec.json.Encoder()
+
+
+_SSLMODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_HOST_PORT: Final = re.compile(r"(\[[^\]]*\]|[^:\[\]]*)(?::([0-9]*))?")
+_ENCODED: Final = "in a password, / ? # @ and : must be percent-encoded: %2F %3F %23 %40 %3A"
+
+
+def dsn_problem(dsn: str) -> str | None:
+    """What is wrong with a PostgreSQL URL that no connection could mend, in words that
+    never repeat the URL (it may hold a password); ``None`` when nothing is. Checked once
+    where a DSN comes in, so that a typo is one clear line at start, not an error
+    retried for ever or an exception's text.
+
+    A ``/``, ``?`` or ``#`` in a password ends the host part early: the rest of the
+    password, then ``@`` and the real host, become the database, the parameters or a
+    fragment, where a redacted DSN shows them and where asyncpg's errors quote them.
+    So an ``@`` past the host part, a ``#`` anywhere (PostgreSQL URLs have no fragment)
+    and two ``@`` in the host part (asyncpg splits the user from the host at the first,
+    :func:`~urllib.parse.urlsplit` at the last) are refused, as a port that is no port.
+    """
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "not a URL (postgresql://user@host:port/database)"
+    if parts.scheme not in ("postgresql", "postgres"):
+        return "must start with postgresql:// (or postgres://)"
+    hosts = parts.netloc.rpartition("@")[2]
+    for host in hosts.split(",") if hosts else []:
+        match = _HOST_PORT.fullmatch(host)
+        if match is None or (match[2] is not None and not (match[2] and 0 < int(match[2]) < 65536)):
+            return f"a port must be a number from 1 to 65535 ({_ENCODED})"
+    if "#" in dsn or parts.netloc.count("@") > 1 or "@" in parts.path + parts.query:
+        return f"an @ or # outside the user part ({_ENCODED})"
+    for key, value in parse_qsl(parts.query):
+        if key == "sslmode" and value not in _SSLMODES:
+            return f"sslmode must be one of {', '.join(_SSLMODES)}"
+    return None
 
 
 class WriteResult(msgspec.Struct, frozen=True):

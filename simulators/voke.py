@@ -192,20 +192,35 @@ def _toml_string(text: str) -> str:
     return _encode(text).decode("utf-8")  # a JSON string is a TOML basic string
 
 
+_ENCODED: Final = "in a password, / ? # @ and : must be percent-encoded: %2F %3F %23 %40 %3A"
+
+
 def mask_url(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***``."""
-    parts = urlsplit(url)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
+    """``url`` with its password, if any, replaced by ``***``: everything between the
+    user name and the last ``@``, so that a password whose ``/``, ``?`` or ``#`` was not
+    percent-encoded (which ends the host part early for :func:`urlsplit`) is masked
+    whole too."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostport = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
         return url
     user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+    return f"{scheme}://{user}:***@{hostport}"
 
 
 def _with_vhost(url: str, vhost: str | None) -> str:
+    """``url`` with ``vhost`` as its path; ValueError, in words that show the URL only
+    masked, when it cannot be connected to as it is meant: yarl, under aio-pika, would
+    say why in an exception quoting the part at fault, a piece of the password."""
     parts = urlsplit(url)
     if parts.scheme not in ("amqp", "amqps"):
         raise ValueError(f"{mask_url(url)} is not an amqp:// or amqps:// URL")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is no number
+    except ValueError:
+        raise ValueError(f"{mask_url(url)}: the port must be a number ({_ENCODED})") from None
+    if "#" in url or parts.netloc.count("@") > 1 or "@" in parts.path + parts.query:
+        raise ValueError(f"{mask_url(url)}: an @ or # outside the user part ({_ENCODED})")
     if vhost is None:
         return url
     return urlunsplit(parts._replace(path="/" + quote(vhost, safe="")))

@@ -1,6 +1,7 @@
 """The demo (``./dev demo``, tools/demo.py): run whole, non-interactively, on free ports:
 every source reports, every command is confirmed, the view shows it, and SIGINT stops
-everything it started without a traceback; a failure stops it all too, in one line."""
+everything it started without a traceback; a failure stops it all too, in one line. The
+same on locked-down services (``--secure``), with no password it made ever printed."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from energybus.worker import load_config
+from tests.docs.markdown import ROOT
 from tests.helpers import Output
+from tests.security.secrets import assert_no_secret, no_traceback
 from tools import services
-from tools.demo import COMMANDS, EXAMPLE, Ports, site_config
+from tools.demo import COMMANDS, EXAMPLE, SECRETS, SECURE_SECRETS, Locked, Ports, site_config
+from tools.pki import make_pki
 
 SOURCES = ("ven", "cpi", "voke", "modbus")
 SERVICES = ("mosquitto", "postgres", "rabbitmq")
@@ -49,6 +54,14 @@ def test_the_example_is_what_the_default_ports_run(tmp_path: Path) -> None:
     for command in COMMANDS:
         adapter = adapters[command.adapter]
         assert any(re.fullmatch(_regex(f), command.topic) for f in adapter.command_filters)
+    # --secure: the same site, its broker and Voke over TLS, the worker logged in.
+    make_pki(tmp_path / "pki")  # the configuration's TLS files are read as it loads
+    locked = Locked(tmp_path, ports, dict.fromkeys(SECRETS + SECURE_SECRETS, "x"))
+    path.write_text(locked.config(site_config(ports, tmp_path / "run")))
+    secure = load_config(path, environ={**ENV, "DEMO_WORKER_MQTT_PASSWORD": "p"})
+    assert secure.mqtt.username == "energybus-worker" and secure.mqtt.tls is not None
+    assert secure.mqtt.tls.cert_file == tmp_path / "pki" / "client.pem"
+    assert secure.built["voke"].options.orgs["acme"].uri == "amqps://127.0.0.1:5672"
 
 
 def _regex(topic_filter: str) -> str:
@@ -156,3 +169,52 @@ def test_a_failure_stops_what_the_demo_started_in_one_line(
     assert "Traceback" not in demo.text + errors
     assert not (where / "demo.json").exists()  # every process stopped
     assert [name for name in SERVICES if services.running(name, where)] == []
+
+
+@pytest.mark.services
+def test_the_secure_demo_runs_locked_down_and_prints_no_secret(run_dir: Path) -> None:
+    """What it prints at the end works against the locked-down services (its last
+    command stops them), and none of the passwords it made is in anything printed."""
+    where = run_dir / "demo-secure"
+    demo = _demo(where, "--secure", "--plain", "--every", "2")
+    try:
+        demo.wait_for(_shown, 240, "every source's values and every command confirmed")
+        children = json.loads((where / "demo.json").read_text())
+        servers = [
+            json.loads((where / name / "service.json").read_text())["pid"] for name in SERVICES
+        ]
+    finally:
+        status = demo.stop(signal.SIGINT, timeout=120)
+    output = demo.text + "\n" + "\n".join(demo.errors)
+    assert status == 0 and demo.errors == [], output
+    shown = demo.text.split("Look further", 1)[1].splitlines()
+    commands = [line.strip() for line in shown if line.startswith("    ") and "curl" not in line]
+    try:
+        ran = [
+            subprocess.run(["bash", "-c", c], cwd=ROOT, capture_output=True, text=True, timeout=90)
+            for c in commands
+        ]
+        assert [r.returncode for r in ran] == [27, 0, 0, 0], ran  # mosquitto_sub -W: 27
+        assert [pid for pid in [*children.values(), *servers] if _alive(pid)] == []
+        assert [name for name in SERVICES if services.running(name, where)] == []
+    finally:
+        for name in SERVICES:  # what a failure left running
+            services.stop(name, run_dir=where)
+    assert "demo/energy/storage/voke-battery/soc/last" in ran[0].stdout
+    assert "storage.voke-battery" in ran[1].stdout
+    assert ran[2].stdout.count("confirmed") == len(COMMANDS)
+    # Only the demo's own accounts on the broker: no admin.
+    users = json.loads((where / "mosquitto" / "credentials.json").read_text())
+    assert set(users) == {"energybus-worker", "platform", "watch", "operator"}
+    env = where / "demo.env"
+    lines = [line.partition("=") for line in env.read_text().splitlines()]
+    made = {name: value for name, _, value in lines}
+    assert set(made) == {*SECRETS, *SECURE_SECRETS} and env.stat().st_mode & 0o777 == 0o600
+    superuser = json.loads((where / "postgres" / "credentials.json").read_text())["energybus"]
+    printed = {
+        "the demo": output,
+        **{f"logs/{log.name}": log.read_text() for log in (where / "logs").glob("*.log")},
+        **{command: r.stdout + r.stderr for command, r in zip(commands, ran, strict=True)},
+    }
+    assert_no_secret(printed, {**made, "the superuser's password": superuser})
+    no_traceback(printed.values())

@@ -5,6 +5,7 @@ not answer its marker."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 import zlib
@@ -35,7 +36,11 @@ def _last(site: str, entity: str, at: datetime) -> tuple[str, bytes]:
 
 
 def _read(
-    broker: Service, *, member: tuple[int, int] | None = None, timeout: float = 30.0
+    broker: Service,
+    *,
+    member: tuple[int, int] | None = None,
+    limit: int | None = None,
+    timeout: float = 30.0,
 ) -> dict[SeriesKey, datetime]:
     config = MqttConfig(host=broker.host, port=broker.port)
     return asyncio.run(
@@ -44,6 +49,7 @@ def _read(
             client_id=f"t-{uuid.uuid4().hex[:8]}",
             marker_prefix="energybus/worker/t/lasts",
             member=member,
+            limit=limit,
             timeout=timeout,
         )
     )
@@ -103,7 +109,7 @@ def test_a_refused_marker_starts_at_once_with_what_was_read(
     assert time.monotonic() - started < timeout
     assert len(floors) == 5
     assert "refused the publish on energybus/worker/t/lasts/" in caplog.text
-    assert "(reason 0x87)" in caplog.text
+    assert "(reason 0x87 not authorized)" in caplog.text
 
 
 @pytest.mark.parametrize("acl_broker", ["topic write energybus/#"], indirect=True)
@@ -117,3 +123,31 @@ def test_a_marker_that_never_comes_keeps_the_floors_read(
         floors = _read(acl_broker, timeout=2.0)
     assert floors == {("a", "grid", f"m{n}", "active_power"): PAST for n in range(5)}
     assert "not all read (TimeoutError; 5 were)" in caplog.text
+
+
+def test_no_more_floors_are_kept_than_the_worker_keeps_series(
+    run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who may publish on the bus can retain a ``last`` for an invented series:
+    the worker reads at most ``worker.max_series`` of them."""
+    with services.started("mosquitto", run_dir=run_dir / f"n-{uuid.uuid4().hex[:8]}") as broker:
+        publish(broker, [_last("flood", f"e{n}", PAST) for n in range(7)], retain=True)
+        with caplog.at_level(logging.WARNING, logger="energybus.worker"):
+            floors = _read(broker, limit=4)
+    assert len(floors) == 4
+    assert "(worker.max_series, 4): 3 were not read" in caplog.text
+
+
+def test_a_last_nested_past_what_the_decoder_follows_is_passed_over(
+    run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who may publish on the bus can retain it: raised out of the message
+    callback, it would drop the connection and end the reading at every start."""
+    deep = b'{"x": ' + b"[" * 200_000 + b"]" * 200_000 + b', "observed_at": "2026-01-01T00:00:00Z"}'
+    with services.started("mosquitto", run_dir=run_dir / f"d-{uuid.uuid4().hex[:8]}") as broker:
+        publish(broker, [("deep/energy/grid/e/active_power/last", deep)], retain=True)
+        publish(broker, [_last("fine", f"e{n}", PAST) for n in range(3)], retain=True)
+        with caplog.at_level(logging.WARNING):
+            floors = _read(broker, timeout=10)
+    assert floors == {("fine", "grid", f"e{n}", "active_power"): PAST for n in range(3)}
+    assert "not all read" not in caplog.text and "Fatal error" not in caplog.text

@@ -300,6 +300,28 @@ def test_an_unreachable_broker_is_one_line_with_the_password_masked() -> None:
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    "password",
+    [
+        "s3cret/pw",  # the rest of the host part is "s3cret": no port yarl can read
+        "7/s3cret-pw",  # "7" is a port: the rest would be the vhost, shown unmasked
+        "7?s3cret-pw",
+        "s3cret#pw",
+        "s3cret@pw",
+    ],
+)
+def test_a_password_not_percent_encoded_is_a_usage_error_that_shows_none_of_it(
+    password: str,
+) -> None:
+    url = f"amqp://guest:{password}@127.0.0.1:{services.free_port()}/"
+    result = CliRunner(env={KEY_ENV: KEY}).invoke(
+        main, ["simulate", "voke", "--org", "acme", "--url", url]
+    )
+    assert result.exit_code == 2, result.output
+    assert "must be percent-encoded" in result.stderr and "guest:***@" in result.stderr
+    assert "s3cret" not in result.output and "Traceback" not in result.output
+
+
 # Against RabbitMQ --------------------------------------------------------------------------
 
 

@@ -109,8 +109,10 @@ class VokeWorker:
         return f"SELECT count(*) FROM energybus.measurements WHERE site = '{self.sites[org.slug]}'"
 
 
-def _telemetry(org: Org, count: int, start_ms: int | None = None) -> list[bytes]:
+def _telemetry(org: Org, count: int, start_ms: int | None = None, *, pad: int = 0) -> list[bytes]:
+    """``pad``: a field the adapter does not read, of that many bytes (a large message)."""
     start = start_ms if start_ms is not None else int(time.time() * 1000) - count
+    extra = {"pad": "x" * pad} if pad else {}
     return [
         org.envelope(
             "telemetry",
@@ -119,6 +121,7 @@ def _telemetry(org: Org, count: int, start_ms: int | None = None) -> list[bytes]
             start + i,
             kind="realtime",
             values={"socPct": 20 + i % 60, "powerKw": (i % 40) - 20.0, "voltageV": 700 + i % 9},
+            **extra,
         )
         for i in range(count)
     ]
@@ -336,18 +339,20 @@ def test_rabbitmq_restart_and_worker_sigkill_under_load_store_every_sample_once(
             services.start("rabbitmq", run_dir=Path(rabbitmq.run_dir), port=rabbitmq.port)
 
 
+@pytest.mark.parametrize("pad", [0, 4000], ids=["small", "large"])
 def test_a_redelivery_of_a_message_still_in_hand_is_not_handled_twice(
-    tmp_path: Path, mosquitto: Service, postgres: Service, rabbitmq: Service
+    tmp_path: Path, mosquitto: Service, postgres: Service, rabbitmq: Service, pad: int
 ) -> None:
     """The AMQP connection drops while messages are handled but not yet acknowledged
     (the bus holds their PUBACKs); the broker redelivers them. They are acknowledged once
     the first handling is done, not handled again (which the replay guard would refuse as
-    ``replayed``), and every sample is stored once."""
+    ``replayed``), and every sample is stored once. A large message is recognized by its
+    digest, a small one by its body."""
     (org,) = new_orgs(rabbitmq, 1)
     setup = VokeWorker(tmp_path, mosquitto, postgres, [org])
     worker = setup.start()
     letters = Collector(mosquitto, ["energybus/dead_letter/#"])
-    bodies = _telemetry(org, 50)
+    bodies = _telemetry(org, 50, pad=pad)
     expected = setup.expected(org, bodies)
     try:
         os.kill(mosquitto.pid, signal.SIGSTOP)  # no PUBACKs: nothing can be acknowledged

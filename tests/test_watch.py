@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from energybus.cli.login import Login
 from energybus.cli.view import Board, CommandLine, format_value, render
-from energybus.cli.watch import parse_metrics
+from energybus.cli.watch import Where, parse_metrics
 from tests.helpers import Output
 from tests.workers import init_schema, publish
 from tools import services
@@ -102,14 +103,15 @@ def test_offline_entities_dead_letters_workers_and_faults_are_shown() -> None:
     letter = '{"reason":"malformed_json","topic":"volttron/metering","source":"ven"}'
     for _ in range(3):
         _feed(board, "energybus/dead_letter/ven", letter, at=NOW - 4)
-    _feed(board, "energybus/dead_letter/router", "not json at all", at=NOW - 2)
+    _feed(board, "energybus/dead_letter/router", "not json at all", at=NOW - 3)
+    _feed(board, "energybus/dead_letter/router", '{"a": ' + "[" * 100_000, at=NOW - 2)  # deep
     _feed(board, "energybus/worker/w1/status", "online", at=NOW, retain=True)
     _feed(board, "not/a/canonical/topic", "1", at=NOW)
     _feed(board, "lab/energy/storage/battery-1/soc/value", '{"value":"nan"}', at=NOW)
     board.problem("database", "connection refused")
     text = _text(render(board, NOW, width=160))
     assert "offline" in next(line for line in text.splitlines() if "battery-1" in line)
-    assert "dead letters  4 seen: ven malformed_json x3, router ? x1" in text
+    assert "dead letters  5 seen: ven malformed_json x3, router ? x2" in text
     assert "newest 2.0s ago, from" in text
     assert "worker w1 online" in text.splitlines()[0]
     assert "database: connection refused" in text
@@ -281,3 +283,8 @@ def test_a_dsn_that_cannot_be_used_is_shown_on_the_board_not_a_traceback(
     output = watch.text + "\n".join(watch.errors)
     assert "Traceback" not in output and "secret-pw" not in output
     assert any(line.lstrip().startswith("database") for line in watch.lines), watch.text
+
+
+def test_where_to_look_shows_no_password_in_its_repr() -> None:
+    where = Where(dsn="postgresql://r:db-secret-pw@h/db", login=Login("w", "mqtt-secret-pw"))
+    assert "secret" not in repr(where) and "w" in repr(where.login)

@@ -209,6 +209,14 @@ def test_check_shows_each_voke_account_and_never_its_keys(tmp_path: Path) -> Non
     assert "voke-api-secret-3" not in repr(config.built["voke"].sources)
 
 
+def test_the_reprs_of_the_cpi_options_show_no_plant_secret(tmp_path: Path) -> None:
+    source = _file(tmp_path, GOOD + '[adapters.cpi.plants.p1]\nsecrets = ["${CPI_KEY}"]\n')
+    config = load_config(source, environ={**ENV, "CPI_KEY": "cpi-hmac-secret-5"})
+    assert "cpi-hmac-secret-5" not in repr(config.adapters["cpi"])
+    assert "cpi-hmac-secret-5" not in repr(config.built["cpi"].options)
+    assert "secrets=1" in repr(config.adapters["cpi"])
+
+
 @pytest.mark.parametrize(
     ("change", "code", "path"),
     [
@@ -217,6 +225,10 @@ def test_check_shows_each_voke_account_and_never_its_keys(tmp_path: Path) -> Non
         (("amqps://voke.example:5671", "amqps://acme:pw@voke.example:5671"), "invalid_value",
          "$.adapters.voke.orgs.acme.uri"),
         (("amqps://voke.example:5671", "https://voke.example"), "invalid_value",
+         "$.adapters.voke.orgs.acme.uri"),
+        (("amqps://voke.example:5671", "amqps://voke.example:56x1"), "invalid_value",
+         "$.adapters.voke.orgs.acme.uri"),
+        (("amqps://voke.example:5671", "amqps://[voke.example:5671"), "invalid_value",
          "$.adapters.voke.orgs.acme.uri"),
         (('["${VOKE_SIGNING}"]', "[]"), "missing_field", "$.adapters.voke.orgs.acme.signing_keys"),
         (('api_key = "${VOKE_KEY}"\n', ""), "missing_field", "$.adapters.voke.orgs.acme.api_key"),
@@ -335,3 +347,28 @@ def test_a_bad_member_on_the_command_line_names_its_setting(tmp_path: Path) -> N
     )
     assert result.exit_code == 2
     assert "(at $.worker.member) [invalid_value]" in result.output
+
+
+def test_tls_files_are_read_at_load_and_a_bad_one_is_named(tmp_path: Path) -> None:
+    """A TLS file that is missing or not a certificate is an error at start naming the
+    key and the file, not a worker that cannot connect for ever."""
+    from tools.pki import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    cases = {
+        f'ca_file = "{tmp_path / "missing.pem"}"': f"ca_file {tmp_path / 'missing.pem'}: No such",
+        f'ca_file = "{junk}"': f"ca_file {junk}: not usable",
+        f'cert_file = "{junk}"\nkey_file = "{pki.client_key}"': f"cert_file {junk} with key_file",
+        f'ca_file = "{pki.ca}"\ncert_file = "{pki.client_cert}"\nkey_file = "{pki.client_key}"': "",
+    }
+    for table, said in cases.items():
+        path = tmp_path / "site.toml"
+        path.write_text(f"[mqtt.tls]\n{table}\n[adapters.ven]\n")
+        if not said:
+            assert load_config(path).mqtt.tls is not None
+            continue
+        with pytest.raises(MappingError) as caught:
+            load_config(path)
+        assert said in caught.value.message and caught.value.path == "$.mqtt.tls", caught.value

@@ -9,7 +9,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,21 @@ from paho.mqtt.properties import Properties
 from tools.services import Service
 
 ENERGYBUS = [sys.executable, "-m", "energybus.cli"]
+
+
+@dataclass(frozen=True)
+class Login:
+    """How a test client logs in to a locked-down broker (tests/security)."""
+
+    username: str
+    password: str
+    ca: Path
+    cert: Path
+    key: Path
+
+    def apply(self, client: paho.Client) -> None:
+        client.username_pw_set(self.username, self.password)
+        client.tls_set(ca_certs=str(self.ca), certfile=str(self.cert), keyfile=str(self.key))
 
 
 def write_config(
@@ -50,11 +66,20 @@ def write_config(
 
 
 class WorkerProcess:
-    def __init__(self, config: Path, log: Path, *, args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        *,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.log = log
         self.args = list(args)
         """More options of ``energybus run`` (``--shared-group NAME``)."""
+        self.env = dict(env) if env is not None else None
+        """The worker's whole environment (default: the test's)."""
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
@@ -63,6 +88,7 @@ class WorkerProcess:
                 [*ENERGYBUS, "run", "--config", str(self.config), *self.args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                env=self.env,
             )
         self.wait_for_log("source: connected", count=self.text().count("source: connected") + 1)
         return self
@@ -82,9 +108,16 @@ class WorkerProcess:
         raise AssertionError(f"no {needle!r} in the worker's log:\n{self.text()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Its exit status; a worker that ``sig`` does not end within ``timeout`` is
+        killed, so that none outlives its test, and the test fails on the timeout."""
         assert self.process is not None
         self.process.send_signal(sig)
-        return self.process.wait(timeout)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -98,6 +131,7 @@ def publish(
     pace: float = 0,
     retain: bool = False,
     expiry_s: int | None = None,
+    login: Login | None = None,
 ) -> int:
     """Publish and wait for every PUBACK; the count published. ``expiry_s`` sets the
     MQTT 5 Message Expiry Interval (the client then speaks MQTT 5)."""
@@ -110,6 +144,8 @@ def publish(
     else:
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
     client.max_inflight_messages_set(1000)
+    if login is not None:
+        login.apply(client)
     client.connect(mqtt.host, mqtt.port)
     client.loop_start()
     infos = []
@@ -132,10 +168,12 @@ def publish(
 class Collector:
     """Subscribes in a thread and keeps every message."""
 
-    def __init__(self, mqtt: Service, filters: list[str]) -> None:
+    def __init__(self, mqtt: Service, filters: list[str], *, login: Login | None = None) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"col-{time.time()}")
+        if login is not None:
+            login.apply(self.client)
         self.client.on_message = self._on_message
         ready = threading.Event()
         self.client.on_subscribe = lambda *a: ready.set()
@@ -177,6 +215,19 @@ class Collector:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+def execute(dsn: str, sql: str) -> None:
+    """Run ``sql``, one or several statements, without parameters."""
+
+    async def main() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
 
 
 def query(dsn: str, sql: str, *args: Any) -> list[Any]:

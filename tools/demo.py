@@ -18,6 +18,12 @@
 Any failure stops what the demo started and is one line (and the end of the log that
 explains it), never a traceback. Secrets (the CPI plant's, the Voke org's) are made once
 per run directory and kept in ``<run-dir>/demo.env``, readable by the owner only.
+
+``--secure`` runs the same demo on locked-down services (``services.start(secure=True)``)
+in a run directory of its own: every connection but Modbus TCP over TLS with
+verification, each account with the rights docs/security.md gives it (read from that
+document, so that the demo shows what it prescribes), every password generated into
+``demo.env`` and handed over through the environment only.
 """
 
 from __future__ import annotations
@@ -31,27 +37,34 @@ import re
 import secrets
 import shlex
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import tomllib
 import traceback
-from collections.abc import Awaitable
-from dataclasses import asdict, dataclass
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from energybus.cli.login import PASSWORD_ENV, Login
 from energybus.cli.mqtt import MqttLink
 from energybus.cli.signals import until_signal
 from energybus.cli.view import Board
 from energybus.cli.watch import Screen, Where, follow
 from tools import services
+from tools.pki import Pki
 
-__all__ = ["COMMANDS", "Ports", "main", "site_config"]
+__all__ = ["COMMANDS", "SECURE_SECRETS", "Locked", "Ports", "main", "site_config"]
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "demo.toml"
 DEFAULT_RUN_DIR = Path(".run/demo")
+SECURE_RUN_DIR = Path(".run/demo-secure")
+SECURITY = ROOT / "docs" / "security.md"
 ENERGYBUS = [sys.executable, "-m", "energybus.cli"]
 SITE = "demo"
 ORG = "acme"
@@ -68,6 +81,12 @@ class Ports:
     metrics: int = 9464
     modbus_meter: int = 5020
     modbus_battery: int = 5021
+
+    @classmethod
+    def secure(cls) -> Ports:
+        """A secure demo's defaults: its services run beside a plain demo's, which stay
+        up after it (8883 and 5671 are MQTT's and AMQP's ports for TLS)."""
+        return replace(cls(), mqtt=18883, postgres=15433, rabbitmq=15671)
 
     @classmethod
     def free(cls) -> Ports:
@@ -126,10 +145,23 @@ def site_config(ports: Ports, run_dir: Path) -> str:
     return text.replace(str(DEFAULT_RUN_DIR), str(run_dir))
 
 
-def load_secrets(run_dir: Path) -> dict[str, str]:
+SECRETS = ("ENERGYBUS_CPI_SECRET", "ENERGYBUS_VOKE_API_KEY", "ENERGYBUS_VOKE_SIGNING_KEY")
+SECURE_SECRETS = (
+    "DEMO_WORKER_MQTT_PASSWORD",
+    "DEMO_PLATFORM_MQTT_PASSWORD",
+    "DEMO_WATCH_MQTT_PASSWORD",
+    "DEMO_OPERATOR_MQTT_PASSWORD",
+    "DEMO_OWNER_DB_PASSWORD",
+    "DEMO_WRITER_DB_PASSWORD",
+    "DEMO_READER_DB_PASSWORD",
+    "DEMO_VOKE_PASSWORD",
+)
+"""The passwords of a secure demo's accounts, beside :data:`SECRETS` in ``demo.env``."""
+
+
+def load_secrets(run_dir: Path, names: tuple[str, ...] = SECRETS) -> dict[str, str]:
     """The demo's secrets, made once per run directory (``demo.env``, mode 0600)."""
     path = run_dir / "demo.env"
-    names = ("ENERGYBUS_CPI_SECRET", "ENERGYBUS_VOKE_API_KEY", "ENERGYBUS_VOKE_SIGNING_KEY")
     found: dict[str, str] = {}
     if path.exists():
         for line in path.read_text().splitlines():
@@ -146,6 +178,150 @@ def load_secrets(run_dir: Path) -> dict[str, str]:
 
 class DemoError(Exception):
     """A step failed; the message is one line for the user."""
+
+
+MQTT_USERS = {
+    "energybus-worker": "DEMO_WORKER_MQTT_PASSWORD",
+    "platform": "DEMO_PLATFORM_MQTT_PASSWORD",
+    "watch": "DEMO_WATCH_MQTT_PASSWORD",
+    "operator": "DEMO_OPERATOR_MQTT_PASSWORD",
+}
+"""A secure demo's broker accounts and the variables of their passwords."""
+
+ROLES = {
+    "energybus_owner": "DEMO_OWNER_DB_PASSWORD",
+    "energybus_writer": "DEMO_WRITER_DB_PASSWORD",
+    "energybus_reader": "DEMO_READER_DB_PASSWORD",
+}
+"""docs/security.md's PostgreSQL roles and the variables of their passwords."""
+
+OTHER_USERS_ACL = f"""
+user platform
+# The simulated VEN and CPI plant, on their platforms' topics.
+topic readwrite volttron/#
+topic readwrite ven/#
+topic readwrite cpi/#
+
+user watch
+# The live view and mosquitto_sub: reading only.
+topic read +/energy/#
+topic read energybus/dead_letter/#
+topic read energybus/worker/+/status
+
+user operator
+# The demo's commands: its site's set topics, nothing else.
+topic write {SITE}/energy/+/+/+/set
+"""
+
+
+def documented(name: str) -> str:
+    """The content docs/security.md gives for the file ``name``: what it prescribes is
+    what the demo installs, so the two cannot drift apart."""
+    text = SECURITY.read_text()
+    match = re.search(rf"^File `{re.escape(name)}`:\n\n```\w*\n(.*?)^```", text, re.M | re.S)
+    if match is None:
+        raise DemoError(f"docs/security.md shows no file {name}")
+    return match.group(1)
+
+
+def voke_permissions() -> tuple[str, str, str]:
+    """Configure, write and read of docs/security.md's ``rabbitmqctl set_permissions``,
+    written for the organisation the demo plays."""
+    for line in SECURITY.read_text().splitlines():
+        if line.startswith(f"rabbitmqctl set_permissions -p {ORG} {ORG} "):
+            configure, write, read = shlex.split(line)[-3:]
+            return configure, write, read
+    raise DemoError(f"docs/security.md gives no rabbitmqctl set_permissions for {ORG}")
+
+
+@dataclass(frozen=True)
+class Locked:
+    """What ``--secure`` changes: the accounts, their passwords (``demo.env``) and the
+    run directory's certificates (tools/pki.py, made by the services' first start)."""
+
+    run_dir: Path
+    ports: Ports
+    secrets: dict[str, str] = field(repr=False)
+
+    @property
+    def pki(self) -> Pki:
+        return Pki.at(self.run_dir / "pki")
+
+    def acl(self) -> str:
+        """docs/security.md's worker ACL, for site ``demo`` and the demo's client id, and
+        the demo's other users', each allowed only what it does."""
+        client_id = tomllib.loads(EXAMPLE.read_text())["mqtt"]["client_id"]
+        text = documented("worker.acl")
+        for old, new in (
+            ("plant-a/", f"{SITE}/"),
+            ("energybus/worker/energybus/", f"energybus/worker/{client_id}/"),
+        ):
+            if old not in text:
+                raise DemoError(f"docs/security.md's worker.acl has no {old} to adapt")
+            text = text.replace(old, new)
+        return text + OTHER_USERS_ACL
+
+    def mqtt_users(self) -> dict[str, str]:
+        return {user: self.secrets[name] for user, name in MQTT_USERS.items()}
+
+    def login(self, user: str) -> Login:
+        context = ssl.create_default_context(cafile=str(self.pki.ca))
+        context.load_cert_chain(self.pki.client_cert, self.pki.client_key)
+        return Login(user, self.secrets[MQTT_USERS[user]], context)
+
+    def mqtt_options(self) -> list[str]:
+        """The simulators' login; the password goes in ``ENERGYBUS_MQTT_PASSWORD``."""
+        pki = self.pki
+        return [
+            *("--username", "platform", "--ca-file", str(pki.ca)),
+            *("--cert-file", str(pki.client_cert), "--key-file", str(pki.client_key)),
+        ]
+
+    def dsn(self, role: str, password: str | None = None, ca: str | None = None) -> str:
+        """PostgreSQL as ``role`` over TLS, its certificate and name checked; without a
+        password, for showing."""
+        who = role if password is None else f"{role}:{urllib.parse.quote(password, safe='')}"
+        return (
+            f"postgresql://{who}@127.0.0.1:{self.ports.postgres}/energybus"
+            f"?sslmode=verify-full&sslrootcert={ca or self.pki.ca}"
+        )
+
+    def role_dsn(self, role: str) -> str:
+        return self.dsn(role, self.secrets[ROLES[role]])
+
+    def config(self, plain: str) -> str:
+        """The plain site configuration with the broker and Voke locked down: the
+        historian's DSN comes from the environment, and Modbus TCP has no TLS."""
+        pki = self.pki
+        ca, cert, key = (
+            json.dumps(str(path)) for path in (pki.ca, pki.client_cert, pki.client_key)
+        )
+        login = 'username = "energybus-worker"\npassword = "${DEMO_WORKER_MQTT_PASSWORD}"\n'
+        tls = f"[mqtt.tls]\nca_file = {ca}\ncert_file = {cert}\nkey_file = {key}\n\n"
+        edits: tuple[tuple[str, Callable[[re.Match[str]], str]], ...] = (
+            (r"^client_id = .*\n", lambda m: m[0] + login),
+            (r"^\[historian\]$", lambda m: tls + m[0]),
+            (r'^uri = "amqp://(.*)"$', lambda m: f'uri = "amqps://{m[1]}"\nca_file = {ca}'),
+        )
+        text = plain
+        for pattern, edit in edits:
+            text, count = re.subn(pattern, edit, text, flags=re.M)
+            if count != 1:
+                raise DemoError(f"examples/demo.toml has no single line {pattern} to lock down")
+        return text
+
+    def tenants(self) -> dict[str, tuple[str, str]]:
+        """The partner ``acme``, as the worker logs in, and ``voke``, the platform the
+        simulator plays, with every right on the org's vhost."""
+        return {
+            ORG: (self.secrets["ENERGYBUS_VOKE_API_KEY"], ORG),
+            "voke": (self.secrets["DEMO_VOKE_PASSWORD"], ORG),
+        }
+
+    def voke_url(self, service: services.Service) -> str:
+        password = urllib.parse.quote(self.secrets["DEMO_VOKE_PASSWORD"], safe="")
+        cafile = urllib.parse.quote(str(self.pki.ca))
+        return f"amqps://voke:{password}@{service.host}:{service.port}/?cafile={cafile}"
 
 
 class Children:
@@ -270,6 +446,11 @@ class Demo:
         self.viewing = False
         """Whether the live view is being redrawn on the terminal."""
         self.dsn = f"postgresql://energybus@127.0.0.1:{self.ports.postgres}/energybus"
+        self.locked: Locked | None = None
+        """With ``--secure``: the accounts and certificates of the locked-down services."""
+        if args.secure:
+            names = SECRETS + SECURE_SECRETS
+            self.locked = Locked(self.run_dir, self.ports, load_secrets(self.run_dir, names))
 
     # Output -------------------------------------------------------------------------------
 
@@ -338,6 +519,11 @@ class Demo:
         if left:
             self.say(f"cleanup   stopped what an earlier demo left running: {', '.join(left)}")
         self.say(f"demo      run directory {self._path(self.run_dir)}")
+        if self.locked is not None:
+            self.say(
+                "secure    TLS with verification and a password on every connection but "
+                "Modbus TCP; each account with the rights of docs/security.md"
+            )
         self.status = dict.fromkeys(("mosquitto", "postgres", "rabbitmq"), "starting")
         rabbitmq = asyncio.create_task(self._service("rabbitmq", self.ports.rabbitmq))
         try:
@@ -355,17 +541,34 @@ class Demo:
             if stop.is_set():
                 return
             config = self.run_dir / "site.toml"
-            config.write_text(site_config(self.ports, self.run_dir))
-            env = {**os.environ, **load_secrets(self.run_dir), "ENERGYBUS_DSN": self.dsn}
-            self._start_worker_and_simulators(config, env)
+            text = site_config(self.ports, self.run_dir)
+            locked = self.locked
+            if locked is None:
+                config.write_text(text)
+                env = {**os.environ, **load_secrets(self.run_dir), "ENERGYBUS_DSN": self.dsn}
+                self._start_worker_and_simulators(config, env, env)
+                view_dsn, view_login = self.dsn, None
+            else:
+                config.write_text(locked.config(text))
+                # Each process gets the passwords of its own accounts, and no other.
+                env = {**os.environ, **{name: locked.secrets[name] for name in SECRETS}}
+                worker_env = {
+                    **env,
+                    "DEMO_WORKER_MQTT_PASSWORD": locked.secrets["DEMO_WORKER_MQTT_PASSWORD"],
+                    "ENERGYBUS_DSN": locked.role_dsn("energybus_writer"),
+                }
+                platform = {PASSWORD_ENV: locked.secrets["DEMO_PLATFORM_MQTT_PASSWORD"]}
+                self._start_worker_and_simulators(config, worker_env, {**env, **platform})
+                view_dsn, view_login = locked.role_dsn("energybus_reader"), locked.login("watch")
             self.draw()
             follower = asyncio.create_task(
                 follow(
                     self.board,
                     Where(
                         mqtt_port=self.ports.mqtt,
-                        dsn=self.dsn,
+                        dsn=view_dsn,
                         metrics_url=f"http://127.0.0.1:{self.ports.metrics}/metrics",
+                        login=view_login,
                     ),
                     stop=stop,
                     every_s=1.0 if self.live else self.args.every,
@@ -406,8 +609,11 @@ class Demo:
 
     async def _service(self, name: str, port: int) -> services.Service:
         began = time.monotonic()
+        secure = self.locked is not None
         try:
-            service = await asyncio.to_thread(services.start, name, run_dir=self.run_dir, port=port)
+            service = await asyncio.to_thread(
+                services.start, name, run_dir=self.run_dir, port=port, secure=secure
+            )
         except services.ServiceError as error:
             self.status[name] = "failed"
             raise DemoError(str(error)) from None
@@ -415,9 +621,47 @@ class Demo:
         self.status[name] = f":{service.port}"
         took = time.monotonic() - began
         self.say(f"service   {name} on {service.host}:{service.port} ({took:.1f} s)")
+        if self.locked is not None and name == "mosquitto":
+            try:
+                await asyncio.to_thread(
+                    services.mosquitto_users, service, self.locked.mqtt_users(), self.locked.acl()
+                )
+            except services.ServiceError as error:
+                raise DemoError(str(error)) from None
+            self.say(
+                f"accounts  mosquitto: {', '.join(MQTT_USERS)}; the worker's ACL is "
+                f"docs/security.md's for site {SITE}"
+            )
+        if self.locked is not None and name == "postgres":
+            await self._roles(self.locked, service)
         return service
 
+    async def _roles(self, locked: Locked, postgres: services.Service) -> None:
+        """docs/security.md's roles (roles.sql), each with its password from demo.env,
+        made by the superuser the secure service was initialised with."""
+        import asyncpg
+
+        try:
+            superuser = locked.dsn("energybus", services.credentials(postgres)["energybus"])
+            # A statement that fails is logged with its text: not these, with passwords.
+            quiet = {"log_statement": "none", "log_min_error_statement": "panic"}
+            conn = await asyncpg.connect(superuser, timeout=10, server_settings=quiet)
+            try:
+                query = "SELECT count(*) FROM pg_roles WHERE rolname = ANY($1::text[])"
+                if await conn.fetchval(query, list(ROLES)) == 0:
+                    await conn.execute(documented("roles.sql"))
+                for role, name in ROLES.items():
+                    await conn.execute(f"ALTER ROLE {role} PASSWORD '{locked.secrets[name]}'")
+            finally:
+                await conn.close()
+        except (OSError, TimeoutError, asyncpg.PostgresError, services.ServiceError) as error:
+            raise DemoError(f"cannot make the historian's roles: {error}") from None
+        self.say(f"accounts  postgres: {', '.join(ROLES)}")
+
     async def _schema(self) -> None:
+        if self.locked is not None:
+            await self._init_as_owner(self.locked)
+            return
         import asyncpg
 
         from energybus.historian import migrate
@@ -432,18 +676,40 @@ class Demo:
             raise DemoError(f"cannot create the historian schema: {error}") from None
         self.say(f"historian schema energybus at version {result.current}")
 
-    def _start_worker_and_simulators(self, config: Path, env: dict[str, str]) -> None:
+    async def _init_as_owner(self, locked: Locked) -> None:
+        """The schema made by its owner with ``energybus historian init``, which grants
+        the writer (the worker) and the reader (the view) their rights."""
+        args = ["historian", "init", "--writer", "energybus_writer", "--reader", "energybus_reader"]
+        env = {**os.environ, "ENERGYBUS_DSN": locked.role_dsn("energybus_owner")}
+        with (self.children.logs / "historian-init.log").open("wb") as log:
+            process = await asyncio.create_subprocess_exec(
+                *ENERGYBUS, *args, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+            status = await process.wait()
+        if status != 0:
+            raise DemoError(
+                f"energybus historian init exited with status {status}; the end of its log:\n"
+                + self.children.tail("historian-init")
+            )
+        self.say(f"historian schema energybus made by energybus_owner: energybus {' '.join(args)}")
+
+    def _start_worker_and_simulators(
+        self, config: Path, env: dict[str, str], simulator_env: dict[str, str]
+    ) -> None:
         p = self.ports
         mqtt = ["--host", "127.0.0.1", "--port", str(p.mqtt), "--interval", "2"]
+        if self.locked is not None:
+            mqtt += self.locked.mqtt_options()
         start = self.children.start
         start("worker", ["run", "--config", str(config)], env)
-        start("ven", ["simulate", "ven", *mqtt], env)
-        start("cpi", ["simulate", "cpi", *mqtt], env)
+        start("ven", ["simulate", "ven", *mqtt], simulator_env)
+        start("cpi", ["simulate", "cpi", *mqtt], simulator_env)
         for name, port, map_name in (
             ("modbus-meter", p.modbus_meter, "eastron_sdm630"),
             ("modbus-battery", p.modbus_battery, "sunspec_battery"),
         ):
-            start(name, ["simulate", "modbus", "--map", map_name, "--port", str(port)], env)
+            args = ["simulate", "modbus", "--map", map_name, "--port", str(port)]
+            start(name, args, simulator_env)
         self.processes += [
             f"worker (metrics :{p.metrics})",
             "ven",
@@ -462,10 +728,19 @@ class Demo:
         # its thread regardless and must be known to have ended, to be stopped.
         service = await asyncio.shield(rabbitmq)
         api_key = env["ENERGYBUS_VOKE_API_KEY"]
-        await asyncio.to_thread(services.rabbitmq_tenants, service, {ORG: (api_key, ORG)})
+        if self.locked is None:
+            await asyncio.to_thread(services.rabbitmq_tenants, service, {ORG: (api_key, ORG)})
+            url = f"amqp://{ORG}:{api_key}@{service.host}:{service.port}/"
+        else:
+            permissions = {ORG: voke_permissions()}
+            await asyncio.to_thread(
+                services.rabbitmq_tenants, service, self.locked.tenants(), permissions
+            )
+            url = self.locked.voke_url(service)
+            self.say(f"accounts  rabbitmq: {ORG} (docs/security.md's permissions), voke")
         voke_env = {
             **env,
-            "ENERGYBUS_VOKE_URL": f"amqp://{ORG}:{api_key}@{service.host}:{service.port}/",
+            "ENERGYBUS_VOKE_URL": url,
             "ENERGYBUS_VOKE_SIGNING_KEY": env["ENERGYBUS_VOKE_SIGNING_KEY"],
         }
         args = ["simulate", "voke", "--org", ORG, "--vhost", ORG, "--rate", "2"]
@@ -477,7 +752,10 @@ class Demo:
     async def _commands(self, stop: asyncio.Event) -> None:
         """Each command once its entity has reported, through a connection of its own."""
         link = MqttLink()
-        await link.connect("127.0.0.1", self.ports.mqtt, name="energybus-demo-commands")
+        login = None if self.locked is None else self.locked.login("operator")
+        await link.connect(
+            "127.0.0.1", self.ports.mqtt, name="energybus-demo-commands", login=login
+        )
         try:
             pending = list(COMMANDS)
             while pending and not stop.is_set():
@@ -525,18 +803,42 @@ class Demo:
         if self.first_value:
             lines.append(self.first_value)
         lines.append("")
+        subscribe = f"mosquitto_sub -h 127.0.0.1 -p {p.mqtt}"
+        topic = f"-t '{SITE}/energy/+/+/+/last' -v -W 2"
+        psql = f'psql {self.dsn} -c "{query}"'
+        commands = f"{energybus} commands list --dsn {self.dsn} --site {SITE}"
+        look = "Look further:"
+        if self.locked is not None:
+            # Each command reads its password from demo.env in a subshell of its own: in
+            # no output, and not left in the reader's shell.
+            env = shlex.quote(self._path(self.run_dir / "demo.env"))
+            pki = self.locked.pki
+            ca, cert, key = (
+                shlex.quote(self._path(f)) for f in (pki.ca, pki.client_cert, pki.client_key)
+            )
+            subscribe = (
+                f"(. {env} && {subscribe} --cafile {ca} --cert {cert} --key {key} "
+                f'-u watch -P "$DEMO_WATCH_MQTT_PASSWORD" {topic})'
+            )
+            dsn = shlex.quote(self.locked.dsn("energybus_reader", ca=self._path(pki.ca)))
+            reader = f'(. {env} && PGPASSWORD="$DEMO_READER_DB_PASSWORD"'
+            psql = f'{reader} psql {dsn} -c "{query}")'
+            commands = f"{reader} {energybus} commands list --dsn {dsn} --site {SITE})"
+            look = f"Look further, as the read-only accounts (their passwords in {env}):"
+        else:
+            subscribe = f"{subscribe} {topic}"
         if self.args.stop_services:
             lines.append(f"Everything is stopped; the data stays in {run_dir}.")
         else:
             lines += [
                 "Mosquitto, PostgreSQL and RabbitMQ keep running, with what they hold.",
-                "Look further:",
+                look,
                 "  the newest value of every series (retained on the bus):",
-                f"    mosquitto_sub -h 127.0.0.1 -p {p.mqtt} -t '{SITE}/energy/+/+/+/last' -v -W 2",
+                f"    {subscribe}",
                 "  the historian:",
-                f'    psql {self.dsn} -c "{query}"',
+                f"    {psql}",
                 "  the commands and what became of them:",
-                f"    {energybus} commands list --dsn {self.dsn} --site {SITE}",
+                f"    {commands}",
                 "  the worker's metrics, while the demo runs:",
                 f"    curl -s http://127.0.0.1:{p.metrics}/metrics | grep '^energybus_'",
                 f"  the logs: {self._path(self.children.logs)}/",
@@ -567,16 +869,26 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tools.demo", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    parser.add_argument(
+        "--secure",
+        action="store_true",
+        help="on locked-down services: TLS, passwords, least privilege (docs/security.md)",
+    )
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        help=f"default {DEFAULT_RUN_DIR}, {SECURE_RUN_DIR} with --secure (either kind of "
+        "services in a run directory, never both)",
+    )
     parser.add_argument(
         "--free-ports", action="store_true", help="free ports instead of the demo's defaults"
     )
-    defaults = Ports()
+    plain, secure = Ports(), Ports.secure()
     for name in Ports.__dataclass_fields__:
-        parser.add_argument(
-            f"--{name.replace('_', '-')}-port", type=int, default=None,
-            help=f"default {getattr(defaults, name)}",
-        )  # fmt: skip
+        default = f"default {getattr(plain, name)}"
+        if getattr(secure, name) != getattr(plain, name):
+            default += f", {getattr(secure, name)} with --secure"
+        parser.add_argument(f"--{name.replace('_', '-')}-port", type=int, help=default)
     parser.add_argument(
         "--stop-services", action="store_true", help="also stop the services at the end"
     )
@@ -589,7 +901,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--started-at", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    base = Ports.free() if args.free_ports else defaults
+    if args.run_dir is None:
+        args.run_dir = SECURE_RUN_DIR if args.secure else DEFAULT_RUN_DIR
+    base = Ports.free() if args.free_ports else secure if args.secure else plain
     chosen = {
         name: getattr(args, f"{name}_port") or getattr(base, name)
         for name in Ports.__dataclass_fields__

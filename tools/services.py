@@ -320,13 +320,20 @@ def _mosquitto_files(data: Path, users: Mapping[str, str], acl: str) -> None:
     staged = data / ".passwords"
     staged.unlink(missing_ok=True)
     fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.writelines(f"{user}:{password}\n" for user, password in users.items())
-    result = subprocess.run([passwd, "-U", str(staged)], capture_output=True, text=True)
-    if result.returncode != 0:
-        staged.unlink(missing_ok=True)
-        # Its messages name the file, never a password.
-        raise ServiceError(f"mosquitto_passwd failed: {result.stderr.strip()}")
+    os.close(fd)
+    # One user at a time with -b: `-U` over a file of user:password lines cuts a password
+    # at a colon. The password is on this throwaway broker's command line for a moment.
+    for user, password in users.items():
+        if any(c in password for c in "\n\r"):
+            staged.unlink(missing_ok=True)
+            raise ServiceError(f"mosquitto: the password of {user!r} cannot hold a line break")
+        result = subprocess.run(
+            [passwd, "-b", str(staged), user, password], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            staged.unlink(missing_ok=True)
+            # Its messages name the file, never a password.
+            raise ServiceError(f"mosquitto_passwd failed: {result.stderr.strip()}")
     staged_acl = data / ".acl"
     staged_acl.write_text(acl if acl.endswith("\n") or not acl else acl + "\n")
     staged_acl.chmod(0o600)

@@ -22,7 +22,15 @@ import ssl
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = ["BusClient", "BusError", "Received", "user_property"]
+__all__ = [
+    "REASONS",
+    "BusClient",
+    "BusError",
+    "Received",
+    "reason_text",
+    "tls_text",
+    "user_property",
+]
 
 _CONNECT: Final = 0x10
 _CONNACK: Final = 0x20
@@ -36,6 +44,58 @@ _DISCONNECT: Final = 0xE0
 MAX_PACKET_ID: Final = 65535
 _FLUSH_PIECES: Final = 8000  # about 1,600 publishes, some 240 kB of VEN output
 _FLUSH_DELAY_S: Final = 0.005
+
+
+REASONS: Final = {
+    0x80: "unspecified error",
+    0x81: "malformed packet",
+    0x82: "protocol error",
+    0x83: "implementation specific error",
+    0x84: "unsupported protocol version",
+    0x85: "client identifier not valid",
+    0x86: "bad user name or password",
+    0x87: "not authorized",
+    0x88: "server unavailable",
+    0x89: "server busy",
+    0x8A: "banned",
+    0x8C: "bad authentication method",
+    0x8D: "keep alive timeout",
+    0x8E: "session taken over",
+    0x8F: "topic filter invalid",
+    0x90: "topic name invalid",
+    0x93: "receive maximum exceeded",
+    0x95: "packet too large",
+    0x97: "quota exceeded",
+    0x99: "payload format invalid",
+    0x9A: "retain not supported",
+    0x9B: "QoS not supported",
+    0x9C: "use another server",
+    0x9D: "server moved",
+    0x9F: "connection rate exceeded",
+}
+"""MQTT 5 failure reason codes (section 2.4) in the words of the specification, for
+messages people read; metrics keep the code."""
+
+
+def reason_text(code: int) -> str:
+    """``0x87 not authorized``: the code, and its name when it has one."""
+    name = REASONS.get(code)
+    return f"0x{code:02x} {name}" if name else f"0x{code:02x}"
+
+
+def tls_text(error: ssl.SSLError) -> str:
+    """A TLS failure in a line: the certificate check's own words when the check failed
+    (``certificate has expired``, ``unable to get local issuer certificate``), else what
+    the other side's alert or OpenSSL said, without OpenSSL's source location."""
+    if isinstance(error, ssl.SSLCertVerificationError) and error.verify_message:
+        return f"TLS: the broker's certificate was refused: {error.verify_message}"
+    reason = getattr(error, "reason", None)
+    if reason:
+        words = str(reason).lower().replace("_", " ")
+        if "alert" in words:
+            return f"TLS: the other side refused the handshake ({words})"
+        return f"TLS: {words}"
+    return f"TLS: {error.strerror or error}"
 
 
 class BusError(Exception):
@@ -105,9 +165,10 @@ class BusClient(asyncio.Protocol):
 
     ``on_message(received)`` runs for each incoming PUBLISH (the caller acknowledges a
     QoS 1 one with :meth:`ack`); ``on_puback(token)`` runs when the broker acknowledges
-    a QoS 1 publish made with that token. ``closed`` completes when the connection ends.
-    ``properties`` (encoded properties, such as :func:`user_property`) go with every
-    PUBLISH this client sends.
+    a QoS 1 publish made with that token, and ``on_refused(topic, reason)`` too when the
+    broker refused it (reason >= 0x80): the refusal is final, nothing is resent.
+    ``closed`` completes when the connection ends. ``properties`` (encoded properties,
+    such as :func:`user_property`) go with every PUBLISH this client sends.
     """
 
     def __init__(
@@ -115,6 +176,7 @@ class BusClient(asyncio.Protocol):
         *,
         on_message: Callable[[Received], None],
         on_puback: Callable[[Any, int], None],
+        on_refused: Callable[[str, int], None] | None = None,
         max_inflight: int = 20000,
         properties: bytes = b"",
     ) -> None:
@@ -122,6 +184,7 @@ class BusClient(asyncio.Protocol):
             raise ValueError(f"max_inflight must be in 1..{MAX_PACKET_ID - 1}")
         self.on_message = on_message
         self.on_puback = on_puback
+        self.on_refused = on_refused
         self.max_inflight = max_inflight
         self._properties = _varint(len(properties)) + properties
         self.inflight = 0
@@ -166,9 +229,12 @@ class BusClient(asyncio.Protocol):
     ) -> None:
         loop = asyncio.get_running_loop()
         self._connack = loop.create_future()
-        await asyncio.wait_for(
-            loop.create_connection(lambda: self, host, port, ssl=tls), timeout=timeout
-        )
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: self, host, port, ssl=tls), timeout=timeout
+            )
+        except ssl.SSLError as error:
+            raise BusError(tls_text(error)) from None
         flags = 0x02 if clean_start else 0
         props = b"\x11" + session_expiry.to_bytes(4, "big")
         props += b"\x21" + min(receive_maximum, 65535).to_bytes(2, "big")
@@ -188,12 +254,17 @@ class BusClient(asyncio.Protocol):
         self._send_packet(_CONNECT, variable + body)
         try:
             present, reason, _ = await asyncio.wait_for(self._connack, timeout=timeout)
+        except BusError as error:
+            self.abort()
+            if tls is None:  # a broker that takes TLS only drops a plain CONNECT so
+                raise BusError(f"{error} (a port that takes TLS only? configure TLS)") from None
+            raise
         except BaseException:
             self.abort()
             raise
         if reason >= 0x80:
             self.abort()
-            raise BusError(f"broker refused the connection (reason 0x{reason:02x})", reason=reason)
+            raise BusError(f"broker refused the connection: {reason_text(reason)}", reason=reason)
         self.session_present = present
         if keepalive:
             self._ping_task = loop.create_task(self._ping(keepalive))
@@ -224,9 +295,14 @@ class BusClient(asyncio.Protocol):
         self._subacks[packet_id] = future
         self._send_packet(_SUBSCRIBE, body)
         codes = await asyncio.wait_for(future, timeout=10)
-        refused = [f for f, code in zip(filters, codes, strict=False) if code >= 0x80]
+        refused = [
+            f"{f} ({reason_text(code)})"
+            for f, code in zip(filters, codes, strict=False)
+            if code >= 0x80
+        ]
         if refused:
-            raise BusError(f"broker refused subscriptions: {', '.join(refused)}", reason=codes[0])
+            first = next(code for code in codes if code >= 0x80)
+            raise BusError(f"broker refused subscriptions: {', '.join(refused)}", reason=first)
 
     async def disconnect(self) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -371,7 +447,9 @@ class BusClient(asyncio.Protocol):
         self._room.set()
         if self._ping_task is not None:
             self._ping_task.cancel()
-        error = exc or BusError("bus connection closed")
+        # With TLS 1.3 a client certificate the broker refuses is known only here: the
+        # handshake is complete for the client before the broker has checked it.
+        error = tls_text(exc) if isinstance(exc, ssl.SSLError) else exc or "closed"
         for future in (self._connack, *self._subacks.values()):
             if future is not None and not future.done():
                 future.set_exception(BusError(f"bus connection lost: {error}"))
@@ -432,6 +510,9 @@ class BusClient(asyncio.Protocol):
                         tokens[packet_id] = None
                         acked += 1
                         reason = view[start + 2] if length > 2 else 0
+                        if reason >= 0x80 and self.on_refused is not None:
+                            sent = self._sent[packet_id]
+                            self.on_refused(sent[0] if sent else "", reason)
                         on_puback(token, reason)
                 elif high == _PUBLISH:
                     self._publish_received(kind, view[start:pos])
@@ -449,7 +530,7 @@ class BusClient(asyncio.Protocol):
                         future.set_result(bytes(view[at + props : pos]))
                 elif high == _DISCONNECT:
                     reason = view[start] if length else 0
-                    raise BusError(f"broker disconnected (reason 0x{reason:02x})", reason=reason)
+                    raise BusError(f"broker disconnected: {reason_text(reason)}", reason=reason)
                 # PINGRESP and anything else: nothing to do.
         except BusError as error:
             self.connection_lost(error)

@@ -12,12 +12,13 @@ Relative paths (``data_dir``, TLS files) are taken from the current directory.
 
 from __future__ import annotations
 
+import re
 import ssl
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Final, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -26,6 +27,7 @@ from pydantic import (
     SecretStr,
     Strict,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -33,6 +35,7 @@ from energybus.adapters import Adapter, adapter_class, adapter_names
 from energybus.documents import Located, expand_env, read_toml
 from energybus.errors import MappingError
 from energybus.filters import validate_filter
+from energybus.historian import dsn_problem
 
 __all__ = [
     "Config",
@@ -71,6 +74,21 @@ class TlsConfig(_Section):
     def _pair(self) -> TlsConfig:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together")
+        # Read once at load, so that a missing or wrong file is a located error at
+        # start (and in `check`), not a reconnect loop that never names the file.
+        try:
+            context = ssl.create_default_context(
+                cafile=str(self.ca_file) if self.ca_file is not None else None
+            )
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(f"ca_file {self.ca_file}: {_why(error)}") from None
+        if self.cert_file is not None and self.key_file is not None:
+            try:
+                context.load_cert_chain(self.cert_file, self.key_file)
+            except (OSError, ssl.SSLError) as error:
+                raise ValueError(
+                    f"cert_file {self.cert_file} with key_file {self.key_file}: {_why(error)}"
+                ) from None
         return self
 
     def context(self) -> ssl.SSLContext:
@@ -80,6 +98,15 @@ class TlsConfig(_Section):
         if self.cert_file is not None and self.key_file is not None:
             context.load_cert_chain(self.cert_file, self.key_file)
         return context
+
+
+def _why(error: OSError) -> str:
+    """An unusable file's reason in words: the OS's, or OpenSSL's without its source
+    location (``no certificate or crl found``, ``PEM lib``)."""
+    if isinstance(error, ssl.SSLError) and error.reason:
+        return f"not usable ({str(error.reason).lower().replace('_', ' ')})"
+    text = re.sub(r"^\[\w+\]\s*|\s*\(_ssl\.c:\d+\)$", "", error.strerror or str(error))
+    return text if not isinstance(error, ssl.SSLError) else f"not usable ({text})"
 
 
 class MqttConfig(_Section):
@@ -172,6 +199,14 @@ class HistorianConfig(_Section):
     counters: list[CounterDeclaration] = []
     """Counter declarations, each a ``[[historian.counters]]`` table."""
 
+    @field_validator("dsn")
+    @classmethod
+    def _usable_dsn(cls, dsn: SecretStr | None) -> SecretStr | None:
+        problem = dsn_problem(dsn.get_secret_value()) if dsn is not None else None
+        if problem is not None:
+            raise ValueError(problem)
+        return dsn
+
 
 class WorkerConfig(_Section):
     """The worker itself: where it keeps state, its own topics, logs and metrics."""
@@ -206,6 +241,19 @@ class WorkerConfig(_Section):
     poll_outbox_max_mb: float = Field(default=1024.0, gt=0)
     """Bound of each Modbus poll outbox (``<data_dir>/poll-outbox-<adapter>.sqlite3``): polls wait
     there while the bus is away (docs/modbus.md gives its size for 24 h)."""
+    max_payload_bytes: int = Field(default=16_384, ge=1)
+    """The largest canonical message the bus ingest takes, in bytes; a larger one is
+    refused as ``too_large`` and dead-lettered with its size, without its body. (Each
+    adapter has its own limit for its source messages.)"""
+    max_series_per_site: int = Field(default=10_000, ge=1)
+    """Distinct series (device and metric) the worker keeps per site; a sample of a
+    new series past it is refused as ``too_many_series`` (docs/worker.md, "Input
+    limits")."""
+    max_series: int = Field(default=100_000, ge=1)
+    """Distinct series the worker keeps in all, whatever their sites (any publisher on
+    the bus ingest can invent sites); past it a new series is ``too_many_series`` too.
+    This is what bounds the worker's memory for series (docs/worker.md, "Input
+    limits", gives what each costs)."""
 
 
 class _Root(_Section):
@@ -275,14 +323,21 @@ class Config:
         return self.mqtt.ingest_session_expiry_s if self.worker.bus_ingest else 0
 
     def redacted_dsn(self) -> str | None:
-        """The DSN without its password, for logs and plans."""
+        """The DSN without its password, for logs and plans; its other parameters
+        (``sslmode`` above all) stay, since they say how the connection is made."""
         if self.historian.dsn is None:
             return None
         parts = urlsplit(self.historian.dsn.get_secret_value())
         host = parts.hostname or ""
         user = f"{parts.username}@" if parts.username else ""
         port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+        shown = [(k, v) for k, v in parse_qsl(parts.query) if k not in _SECRET_PARAMETERS]
+        query = f"?{urlencode(shown, safe='/')}" if shown else ""
+        return f"{parts.scheme}://{user}{host}{port}{parts.path}{query}"
+
+
+_SECRET_PARAMETERS: Final = frozenset({"password", "sslpassword"})
+"""libpq parameters of a DSN that are secrets (a password may also be given so)."""
 
 
 def load_config(source: str | Path, *, environ: Mapping[str, str] | None = None) -> Config:

@@ -76,6 +76,7 @@ class BusConnection:
             client = BusClient(
                 on_message=self._received,
                 on_puback=self.dispatcher.on_puback,
+                on_refused=self.dispatcher.on_refused,
                 max_inflight=m.max_inflight,
                 properties=self.properties,
             )

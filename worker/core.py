@@ -28,6 +28,7 @@ from energybus.adapters import (
 )
 from energybus.errors import MappingError
 from energybus.historian import Historian, Outbox
+from energybus.render import Renderer
 
 from .acks import Entry
 from .availability import Availability
@@ -37,6 +38,7 @@ from .connection import BusConnection
 from .dispatch import Dispatcher
 from .lasts import read_lasts
 from .metrics import Metrics
+from .series import SeriesBound
 from .sink import HistorianSink
 from .sources import AmqpSource, ModbusSource, MqttSource, Source
 
@@ -68,10 +70,15 @@ class Plan(NamedTuple):
     """(adapter, source name, declaration) of every polled device (Modbus)."""
 
 
-def _pipelines(config: Config) -> dict[str, Pipeline]:
-    """The adapters ``load_config`` built, else new ones from the options."""
+def _pipelines(config: Config, series: SeriesBound | None = None) -> dict[str, Pipeline]:
+    """The adapters ``load_config`` built, else new ones from the options; their
+    renderers ask ``series`` before they keep a series."""
+    admit = series.admit if series is not None else None
     return {
-        name: Pipeline(config.built.get(name) or create_adapter(name, options=options))
+        name: Pipeline(
+            config.built.get(name) or create_adapter(name, options=options),
+            renderer=Renderer(source=name, admit=admit),
+        )
         for name, options in config.adapters.items()
     }
 
@@ -128,7 +135,14 @@ class Worker:
         self.config = config
         w, h = config.worker, config.historian
         self.metrics = Metrics()
-        self.pipelines = _pipelines(config)
+        self.series = SeriesBound(
+            max_series_per_site=w.max_series_per_site, max_series=w.max_series
+        )
+        ingest_series = SeriesBound(
+            max_series_per_site=w.max_series_per_site, max_series=w.max_series
+        )
+        self.metrics.series_bound(self.series, ingest_series)
+        self.pipelines = _pipelines(config, self.series)
         plan = self.plan(config, self.pipelines)
         self.status_topic = plan.status_topic
         self.historian = Historian(h.dsn.get_secret_value()) if h.dsn is not None else None
@@ -151,6 +165,9 @@ class Worker:
             dead_letter_prefix=plan.dead_letter_prefix,
             worker_id=config.mqtt.client_id,
             member=config.member,
+            series=self.series,
+            ingest_series=ingest_series,
+            max_ingest_bytes=w.max_payload_bytes,
         )
         # Every worker of a group marks what it publishes, so that the group's bus ingest
         # passes over the group's own output: No Local covers only a worker's own
@@ -242,6 +259,7 @@ class Worker:
             client_id=m.client_id,
             marker_prefix=f"{w.topic_prefix}/worker/{m.client_id}/lasts",
             member=self.config.member,
+            limit=w.max_series,
         )
         for pipeline in self.pipelines.values():
             pipeline.renderer.last_floors = floors

@@ -24,21 +24,24 @@ from energybus.commands import CommandRecord
 from energybus.errors import EnergyBusError
 from energybus.filters import matches
 from energybus.messages import Message
+from energybus.payloads import too_large
 from energybus.rows import Row, historian_row
 from energybus.samples import Reading
 
 from .acks import Entry
 from .availability import Availability
-from .bus import BusError
+from .bus import BusError, reason_text
 from .config import site_member
 from .deadletter import dead_letter
 from .metrics import Metrics
+from .series import SeriesBound
 from .sources.base import CommandToken, Delivery
 
 __all__ = ["Dispatcher", "Outlet", "Publisher", "RowSink"]
 
 log = logging.getLogger("energybus.worker")
 _ROUTE_CACHE: Final = 100_000
+_REFUSED_LOG_EVERY_S: Final = 60.0
 
 
 class Publisher(Protocol):
@@ -141,8 +144,20 @@ class Dispatcher:
         dead_letter_prefix: str,
         worker_id: str,
         member: tuple[int, int] | None = None,
+        series: SeriesBound | None = None,
+        ingest_series: SeriesBound | None = None,
+        max_ingest_bytes: int | None = None,
     ) -> None:
         self.pipelines = pipelines
+        self.series = series
+        """The bound on series per site the pipelines' renderers ask for theirs."""
+        self.ingest_series = ingest_series if ingest_series is not None else series
+        """The bus ingest's bound, asked here: a budget of its own, so that a flood of
+        invented series on the bus (any publisher can invent sites there) cannot take
+        the room of the sources' series (default: ``series``)."""
+        self.max_ingest_bytes = max_ingest_bytes
+        """``worker.max_payload_bytes``: the largest canonical message ingested (``None``:
+        any, for a dispatcher driven without a configuration)."""
         self.member = member
         """``(index, count)`` in a partitioned group: messages about other members' sites
         are acknowledged and left to them. That holds for every ``set`` and for the source
@@ -166,6 +181,8 @@ class Dispatcher:
         self._bound: dict[str, Pipeline] = {}
         self._outlets: dict[str, Outlet] = {}
         self._cache: dict[tuple[str, str], Pipeline | None] = {}
+        self._refused: dict[int, tuple[int, float]] = {}
+        """Per refusal reason: refusals not logged yet, and when the last was logged."""
         self._counters = {
             name: (
                 metrics.messages_in.labels(name),
@@ -317,7 +334,7 @@ class Dispatcher:
                 # Delete it at the broker, once, so it fires nowhere later (the deletion
                 # comes back as an empty retained set, which the pipeline ignores).
                 bus.publish(topic, b"", 1, True, None)
-                log.info("cleared the retained set on %s at the broker", topic)
+                log.info("clearing the retained set on %s at the broker", topic)
         for record in out.commands:
             if record.state == "refused":
                 self.metrics.command_refusals.labels(name, record.code or "").inc()
@@ -381,7 +398,14 @@ class Dispatcher:
         Never raises, like :meth:`handle`."""
         now = datetime.now(UTC)
         try:
+            limit = self.max_ingest_bytes
+            if limit is not None and len(payload) > limit:
+                raise too_large(len(payload), limit, prefix="worker.")
             row = historian_row(topic, payload, received_at=now)
+            if row is not None and self.ingest_series is not None:
+                # After the row is made: a message refused for what it is takes no
+                # place in the bound.
+                self.ingest_series.admit_row(row.site, row.device_id, row.metric_name)
         except EnergyBusError as error:
             self.dead_letter(entry, "bus", topic, payload, now, [Rejection.of(error, topic)])
             entry.release()
@@ -399,6 +423,26 @@ class Dispatcher:
             self.metrics.publish_failures.labels(f"0x{reason:02x}").inc()
         if token is not None:
             token.release()
+
+    def on_refused(self, topic: str, reason: int) -> None:
+        """A publish the broker refused (an ACL that does not allow the topic, most
+        often) is final: counted by :meth:`on_puback`, its rows still stored, its source
+        message acknowledged, and said in the log at most once a minute per reason, so
+        that a wrong ACL is seen without a line per sample."""
+        now = time.monotonic()
+        count, since = self._refused.get(reason, (0, 0.0))
+        if now - since < _REFUSED_LOG_EVERY_S:
+            self._refused[reason] = (count + 1, since)
+            return
+        self._refused[reason] = (0, now)
+        more = f" ({count} more since the last report)" if count else ""
+        log.warning(
+            "bus: the broker refused a publish on %s: %s%s; not sent again (check the"
+            " worker's ACL, docs/security.md)",
+            topic,
+            reason_text(reason),
+            more,
+        )
 
     def dead_letter(
         self,

@@ -31,10 +31,11 @@ import msgspec
 
 from energybus.admission import CommandPolicy
 from energybus.errors import EnergyBusError
+from energybus.payloads import DECODE_ERRORS
 from energybus.samples import SeriesKey
 from energybus.topics import parse_topic
 
-from .bus import BusClient, BusError, Received
+from .bus import BusClient, BusError, Received, reason_text
 from .config import MqttConfig, site_member
 
 __all__ = ["LAST_FILTER", "read_lasts"]
@@ -59,21 +60,25 @@ async def read_lasts(
     client_id: str,
     marker_prefix: str,
     member: tuple[int, int] | None = None,
+    limit: int | None = None,
     timeout: float = 30.0,
 ) -> dict[SeriesKey, datetime]:
     """The observation time of each series' retained ``last`` (for ``member``, of its own
     sites' series only); what was read so far, with one log line, when the broker cannot
-    be asked or does not answer (the worker then starts with that)."""
+    be asked or does not answer (the worker then starts with that). At most ``limit``
+    series are kept (the worker's ``max_series``): anyone who may publish on the bus
+    can retain a ``last`` for a series invented for the purpose."""
     found: dict[SeriesKey, datetime] = {}
     marker = f"{marker_prefix}/{secrets.token_hex(6)}"
     arrived = asyncio.Event()
     refused: list[int] = []
     horizon = datetime.now(UTC) + SKEW
     ahead = 0
+    beyond = 0
     client: BusClient
 
     def on_message(received: Received) -> None:
-        nonlocal ahead
+        nonlocal ahead, beyond
         if received.packet_id:
             client.ack(received.packet_id)
         if received.topic == marker:
@@ -82,8 +87,11 @@ async def read_lasts(
         try:
             topic = parse_topic(received.topic)
             observed = _decoder.decode(received.payload).observed_at
-        except (EnergyBusError, msgspec.DecodeError, UnicodeDecodeError):
-            return  # not a `last` energybus could have published: nothing to keep back
+        except (EnergyBusError, *DECODE_ERRORS):
+            # Not a `last` energybus could have published (nested past what the decoder
+            # follows, too: raised out of here, that would drop the connection and end
+            # the reading for every worker start while it is retained).
+            return
         if observed.tzinfo is None:
             return
         if member is not None and site_member(topic.site, member[1]) != member[0]:
@@ -92,6 +100,9 @@ async def read_lasts(
             ahead += 1
             observed = horizon
         key = (topic.site, topic.entity_type, topic.entity_id, topic.metric)
+        if key not in found and limit is not None and len(found) >= limit:
+            beyond += 1
+            return
         if key not in found or observed > found[key]:
             found[key] = observed
 
@@ -117,11 +128,11 @@ async def read_lasts(
         await asyncio.wait_for(arrived.wait(), timeout)
         if refused:
             log.warning(
-                "the broker refused the publish on %s (reason 0x%02x): the worker needs "
+                "the broker refused the publish on %s (reason %s): the worker needs "
                 "permission to publish there to know when the retained last values have "
                 "all arrived; starting with the %d read so far",
                 marker,
-                refused[0],
+                reason_text(refused[0]),
                 len(found),
             )
     except (OSError, BusError, TimeoutError) as error:
@@ -136,6 +147,13 @@ async def read_lasts(
             with contextlib.suppress(OSError, BusError, TimeoutError):
                 await asyncio.wait_for(client.disconnect(), 5)
         client.abort()
+    if beyond:
+        log.warning(
+            "the bus holds retained last values of more series than the worker keeps"
+            " (worker.max_series, %d): %d were not read",
+            limit,
+            beyond,
+        )
     if ahead:
         log.warning(
             "%d retained last values are dated more than %g s ahead of now; their series "

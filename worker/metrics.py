@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 if TYPE_CHECKING:
     from energybus.historian import Outbox, WriteResult
 
+    from .series import SeriesBound
+
 __all__ = ["Metrics"]
 
 _LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -140,8 +142,28 @@ class Metrics:
             ["device"],
             registry=r,
         )
+        self.series = Gauge(
+            "energybus_series",
+            "Distinct series the worker keeps (bounded by worker.max_series)",
+            registry=r,
+        )
+        self.sites = Gauge(
+            "energybus_sites", "Distinct sites the worker keeps series of", registry=r
+        )
+        self.ingest_series = Gauge(
+            "energybus_ingest_series",
+            "Distinct series the bus ingest has taken (a budget of its own, as large)",
+            registry=r,
+        )
         self._outbox: Outbox | None = None
         self.outbox_oldest.set_function(self._oldest_age)
+
+    def series_bound(self, bound: SeriesBound, ingest: SeriesBound | None = None) -> None:
+        """Report the bounds' counts when scraped (nothing per sample)."""
+        self.series.set_function(lambda: bound.series)
+        self.sites.set_function(lambda: bound.sites)
+        if ingest is not None:
+            self.ingest_series.set_function(lambda: ingest.series)
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -15,6 +15,9 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Final
+
+import asyncpg
 
 from energybus.commands import CommandRecord
 from energybus.historian import (
@@ -65,6 +68,8 @@ class HistorianSink:
         self._open = _Sealed(Batch())
         self._sealed: asyncio.Queue[_Sealed] = asyncio.Queue()
         self._next_try = 0.0
+        self._refusals = 0
+        """Refused logins in a row: each doubles the wait before the next try."""
         self._state = StateLog(log)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -146,8 +151,24 @@ class HistorianSink:
         try:
             result = await self.historian.write(batch)
         except Exception as error:  # any failure: the batch is not stored, keep it
-            self._next_try = time.monotonic() + self.retry_s
             self.metrics.historian_errors.inc()
+            if isinstance(error, _REFUSED):
+                # A wrong password or a role without its grants will not mend itself in
+                # two seconds: back off, so that the server's log is not flooded.
+                wait = min(_REFUSED_MAX_WAIT_S, self.retry_s * 2**self._refusals)
+                self._refusals = min(self._refusals + 1, 16)
+                self._next_try = time.monotonic() + max(wait, self.retry_s)
+                self._state.change(
+                    "refused",
+                    logging.ERROR,
+                    "historian: the database refused the worker (%s: %s); trying again"
+                    " with backoff, batches go to the outbox %s",
+                    type(error).__name__,
+                    _short(error),
+                    self.outbox.path,
+                )
+                return False
+            self._next_try = time.monotonic() + self.retry_s
             self._state.change(
                 "down",
                 logging.WARNING,
@@ -157,6 +178,7 @@ class HistorianSink:
                 self.outbox.path,
             )
             return False
+        self._refusals = 0
         self.metrics.committed(result, time.perf_counter() - started)
         self._state.change("up", logging.INFO, "historian connected")
         return True
@@ -203,6 +225,13 @@ class HistorianSink:
             self.metrics.outbox(self.outbox)
             if not self.outbox:
                 log.info("outbox replayed: every stored batch is in the historian")
+
+
+_REFUSED: Final = (
+    asyncpg.InvalidAuthorizationSpecificationError,  # wrong password, no such role, pg_hba
+    asyncpg.InsufficientPrivilegeError,  # a grant missing (docs/security.md)
+)
+_REFUSED_MAX_WAIT_S: Final = 60.0
 
 
 def _short(error: BaseException) -> str:

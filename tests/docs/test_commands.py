@@ -25,9 +25,24 @@ NOT_RUN: dict[str, tuple[str, str]] = {
         "holds the demo's fixed ports until Ctrl-C; the test runs the same demo on free ports",
         "tests/test_demo.py",
     ),
+    "./dev demo --secure": (
+        "holds the secure demo's fixed ports until Ctrl-C; the test runs it on free ports",
+        "tests/test_demo.py::test_the_secure_demo_runs_locked_down_and_prints_no_secret",
+    ),
     "./dev bench": (
         "measures this machine for many minutes: figures are measured, never asserted",
         "tests/test_benchmark_reports.py",
+    ),
+    "ENERGYBUS_DSN=$ENERGYBUS_OWNER_DSN energybus historian init --writer energybus_writer"
+    " --reader energybus_reader": (
+        "needs the roles of docs/security.md on a locked-down PostgreSQL; the test makes"
+        " them and runs the same command",
+        "tests/security/test_locked_down.py",
+    ),
+    "rabbitmqctl set_permissions -p acme acme ^$ ^vcp$ ^vcp\\.acme\\.event\\..*$": (
+        "changes a broker's users; the test gives a Voke partner exactly these permissions"
+        " on the locked-down RabbitMQ and runs the worker with them",
+        "tests/security/test_locked_down.py",
     ),
 }
 """Documented commands the suite does not run (by their words, without the comment):

@@ -4,7 +4,6 @@ metrics, and the retained ``last`` of every series."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import threading
 import time
 import urllib.request
@@ -21,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from energybus.payloads import decode_last
 from tests.faults.ledger import Key
+from tests.faults.malformed import letter_key
 from tests.workers import query
 from tools.services import Service
 
@@ -41,10 +41,6 @@ SELECT DISTINCT ON (device_id, metric_name) device_id, metric_name, observed_at,
          WHERE site = $1) AS rows
  ORDER BY device_id, metric_name, observed_at DESC
 """
-
-
-def digest(payload: bytes) -> str:
-    return hashlib.sha256(payload).hexdigest()
 
 
 class Historian:
@@ -116,12 +112,11 @@ class DeadLetters:
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         letter = msgspec.json.decode(message.payload)
-        text = letter.get("payload")
-        original = text.encode() if text is not None else base64.b64decode(letter["payload_base64"])
+        text, raw = letter.get("payload"), letter.get("payload_base64")
+        body = text.encode() if text is not None else None if raw is None else base64.b64decode(raw)
+        key = letter_key(letter["topic"], body, letter["size"])
         with self._lock:
-            self.letters.append(
-                Letter(letter["source"], letter["reason"], letter["topic"], digest(original))
-            )
+            self.letters.append(Letter(letter["source"], letter["reason"], letter["topic"], key))
 
     def count(self) -> int:
         with self._lock:

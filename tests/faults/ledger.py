@@ -53,6 +53,10 @@ class Ledger:
         self.refused: list[tuple[Sent, str]] = []
         """Valid messages the ledger's own translation refused: a fault of the suite."""
 
+    def max_payload_bytes(self, adapter: str) -> int:
+        """The largest message ``adapter`` takes, as the worker's configuration says."""
+        return self._pipelines[adapter].max_payload_bytes
+
     def record(self, adapter: str, topic: str, payload: bytes, at: float) -> None:
         with self._lock:
             self.sent.append(Sent(adapter, topic, payload, at, self.phase))

@@ -6,8 +6,10 @@ message made new for it (tests/faults/traffic.py), so two inputs are never the s
 bytes unless the category is a replay:
 
 - ``truncated``: the encoded message cut short anywhere (``malformed_json``);
-- ``oversized``: about 1 MB in one field (the reason depends on the field: a VEN id
-  too long for a topic, a CPI or Voke device no plant has, a setpoint that is no number);
+- ``oversized``: about 1 MB in one field: past the source's ``max_payload_bytes``, it is
+  ``too_large`` (:meth:`Dialect.reason` compares it with the limit the worker runs
+  with); below a limit raised that far, the field decides (a VEN id too long for a
+  topic, a CPI or Voke device no plant has, a setpoint that is no number);
 - ``nested``: thousands of levels of arrays or objects where the decoder must follow
   them (``too_deep``), or where a typed decoder wants a number (``wrong_type``);
 - ``wrong_type``: one field of the envelope or a mapped value given a JSON value of
@@ -20,11 +22,14 @@ bytes unless the category is a replay:
 - ``replayed``: a valid message sent again, byte for byte (``replayed``).
 
 Every input is refused whole: nothing of it is stored, so the ledger of valid samples
-is untouched by it.
+is untouched by it. An input of any category longer than the source's
+``max_payload_bytes`` is ``too_large`` instead, since the pipeline refuses it before
+anything decodes it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from typing import Any, Final, NamedTuple, TypeVar
@@ -82,7 +87,11 @@ class Dialect(NamedTuple):
     def categories(self) -> tuple[str, ...]:
         return CATEGORIES if self.signed else CATEGORIES[:-2]
 
-    def reason(self, category: str) -> str:
+    def reason(self, category: str, payload: bytes, max_payload_bytes: int) -> str:
+        """The reason ``payload``, an input of ``category``, must be refused with by a
+        source that takes ``max_payload_bytes`` (the worker's configured limit)."""
+        if len(payload) > max_payload_bytes:
+            return "too_large"
         if category == "oversized":
             return self.oversized[1]
         if category == "nested":
@@ -361,3 +370,20 @@ class Input(NamedTuple):
     payload: bytes
     category: str
     reason: str
+
+    @property
+    def letter(self) -> str:
+        """What its dead letter is known by (:func:`letter_key`)."""
+        body = None if self.reason == "too_large" else self.payload
+        return letter_key(self.topic, body, len(self.payload))
+
+
+def digest(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+def letter_key(topic: str, body: bytes | None, size: int) -> str:
+    """What a dead letter is matched with the input it refused by: the digest of the
+    body it carries, or, for one that keeps only the size (``too_large``), its topic
+    and size."""
+    return digest(body) if body is not None else f"{topic}#{size}"

@@ -30,13 +30,13 @@ from pathlib import Path
 from tests.faults.checker import (
     DeadLetters,
     Historian,
-    digest,
     last_mismatches,
     retained_last,
     scrape,
 )
 from tests.faults.ledger import Ledger, Polls
 from tests.faults.load import AmqpSender, Load, MqttSender
+from tests.faults.malformed import digest
 from tests.faults.traffic import MODBUS_DEVICES, Traffic, simulated_map
 from tests.modbus import Devices
 from tests.voke import new_orgs
@@ -317,7 +317,7 @@ class Rig:
         at = datetime.fromtimestamp(end, UTC)
         wanted = Counter(key[0] for key in self.ledger.expected(phase.index) if key[3] <= at)
         wanted[self.traffic.modbus_site] = self._modbus_wanted(phase, fault.served)
-        letters = {digest(item.payload) for item in self.ledger.malformed_in(phase.index)}
+        letters = {item.letter for item in self.ledger.malformed_in(phase.index)}
         deadline = time.monotonic() + DRAIN_S
         while time.monotonic() < deadline:
             counts = self.historian.counts(phase.low, at)
@@ -417,7 +417,7 @@ class Rig:
         and (when the worker ran through the phase) the same in its metrics."""
         row, problems = phase.row, phase.row.problems
         inputs = self.ledger.malformed_in(phase.index)
-        wanted = [digest(marker), *(digest(i.payload) for i in inputs)]
+        wanted = [digest(marker), *(i.letter for i in inputs)]
         if not self.letters.wait_for(wanted, phase.letters_start, timeout=120):
             problems.append("dead letters missing (see the counts below)")
         letters = self.letters.since(phase.letters_start)
@@ -427,7 +427,7 @@ class Rig:
         expected: Counter[tuple[str, str]] = Counter({("cpi", "unknown_plant"): 1})
         for item in inputs:
             expected[(item.adapter, item.reason)] += 1
-            got = by_digest.get(digest(item.payload), [])
+            got = by_digest.get(item.letter, [])
             if (item.adapter, item.reason) not in got:
                 problems.append(
                     f"{item.category} input to {item.adapter}: dead letters {got},"
@@ -436,7 +436,7 @@ class Rig:
         expected.update(phase.expect_rejections)
         seen: Counter[tuple[str, str]] = Counter((x.source, x.reason) for x in letters)
         marker_digest = digest(marker)
-        sent = {digest(i.payload) for i in inputs}
+        sent = {i.letter for i in inputs}
         at_risk = {digest(p) for p in self.ledger.at_risk}
         for letter in letters:
             if letter.digest == marker_digest:

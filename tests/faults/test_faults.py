@@ -121,6 +121,6 @@ def _send(rig: Rig, plan: list[tuple[str, str, Mutation]]) -> None:
             sent[adapter].append(rig.load.valid(adapter, index))
         doc = rig.traffic.make(adapter, index)
         payload = apply(mutation, doc, sent.get(adapter, []))
-        reason = DIALECTS[adapter].reason(category)
+        reason = DIALECTS[adapter].reason(category, payload, rig.ledger.max_payload_bytes(adapter))
         rig.ledger.record_malformed(Input(adapter, doc.topic, payload, category, reason))
         rig.send(adapter, doc.topic, payload)

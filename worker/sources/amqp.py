@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import ssl
 import uuid
@@ -90,6 +91,16 @@ class _Link:
         self.ack_scheduled = False
 
 
+_Kept = bytes | tuple[int, bytes]
+_KEPT_BODY: Final = 1024
+"""Bodies up to this size are kept as they are to recognize a redelivery; larger ones
+by a digest (a 256 KiB message in each of 3,500 prefetch slots would be 875 MB)."""
+
+
+def _digest(body: bytes) -> tuple[int, bytes]:
+    return len(body), hashlib.blake2b(body, digest_size=16).digest()
+
+
 class AmqpSource(Source):
     transport = "amqp"
 
@@ -122,8 +133,8 @@ class AmqpSource(Source):
         self._held: Holding[tuple[DeliveredMessage, str]] = Holding(
             self, lambda held: self._hand_over(*held)
         )
-        self._recent: deque[tuple[str, bytes]] = deque(maxlen=endpoint.prefetch * len(queues))
-        self._redelivered: set[tuple[str, bytes]] = set()
+        self._recent: deque[tuple[str, _Kept]] = deque(maxlen=endpoint.prefetch * len(queues))
+        self._redelivered: set[tuple[str, _Kept]] = set()
         self._consumers: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -310,7 +321,9 @@ class AmqpSource(Source):
         acks = self._acks
         assert acks is not None
         body = message.body
-        key = (queue, body)
+        # The key of a message that may come again: small bodies as they are, large ones
+        # by digest, so that the prefetch window's keys stay small whatever is sent.
+        key = (queue, body if len(body) <= _KEPT_BODY else _digest(body))
         delivery: Any = message.delivery
         entry = acks.add(delivery.delivery_tag or 0)
         if delivery.redelivered and key in self._redelivered:
