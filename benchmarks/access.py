@@ -128,15 +128,15 @@ def plain(mqtt: services.Service, pg: services.Service) -> Access:
 
 
 def worker_acl(site: str, client_id: str) -> str:
-    """What the worker's user may do: read the VEN adapter's sources and the canonical
-    bus, write its own site's canonical streams, the VEN commands, its status and its
-    dead letters, and nothing else (as a site's least-privilege ACL would)."""
+    """The worker's ACL of docs/security.md for the VEN adapter alone: its sources and the
+    canonical bus to read; its own site's canonical streams (and sets, to delete a
+    retained one), the VEN commands, its status and its dead letters to write."""
     return (
         "topic read volttron/metering\ntopic read ven/telemetry/+\n"
         "topic read ven/loads/+\ntopic read ven/ack/+\n"
         "topic read +/energy/#\ntopic write ven/cmd/+\n"
         + "".join(f"topic write {site}/energy/+/+/+/{stream}\n"
-                  for stream in ("value", "last", "meta", "availability"))
+                  for stream in ("value", "last", "meta", "availability", "set"))
         + f"topic readwrite energybus/worker/{client_id}/#\n"
         "topic write energybus/dead_letter/#\n"
     )  # fmt: skip
