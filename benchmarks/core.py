@@ -5,8 +5,8 @@ object per figure, so runs can be compared over time.
 
     ./dev bench                      # all figures
     ./dev bench --only render        # one of: validate, render, startup, admission, ven, cpi,
-                                     # worker, historian, voke, voke-restart,
-                                     # modbus-decode, modbus-poll
+                                     # worker, tls, historian, voke, voke-restart,
+                                     # modbus-decode, modbus-poll, scale
 """
 
 from __future__ import annotations
@@ -207,6 +207,7 @@ def main() -> None:
             "ven",
             "cpi",
             "worker",
+            "tls",
             "historian",
             "voke",
             "voke-restart",
@@ -223,6 +224,7 @@ def main() -> None:
     parser.add_argument(
         "--modes",
         help="worker: which of historian, bus, nodered to run at each rate (default: all);"
+        " tls: which of plain, tls (default: both);"
         " voke: which of voke, cpi (default: both);"
         " scale: which of single, shared, members (default: all)",
     )
@@ -239,6 +241,7 @@ def main() -> None:
     from benchmarks.adapters import bench_cpi, bench_ven
     from benchmarks.modbus import bench_modbus_decode, bench_modbus_poll
     from benchmarks.scale import bench_scale
+    from benchmarks.tls import bench_tls
     from benchmarks.voke import bench_voke, bench_voke_restart
     from benchmarks.worker import bench_historian, bench_worker
 
@@ -256,6 +259,9 @@ def main() -> None:
             4 * args.seconds,
             args.drain,
             (args.modes or "historian,bus,nodered").split(","),
+        ),
+        "tls": lambda: bench_tls(
+            rates, 4 * args.seconds, args.drain, (args.modes or "plain,tls").split(",")
         ),
         "historian": lambda: bench_historian(),
         "voke": lambda: bench_voke(

@@ -7,12 +7,17 @@ number sent, the time it took and its own CPU time as JSON once every publish ha
 PUBACK.
 
     python -m benchmarks.load --port 1883 --rate 1000 --seconds 20 --tag run-1
+
+On a locked-down broker it connects over TLS with a client certificate and logs in
+(``--ca``, ``--cert``, ``--key``, ``--username``; the password in the environment,
+benchmarks/access.py's ``MQTT_PASSWORD``), as every client of a site would.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -24,6 +29,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from benchmarks.access import MQTT_PASSWORD, MqttLogin
 from benchmarks.adapters import ven_messages
 
 
@@ -33,12 +39,20 @@ def template() -> dict[str, Any]:
 
 
 def paced(
-    port: int, rate: int, seconds: float, client_id: str, make: Callable[[int], tuple[str, bytes]]
+    port: int,
+    rate: int,
+    seconds: float,
+    client_id: str,
+    make: Callable[[int], tuple[str, bytes]],
+    login: MqttLogin | None = None,
 ) -> tuple[int, float, float]:
     """Publish ``make(n)`` (a topic and a payload) for n = 0, 1, ... at ``rate`` a second
     for ``seconds``, at QoS 1. Messages sent, the seconds from the first publish to the
     last PUBACK, and the wall-clock time of the first publish."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+    if login is not None:
+        client.tls_set_context(login.context())
+        client.username_pw_set(login.username, login.password)
     client.max_inflight_messages_set(0)
     client.max_queued_messages_set(0)
     client.connect("127.0.0.1", port)
@@ -65,7 +79,9 @@ def paced(
     return sent, elapsed, started_at
 
 
-def publish_at(port: int, rate: int, seconds: float, tag: str) -> tuple[int, float, float]:
+def publish_at(
+    port: int, rate: int, seconds: float, tag: str, login: MqttLogin | None = None
+) -> tuple[int, float, float]:
     """VEN metering: each message from one of 200 VENs, with its own timestamp and new
     circuit readings."""
     body = template()
@@ -78,16 +94,21 @@ def publish_at(port: int, rate: int, seconds: float, tag: str) -> tuple[int, flo
             circuit["currentKw"] = round(rnd.uniform(0, 8), 3)
         return "volttron/metering", json.dumps(body).encode()
 
-    return paced(port, rate, seconds, f"bench-load-{tag}", make)
+    return paced(port, rate, seconds, f"bench-load-{tag}", make, login)
 
 
-def start(port: int, rate: int, seconds: float, tag: str) -> subprocess.Popen[bytes]:
+def start(
+    port: int, rate: int, seconds: float, tag: str, login: MqttLogin | None = None
+) -> subprocess.Popen[bytes]:
     """This load generator as a process of its own (so its CPU is counted apart); it
     prints its report, one JSON line, on standard output when done."""
+    env = dict(os.environ)
+    if login is not None:
+        env[MQTT_PASSWORD] = login.password
     return subprocess.Popen(
         [sys.executable, "-m", "benchmarks.load", "--port", str(port), "--rate", str(rate),
-         "--seconds", str(seconds), "--tag", tag],
-        stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent,
+         "--seconds", str(seconds), "--tag", tag, *(login.args() if login else [])],
+        stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent, env=env,
     )  # fmt: skip
 
 
@@ -97,8 +118,20 @@ def main() -> None:
     parser.add_argument("--rate", type=int, required=True)
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--tag", required=True)
+    parser.add_argument("--ca", type=Path, help="TLS: the CA that signed the broker's certificate")
+    parser.add_argument("--cert", type=Path, help="TLS: the client certificate")
+    parser.add_argument("--key", type=Path, help="TLS: the client certificate's key")
+    parser.add_argument("--username", help=f"the login; its password in ${MQTT_PASSWORD}")
     args = parser.parse_args()
-    sent, elapsed, started_at = publish_at(args.port, args.rate, args.seconds, args.tag)
+    login = None
+    if args.ca is not None:
+        if args.cert is None or args.key is None or args.username is None:
+            parser.error("--ca goes with --cert, --key and --username")
+        password = os.environ.get(MQTT_PASSWORD)
+        if password is None:
+            parser.error(f"--username needs its password in ${MQTT_PASSWORD}")
+        login = MqttLogin(args.ca, args.cert, args.key, args.username, password)
+    sent, elapsed, started_at = publish_at(args.port, args.rate, args.seconds, args.tag, login)
     cpu = time.process_time()  # this process's CPU, import and all: it is counted apart
     report = {"sent": sent, "seconds": elapsed, "started_at": started_at, "cpu_seconds": cpu}
     print(json.dumps(report))

@@ -23,8 +23,8 @@ Latency is per message: from its timestamp (the publish time) to the arrival of 
 to the row's ``ingested_at`` (``db_p50_s``, ``db_p99_s``). CPU is read from ``/proc``
 per component over the run (cores used: worker or Node-RED, broker, database, load
 generator, the meter that is this process, and the machine in all), and turned into
-the engine's CPU per sample and the database's CPU per row. Peak RSS is the worker's
-VmHWM.
+the engine's CPU per sample, the database's CPU per row, and the broker's and the load
+generator's CPU per source message. Peak RSS is the worker's VmHWM.
 
 Each worker's MQTT sessions are dropped with ``energybus retire`` after its run, so
 no earlier run's session makes the broker queue this run's messages.
@@ -50,6 +50,7 @@ from typing import Any
 
 import asyncpg
 
+from benchmarks.access import Access, MqttLogin, plain
 from benchmarks.cpu import Meter, tree_seconds
 from benchmarks.load import start as start_load
 from energybus.worker.bus import BusClient, Received
@@ -86,10 +87,12 @@ def _peak_rss_mb(pid: int) -> float | None:
 class _BusMeter:
     """Subscribes to the run's ``soc/last`` topics on a thread of its own (its own event
     loop and the raw MQTT client of worker/bus.py: cheap per message, so the meter is
-    not the bottleneck) and keeps each arrival's latency."""
+    not the bottleneck) and keeps each arrival's latency. With a ``login``, over TLS
+    with a client certificate and a password, as the other clients of a locked-down run."""
 
-    def __init__(self, port: int, site: str) -> None:
+    def __init__(self, port: int, site: str, login: MqttLogin | None = None) -> None:
         self.port = port
+        self.login = login
         self.topic = f"{site}/energy/storage/+/soc/last"
         self.latencies: list[float] = []
         self.last_arrival = 0.0
@@ -134,8 +137,15 @@ class _BusMeter:
             self.last_arrival = now
 
         client = BusClient(on_message=on_message, on_puback=lambda *_: None)
+        login = self.login
         await client.connect(
-            host="127.0.0.1", port=self.port, client_id=f"bench-meter-{id(self)}", clean_start=True
+            host="127.0.0.1",
+            port=self.port,
+            client_id=f"bench-meter-{id(self)}",
+            clean_start=True,
+            username=login.username if login else None,
+            password=login.password if login else None,
+            tls=login.context() if login else None,
         )
         await client.subscribe([self.topic], no_local=False)
         self._started.set()
@@ -143,11 +153,11 @@ class _BusMeter:
         await client.disconnect()
 
 
-def retire(config: Path) -> None:
+def retire(config: Path, env: dict[str, str] | None = None) -> None:
     """Drop a stopped worker's broker sessions, so the broker queues nothing for it while
     the next runs go on."""
     done = subprocess.run(
-        [*ENERGYBUS, "retire", "--config", str(config)], capture_output=True, text=True
+        [*ENERGYBUS, "retire", "--config", str(config)], capture_output=True, text=True, env=env
     )
     if done.returncode != 0:
         raise RuntimeError(f"retire failed: {done.stdout}{done.stderr}")
@@ -188,11 +198,19 @@ def load_report(load: subprocess.Popen[bytes], seconds: float) -> tuple[dict[str
 
 
 class _Worker:
-    def __init__(self, config: Path, log: Path, args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.log = log
         self.args = args or []
         """More options of ``energybus run`` (a group's)."""
+        self.env = env
+        """The environment its configuration's ``${VAR}`` come from (passwords)."""
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> int:
@@ -202,6 +220,7 @@ class _Worker:
                 [*ENERGYBUS, "run", "--config", str(self.config), *self.args],
                 stdout=out,
                 stderr=out,
+                env=self.env,
             )
         deadline = time.monotonic() + 60
         while "source: connected" not in self.log.read_text()[offset:]:
@@ -225,11 +244,14 @@ def _run_one(
     rate: int,
     seconds: float,
     drain: float,
-    mqtt: services.Service,
-    pg: services.Service,
+    access: Access,
     nodered: services.Service | None,
+    site: str | None = None,
 ) -> dict[str, object]:
-    site = f"b{rate}-{mode}-{int(time.time()) % 100000}"
+    """One run of ``mode`` at ``rate``; its clients reach the services as ``access``
+    says (on a locked-down broker, ``site`` is the one its ACL was made for)."""
+    mqtt, pg = access.mqtt, access.pg
+    site = site or f"b{rate}-{mode}-{int(time.time()) % 100000}"
     client_id = f"bench-{site}"
     result: dict[str, object] = {
         "figure": "VEN metering messages, everything on this machine",
@@ -239,13 +261,13 @@ def _run_one(
     count_sql = "SELECT count(*) FROM energybus.measurements WHERE site = $1"
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "site.toml"
-        historian = f'[historian]\ndsn = "{pg.url}"\n' if mode == "historian" else ""
         config.write_text(
-            f'[worker]\ndata_dir = "{tmp}/data"\n'
-            f'[mqtt]\nport = {mqtt.port}\nclient_id = "{client_id}"\n'
-            f'{historian}[adapters.ven]\nsite = "{site}"\n'
-        )
-        worker = _Worker(config, Path(tmp) / "worker.log")
+            access.worker_config(
+                data_dir=f"{tmp}/data", client_id=client_id, site=site,
+                historian=mode == "historian",
+            )
+        )  # fmt: skip
+        worker = _Worker(config, Path(tmp) / "worker.log", env=access.env("worker"))
         components = {"broker": mqtt.pid, "database": pg.pid}
         if mode == "nodered":
             from benchmarks.nodered import deploy
@@ -255,8 +277,8 @@ def _run_one(
             components["nodered"] = nodered.pid
         else:
             components["worker"] = worker.start()
-        with _BusMeter(mqtt.port, site) as meter:
-            load = start_load(mqtt.port, rate, seconds, site)
+        with _BusMeter(mqtt.port, site, access.login("meter")) as meter:
+            load = start_load(mqtt.port, rate, seconds, site, access.login("load"))
             cpu = Meter(components)
             cpu.start()
             meter_cpu = time.process_time()
@@ -270,7 +292,7 @@ def _run_one(
                 on_bus = meter.count * SAMPLES_PER_MESSAGE
                 if mode != "historian":
                     return on_bus
-                return min(on_bus, int(_fetch(pg.url, count_sql, site)[0][0]))
+                return min(on_bus, int(_fetch(access.dsn, count_sql, site)[0][0]))
 
             drained, waited = _wait_drained(progress, expected_rows, drain)
             wall = time.monotonic() - started
@@ -293,13 +315,13 @@ def _run_one(
         if mode == "nodered":
             _undeploy(nodered)
         else:
-            retire(config)
+            retire(config, access.env("worker"))
     stored = None
     db_latency: tuple[float | None, float | None] = (None, None)
     if mode == "historian":
-        stored = int(_fetch(pg.url, count_sql, site)[0][0])
+        stored = int(_fetch(access.dsn, count_sql, site)[0][0])
         row = _fetch(
-            pg.url,
+            access.dsn,
             "SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP"
             " (ORDER BY extract(epoch FROM ingested_at - observed_at))"
             " FROM energybus.measurements WHERE site = $1 AND metric_name = 'soc'",
@@ -332,6 +354,12 @@ def _run_one(
             "db_p99_s": db_latency[1],
             "cores": {**cores, "meter": meter_cores},
             "engine_cpu_us_per_sample": round(engine * wall / samples * 1e6, 2),
+            # The broker's work grows with the source messages (each a publish in and
+            # about 58 out, with their acknowledgements), the load generator's too.
+            "broker_cpu_us_per_message": round(cores["broker"] * wall / sent * 1e6, 2),
+            "load_generator_cpu_us_per_message": round(
+                cores["load_generator"] * wall / sent * 1e6, 2
+            ),
             "database_cpu_us_per_row": (
                 round(cores["database"] * wall / samples * 1e6, 2) if mode == "historian" else None
             ),
@@ -375,19 +403,21 @@ def _check_nodered(nodered: services.Service, mqtt: services.Service) -> None:
         _undeploy(nodered)
 
 
-def fresh_services(*names: str) -> dict[str, services.Service]:
-    """Clean server state: whatever an earlier benchmark left under .run/bench goes,
-    and ``names`` start anew there."""
-    stop_services()
-    shutil.rmtree(RUN, ignore_errors=True)
-    RUN.mkdir(parents=True)
-    return {name: services.start(name, run_dir=RUN) for name in names}
+def fresh_services(
+    *names: str, run: Path = RUN, secure: bool = False
+) -> dict[str, services.Service]:
+    """Clean server state: whatever an earlier benchmark left under ``run`` (.run/bench)
+    goes, and ``names`` start anew there (locked down, with ``secure``)."""
+    stop_services(run)
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    return {name: services.start(name, run_dir=run, secure=secure) for name in names}
 
 
-def stop_services() -> None:
-    """Stop every service a benchmark may have started under .run/bench."""
+def stop_services(run: Path = RUN) -> None:
+    """Stop every service a benchmark may have started under ``run`` (.run/bench)."""
     for name in ("nodered", "rabbitmq", "postgres", "mosquitto"):
-        services.stop(name, run_dir=RUN)
+        services.stop(name, run_dir=run)
 
 
 def bench_worker(
@@ -409,7 +439,7 @@ def bench_worker(
             _check_nodered(nodered, mqtt)
         for rate in rates:
             for mode in modes:
-                results.append(_run_one(mode, rate, seconds, drain, mqtt, pg, nodered))
+                results.append(_run_one(mode, rate, seconds, drain, plain(mqtt, pg), nodered))
                 print(json.dumps({"benchmark": "worker", **results[-1]}), file=sys.stderr)
     finally:
         stop_services()
