@@ -68,6 +68,11 @@ the source field's name (for the path of a refusal)."""
 
 _BIG: Final = 1.7976931348623157e308  # the largest double: infinities are implausible
 _CACHE: Final = 4096  # bound of every per-value cache: a source that varies stays bounded
+_PER_ENTITY: Final = 256
+"""Bound of each entity's own caches (the ids of its items, a VEN's circuits and loads,
+and their attributes' series): tens of entries in practice, and kept for every entity,
+so that a source inventing ids costs little per entity (docs/worker.md, "Input
+limits")."""
 
 
 class ActionRow(SeriesRow, frozen=True, kw_only=True):
@@ -505,7 +510,7 @@ class _Group:
             if spec is None:
                 spec = interned[(row, content)] = _with_attributes(s, attributes)
             hot.append((m, c, u, spec, lo, hi, sp, n))
-        if len(cache) >= _CACHE:
+        if len(cache) >= _PER_ENTITY:
             cache.clear()
         cache[static] = hot
         return hot
@@ -755,7 +760,7 @@ def _item_id(
         entity_id = template.format(**context.placeholders, id=to_kebab(str(key)))
     except IdentifierError as exc:
         raise SourceError("bad_identifier", exc.message, path=f"$.{each}[{index}]") from None
-    if len(ids) < _CACHE:
+    if len(ids) < _PER_ENTITY:
         ids[key] = entity_id
     return entity_id
 

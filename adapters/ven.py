@@ -85,10 +85,11 @@ class VenOptions(CommandOptions, frozen=True, kw_only=True):
     """VENs by venId, each with its own site."""
     accept_unlisted: bool = True
     """With ``false``, a VEN not listed under ``vens`` is rejected (``unknown_ven``)."""
-    max_unlisted: Annotated[int, msgspec.Meta(ge=0)] = 100
+    max_unlisted: Annotated[int, msgspec.Meta(ge=0)] = 1000
     """VENs not listed under ``vens`` kept track of at most: a flood of invented venIds
     cannot grow the adapter's memory without bound (a VEN's records take up to about
-    0.65 MB, its item ids cached); past it a new one is refused (``too_many_series``)."""
+    0.17 MB, its items' ids and series cached); past it a new one is refused
+    (``too_many_series``)."""
     telemetry: bool = False
     """Also consume ``ven/telemetry/+`` (same payload as metering, translated once)."""
     loads: bool = False
