@@ -22,7 +22,7 @@ import msgspec
 
 from energybus.admission import Admitted, CommandPolicy, Gate
 from energybus.commands import CommandBook, CommandRecord
-from energybus.documents import Located, expand_env, load_document, read_toml
+from energybus.documents import Located, env_values_hidden, expand_env, load_document, read_toml
 from energybus.errors import EnergyBusError, FilterError, MappingError, SourceError
 from energybus.messages import Message
 from energybus.payloads import Scalar
@@ -275,8 +275,11 @@ class Adapter(ABC, Generic[OptionsT, MappingT]):
         """This adapter's options from its ``[adapters.<name>]`` table of a site file
         already read (``${VAR}`` expanded unless ``expanded``)."""
         at = path or f"$.adapters.{cls.name}"
-        data = dict(section) if expanded else expand_env(dict(section), where, at, environ)
-        return load_document(cls.options_type, data, where, at)
+        if expanded:  # by a caller that hides the variables' values in its errors
+            return load_document(cls.options_type, dict(section), where, at)
+        with env_values_hidden(section, environ):
+            data = expand_env(dict(section), where, at, environ)
+            return load_document(cls.options_type, data, where, at)
 
     @classmethod
     def options_from_file(

@@ -10,10 +10,11 @@ worker and the CLI all read documents and must report faults the same way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -22,7 +23,7 @@ import msgspec
 from energybus.errors import MappingError
 from energybus.payloads import explain
 
-__all__ = ["Located", "expand_env", "load_document", "read_toml"]
+__all__ = ["Located", "env_values_hidden", "expand_env", "load_document", "read_toml"]
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -111,6 +112,40 @@ def expand_env(
 
 
 _ENV_RE: Final = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@contextlib.contextmanager
+def env_values_hidden(data: Any, environ: Mapping[str, str] | None = None) -> Iterator[None]:
+    """A :class:`MappingError` raised inside shows ``${VAR}`` where its message would
+    repeat the value of a variable ``data`` refers to: a value from the environment is
+    a secret as far as errors go, and a validator may quote a wrong value (msgspec's
+    ``Invalid enum value '...'``)."""
+    env = os.environ if environ is None else environ
+    names: set[str] = set()
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            names.update(_ENV_RE.findall(value))
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(data)
+    # Longest first: one value may hold another.
+    values = sorted(((n, env[n]) for n in names if env.get(n)), key=lambda v: -len(v[1]))
+    try:
+        yield
+    except MappingError as error:
+        shown = error.message
+        for name, value in values:
+            shown = shown.replace(value, f"${{{name}}}")
+        if shown != error.message:
+            error.message = shown
+            error.args = (shown,)
+        raise
 
 
 def _resolve_keys(schema: type[msgspec.Struct], data: dict[str, Any], path: str) -> str:

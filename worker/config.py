@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from energybus.adapters import Adapter, adapter_class, adapter_names
-from energybus.documents import Located, expand_env, read_toml
+from energybus.documents import Located, env_values_hidden, expand_env, read_toml
 from energybus.errors import MappingError
 from energybus.filters import validate_filter
 from energybus.historian import dsn_problem
@@ -341,8 +341,19 @@ _SECRET_PARAMETERS: Final = frozenset({"password", "sslpassword"})
 
 
 def load_config(source: str | Path, *, environ: Mapping[str, str] | None = None) -> Config:
-    """Read and validate a site configuration; raises :class:`MappingError`."""
+    """Read and validate a site configuration; raises :class:`MappingError`.
+
+    A value that came from ``${VAR}`` is a secret as far as errors go: a message that
+    would repeat it (a validator quoting a wrong value, ``Invalid enum value '...'``)
+    shows ``${VAR}`` in its place."""
     data, where = read_toml(source)
+    with env_values_hidden(data, environ):
+        return _load(data, where, source, environ)
+
+
+def _load(
+    data: Any, where: Located, source: str | Path, environ: Mapping[str, str] | None
+) -> Config:
     data = expand_env(data, where, "$", environ)
     try:
         root = _Root.model_validate(data)

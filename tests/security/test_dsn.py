@@ -93,3 +93,43 @@ def test_the_plan_shows_how_the_database_is_reached_but_no_password(tmp_path: Pa
     assert loaded.redacted_dsn() == (
         "postgresql://w@db.example:5432/energybus?sslmode=verify-full&sslrootcert=/etc/ca.pem"
     )
+
+
+def test_a_configuration_error_never_repeats_a_value_from_the_environment(
+    tmp_path: Path,
+) -> None:
+    """A validator may quote a wrong value (msgspec's ``Invalid enum value '...'``): when
+    the value came from ``${VAR}``, the message shows ``${VAR}`` instead, for the worker's
+    configuration and for an adapter's options read by ``normalize``."""
+    import os
+
+    value = "S3cr3t+from/env"
+    env = {**os.environ, "EB_VALUE": value}
+    config = tmp_path / "site.toml"
+    config.write_text(
+        '[adapters.modbus]\nsite = "a"\n[adapters.modbus.devices.m]\n'
+        'map = "eastron_sdm630"\nhost = "127.0.0.1"\ntransport = "${EB_VALUE}"\n'
+    )
+    check = subprocess.run(
+        [sys.executable, "-m", "energybus.cli", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert check.returncode != 0
+    assert "Invalid enum value '${EB_VALUE}'" in check.stdout + check.stderr
+    normalize = subprocess.run(
+        [
+            *(sys.executable, "-m", "energybus.cli", "normalize", "--adapter", "modbus"),
+            *("--config", str(config), "--topic", "x", "{}"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert normalize.returncode != 0
+    assert "'${EB_VALUE}'" in normalize.stdout + normalize.stderr
+    for output in (check.stdout + check.stderr, normalize.stdout + normalize.stderr):
+        assert value not in output and "Traceback" not in output
