@@ -193,30 +193,36 @@ def test_a_flood_of_new_entity_ids_is_bounded_and_known_series_keep_flowing(
         # flood message beside its refused circuits.
         rows = _rows(postgres.url, site, 6 + 20 + 24 + 6)
         # Other publishers on the bus ingest (after the VEN's messages: another
-        # connection, so no order between the two): new series of the full site are
-        # refused, a known one is stored.
+        # connection, so no order between the two) draw on a budget of their own, as
+        # large: the site's full source budget does not stop them, and past theirs new
+        # series are refused. A known series is one of them the first time (the ingest
+        # keeps its own count).
         publish(
             mosquitto,
-            [(f"{site}/energy/load/bus-{i}/active_power/value", b"7.0") for i in range(10)]
-            + [
+            [
                 (
                     f"{site}/energy/load/c-0/active_power/value",
                     b'{"value": 250.0, "observed_at": "2026-01-01T00:00:00Z"}',
                 )
-            ],
+            ]
+            + [(f"{site}/energy/load/bus-{i}/active_power/value", b"7.0") for i in range(34)],
         )
-        letters = _letters(collector, 16 + 10)
-        assert [x["source"] for x in letters[16:]] == ["bus"] * 10
-        rows = _rows(postgres.url, site, 6 + 20 + 24 + 6 + 1)
-        assert len(rows) == 6 + 20 + 24 + 6 + 1
+        letters = _letters(collector, 16 + 5)
+        assert [x["source"] for x in letters[16:]] == ["bus"] * 5
+        assert {x["topic"] for x in letters[16:]} == {
+            f"{site}/energy/load/bus-{i}/active_power/value" for i in range(29, 34)
+        }
+        rows = _rows(postgres.url, site, 6 + 20 + 24 + 6 + 1 + 29)
+        assert len(rows) == 6 + 20 + 24 + 6 + 1 + 29
         assert sum(r[0] == "load.c-0" for r in rows) == 3
         assert sum(r[0] == "load.ven-1" for r in rows) == 22
         series = query(postgres.url, "SELECT count(*) FROM energybus.series WHERE site = $1", site)
-        assert series[0][0] == bound
+        assert series[0][0] == bound + 29  # the sources' 30 and the ingest's 29 new ones
         counts = _rejections(port)
         assert counts[("ven", "too_many_series")] == 76
-        assert counts[("bus", "too_many_series")] == 10
+        assert counts[("bus", "too_many_series")] == 5
         assert _gauge(port, "energybus_series") == bound
+        assert _gauge(port, "energybus_ingest_series") == bound
     finally:
         collector.close()
         assert worker.stop() == 0

@@ -258,6 +258,13 @@ class BusClient(asyncio.Protocol):
             self.abort()
             if tls is None:  # a broker that takes TLS only drops a plain CONNECT so
                 raise BusError(f"{error} (a port that takes TLS only? configure TLS)") from None
+            if "TLS:" not in str(error):
+                # With TLS 1.3 the broker's alert about the client's certificate may be
+                # lost to the reset that follows it: say what it most likely was.
+                raise BusError(
+                    f"{error} (the broker closed the TLS connection before answering:"
+                    " does it want a client certificate, or another one?)"
+                ) from None
             raise
         except BaseException:
             self.abort()

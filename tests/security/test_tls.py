@@ -66,18 +66,36 @@ def test_a_simulator_logs_in_over_tls_with_its_certificate(broker: Service, pki:
     assert_no_secret({"simulate": done.stdout + done.stderr}, {"password": PASSWORD})
 
 
+# With TLS 1.3 the client has finished its handshake before the broker checks its
+# certificate: the broker's alert arrives after, and a reset may overtake it. Either way
+# the line says what is wrong.
+_CLIENT_CERTIFICATE = "does it want a client certificate, or another one?"
+
+
 @pytest.mark.parametrize(
     ("case", "said"),
     [
-        ("another CA", "TLS: the broker's certificate was refused: self-signed certificate in"),
-        ("no client certificate", "TLS: the other side refused the handshake"),
-        ("expired client certificate", "TLS: the other side refused the handshake"),
-        ("wrong password", "broker refused the connection: 0x87 not authorized"),
-        ("plain TCP", "(a port that takes TLS only? configure TLS)"),
+        ("another CA", ("TLS: the broker's certificate was refused: self-signed certificate in",)),
+        (
+            "no client certificate",
+            (
+                "TLS: the other side refused the handshake (tlsv13 alert certificate required)",
+                _CLIENT_CERTIFICATE,
+            ),
+        ),
+        (
+            "expired client certificate",
+            (
+                "TLS: the other side refused the handshake (sslv3 alert certificate expired)",
+                _CLIENT_CERTIFICATE,
+            ),
+        ),
+        ("wrong password", ("broker refused the connection: 0x87 not authorized",)),
+        ("plain TCP", ("(a port that takes TLS only? configure TLS)",)),
     ],
 )
 def test_each_refusal_is_one_line_that_says_why(
-    broker: Service, pki: Pki, case: str, said: str
+    broker: Service, pki: Pki, case: str, said: tuple[str, ...]
 ) -> None:
     client = ("--cert-file", str(pki.client_cert), "--key-file", str(pki.client_key))
     expired = (
@@ -96,9 +114,7 @@ def test_each_refusal_is_one_line_that_says_why(
     assert refused.returncode == 1, refused.stdout + refused.stderr
     lines = refused.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error    cannot connect to"), refused.stderr
-    assert said in lines[0], lines[0]
-    if case == "expired client certificate":
-        assert "expired" in lines[0], lines[0]
+    assert any(words in lines[0] for words in said), lines[0]
     # The password it was given: the wrong one, in the case of a wrong password.
     assert_no_secret({"simulate": refused.stdout + refused.stderr}, {"password": password})
     no_traceback([refused.stdout, refused.stderr])
