@@ -424,13 +424,15 @@ def test_secure_mosquitto_wants_tls_a_client_certificate_and_a_password(
         "wrong password": _connack(broker, _tls(broker), "admin", "not-" + password),
         "anonymous": _connack(broker, _tls(broker)),
     }
-    assert codes == {
+    # A refused login is a CONNACK of 0x87 and then the broker closes the connection;
+    # on a busy machine the close can reach paho first, so no CONNACK is seen.
+    refused = {NOT_AUTHORIZED, None}
+    assert codes["wrong password"] in refused and codes["anonymous"] in refused, codes
+    assert {k: v for k, v in codes.items() if k not in ("wrong password", "anonymous")} == {
         "everything": SUCCESS,
         "plain TCP": None,  # closed: no CONNACK
         "no client certificate": None,
         "expired client certificate": None,
-        "wrong password": NOT_AUTHORIZED,
-        "anonymous": NOT_AUTHORIZED,
     }
     with _mqtt(broker, _tls(broker, ca=made.other_ca), "admin", password) as session:
         assert isinstance(session.refused, ssl.SSLCertVerificationError)
