@@ -38,6 +38,24 @@ def template() -> dict[str, Any]:
     return body
 
 
+CHILDREN: list[subprocess.Popen[bytes]] = []
+"""Every process a benchmark run started (load generators, workers): ended by
+:func:`end_children` however the run ends."""
+
+
+def end_children() -> None:
+    """SIGTERM to every child still running, then SIGKILL to what 30 s did not end."""
+    for child in CHILDREN:
+        if child.poll() is None:
+            child.terminate()
+    for child in CHILDREN:
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
 def paced(
     port: int,
     rate: int,
@@ -105,11 +123,13 @@ def start(
     env = dict(os.environ)
     if login is not None:
         env[MQTT_PASSWORD] = login.password
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.load", "--port", str(port), "--rate", str(rate),
          "--seconds", str(seconds), "--tag", tag, *(login.args() if login else [])],
         stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent, env=env,
     )  # fmt: skip
+    CHILDREN.append(process)
+    return process
 
 
 def main() -> None:

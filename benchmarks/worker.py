@@ -52,7 +52,7 @@ import asyncpg
 
 from benchmarks.access import Access, MqttLogin, plain
 from benchmarks.cpu import Meter, tree_seconds
-from benchmarks.load import start as start_load
+from benchmarks.load import CHILDREN, start as start_load
 from energybus.worker.bus import BusClient, Received
 from tools import services
 
@@ -222,6 +222,7 @@ class _Worker:
                 stderr=out,
                 env=self.env,
             )
+        CHILDREN.append(self.process)
         deadline = time.monotonic() + 60
         while "source: connected" not in self.log.read_text()[offset:]:
             if self.process.poll() is not None or time.monotonic() > deadline:
